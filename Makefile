@@ -1,0 +1,82 @@
+# llmsys-lab: two commands for a newcomer.
+#   make lab    set everything up and open JupyterLab on the lessons
+#   make test   set everything up and run the whole suite (unit tests + nbval on every lesson)
+# More: make help
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.llmsys-installed
+PORT     ?= 8888
+# GPU nodes without internet: wheels for the Jupyter/nbval stack (see README)
+WHEELHOUSE      ?= wheelhouse
+WHEEL_PYTHON    ?= 3.12
+WHEEL_PLATFORM  ?= manylinux_2_28_x86_64
+GPU_PYTHON      ?= python3
+GPU_SITE        ?= .gpu-site
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+.PHONY: help setup lab kernel test test-unit test-notebooks test-gpu gpu-env refresh-outputs wheelhouse doctor clean
+
+help:
+	@echo "make lab              set up .venv and open JupyterLab on notebooks/"
+	@echo "make test             set up .venv and run the whole suite on this machine"
+	@echo "make doctor           report versions, device and Triton mode"
+	@echo "make wheelhouse       download the wheels an offline GPU node needs (WHEEL_PYTHON, WHEEL_PLATFORM)"
+	@echo "make test-gpu         run the suite on a GPU node (offline from $(WHEELHOUSE)/ when present)"
+	@echo "make refresh-outputs  re-execute every lesson in place (on a GPU) to refresh stored outputs"
+
+# ---- set-up ---------------------------------------------------------------
+$(STAMP): pyproject.toml scripts/setup_env.py
+	$(PYTHON) scripts/setup_env.py --venv $(VENV) --python $(PYTHON)
+	@touch $@
+
+setup: $(STAMP)
+
+kernel: setup
+	$(PY) -m ipykernel install --user --name llmsys-lab --display-name "Python (llmsys-lab)"
+
+lab: setup kernel
+	$(PY) -m jupyter lab --notebook-dir=notebooks --port=$(PORT) $(ROOT_FLAG)
+
+doctor: setup
+	$(PY) -m llmsys_lab doctor
+
+# ---- tests ----------------------------------------------------------------
+test: setup
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest tests
+
+test-notebooks: setup
+	$(PY) -m pytest notebooks
+
+# ---- GPU nodes --------------------------------------------------------------
+# The GPU node already has torch, triton and transformers. gpu-env installs the rest
+# (nbval, ipykernel, ipywidgets, ...) next to them into $(GPU_SITE), offline from
+# $(WHEELHOUSE)/ when it exists, plus a copy of this package.
+gpu-env:
+	@if [ -d "$(WHEELHOUSE)" ]; then \
+	  echo "installing the Jupyter/nbval stack offline from $(WHEELHOUSE)/"; \
+	  $(GPU_PYTHON) -m pip install -q --no-index --find-links $(WHEELHOUSE) --no-deps --no-compile --upgrade --target $(GPU_SITE) $(WHEELHOUSE)/*.whl; \
+	else \
+	  $(GPU_PYTHON) -m pip install -q --target $(GPU_SITE) -r scripts/gpu-node-requirements.txt; \
+	fi
+	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target $(GPU_SITE) .
+
+test-gpu: gpu-env
+	PYTHONPATH=$(abspath $(GPU_SITE)) LLMSYS_REQUIRE_GPU=1 $(GPU_PYTHON) -m pytest -p no:cacheprovider
+
+refresh-outputs: gpu-env
+	PYTHONPATH=$(abspath $(GPU_SITE)) LLMSYS_REQUIRE_GPU=1 $(GPU_PYTHON) scripts/refresh_outputs.py notebooks/*.ipynb
+
+wheelhouse:
+	$(PYTHON) -m pip download --only-binary=:all: --python-version $(WHEEL_PYTHON) \
+	  --implementation cp --platform $(WHEEL_PLATFORM) --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
+	  -d $(WHEELHOUSE) -r scripts/gpu-node-requirements.txt
+	@echo "wheelhouse ready: copy $(WHEELHOUSE)/ with the repository to the GPU node and run make test-gpu"
+
+clean:
+	rm -rf $(VENV) $(GPU_SITE) .pytest_cache

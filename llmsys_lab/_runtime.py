@@ -1,0 +1,50 @@
+"""Where the kit runs: CPU or GPU, compiled Triton or the Triton interpreter.
+
+Triton reads ``TRITON_INTERPRET`` when a ``@triton.jit`` decorator runs, so the choice has
+to be made before any kernel module is imported. ``configure_triton()`` is called by
+``import llmsys_lab``, by ``llmsys_lab.kernels`` (the package every kernel lives in) and by
+the test suite's ``conftest.py``, so notebooks and tests make the same choice.
+"""
+from __future__ import annotations
+
+import os
+
+_INTERPRET = "TRITON_INTERPRET"
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def configure_triton() -> str:
+    """Use the Triton interpreter when no GPU is present; return the mode in use.
+
+    A value the user set (``TRITON_INTERPRET=1`` on a GPU, to debug a kernel) is kept.
+    """
+    if _INTERPRET not in os.environ and not cuda_available():
+        os.environ[_INTERPRET] = "1"
+    return triton_mode()
+
+
+def triton_mode() -> str:
+    """'interpreter' when kernels run through TRITON_INTERPRET=1, else 'compiled'."""
+    return "interpreter" if os.environ.get(_INTERPRET, "0") not in ("", "0") else "compiled"
+
+
+def default_device():
+    """The device lessons use for their large examples: 'cuda' when there is one."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def require_gpu_if_asked() -> None:
+    """`make test-gpu` sets LLMSYS_REQUIRE_GPU=1: a GPU run that quietly fell back
+    to the CPU would verify nothing, so fail loudly instead."""
+    if os.environ.get("LLMSYS_REQUIRE_GPU") == "1" and not cuda_available():
+        raise RuntimeError(
+            "LLMSYS_REQUIRE_GPU=1 but torch sees no CUDA device "
+            "(is this a GPU node, and is the torch here a CUDA build?)"
+        )

@@ -1,0 +1,27 @@
+"""Test-session set-up shared by unit tests and nbval.
+
+The Triton mode is chosen before any kernel module is imported (interpreter on CPU),
+exactly as `import llmsys_lab` does it in a notebook.
+"""
+from llmsys_lab._runtime import configure_triton, require_gpu_if_asked
+
+configure_triton()
+require_gpu_if_asked()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Show how many stored notebook outputs nbval compares and how many it ignores."""
+    from nbpolicy import format_counts, lesson_notebooks, output_counts
+
+    rows = [output_counts(p) for p in lesson_notebooks()]
+    if rows:
+        terminalreporter.section("notebook outputs: compared vs ignored")
+        terminalreporter.write_line(format_counts(rows))

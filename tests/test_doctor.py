@@ -1,0 +1,45 @@
+import subprocess
+import sys
+from importlib import metadata
+
+import torch
+
+import importlib
+
+doctor_mod = importlib.import_module("llmsys_lab.doctor")
+
+
+def test_cli_reports_versions_device_and_triton_mode():
+    out = subprocess.run([sys.executable, "-m", "llmsys_lab", "doctor"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("torch", "triton", "transformers", "ipywidgets", "nbval"):
+        assert f"  {name}" in out.stdout
+    assert "matches torch.softmax" in out.stdout
+    assert ("compiled for the GPU" if torch.cuda.is_available() else "Triton interpreter") in out.stdout
+    assert "everything the lessons need is here." in out.stdout
+
+
+def test_missing_package_is_reported_with_a_fix(monkeypatch):
+    real = metadata.version
+
+    def fake_version(dist):
+        if dist == "nbval":
+            raise metadata.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(doctor_mod.metadata, "version", fake_version)
+    report = doctor_mod.doctor(verbose=False)
+    assert not report.ok
+    assert report.versions["nbval"] is None
+    (what, fix), = [p for p in report.problems if "nbval" in p[0]]
+    assert what == "nbval is not installed" and "pip install 'nbval>=0.11'" in fix
+    assert "MISSING" in str(report) and "fix: pip install" in str(report)
+
+
+def test_version_out_of_range_is_reported(monkeypatch):
+    real = metadata.version
+    monkeypatch.setattr(doctor_mod.metadata, "version",
+                        lambda d: "4.46.0" if d == "transformers" else real(d))
+    report = doctor_mod.doctor(verbose=False)
+    assert ("transformers 4.46.0 is outside the tested range <6,>=5.0",
+            "pip install 'transformers<6,>=5.0'") in report.problems
