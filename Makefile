@@ -13,7 +13,6 @@ WHEELHOUSE      ?= wheelhouse
 WHEEL_PYTHON    ?= 3.12
 WHEEL_PLATFORM  ?= manylinux_2_28_x86_64
 GPU_PYTHON      ?= python3
-GPU_SITE        ?= .gpu-site
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: help setup lab kernel test test-unit test-notebooks test-gpu gpu-env refresh-outputs wheelhouse doctor clean
@@ -53,23 +52,25 @@ test-notebooks: setup
 	$(PY) -m pytest notebooks
 
 # ---- GPU nodes --------------------------------------------------------------
-# The GPU node already has torch, triton and transformers. gpu-env installs the rest
-# (nbval, ipykernel, ipywidgets, ...) next to them into $(GPU_SITE), offline from
-# $(WHEELHOUSE)/ when it exists, plus a copy of this package.
+# A GPU node already has torch, triton and transformers (in GPU_PYTHON's environment).
+# gpu-env adds what is missing there (nbval, ipykernel, ipywidgets, ...): offline from
+# $(WHEELHOUSE)/ when it exists (see `make wheelhouse`), else from PyPI; pip keeps every
+# package that is already installed. Then it installs this package, editable, without deps.
 gpu-env:
 	@if [ -d "$(WHEELHOUSE)" ]; then \
 	  echo "installing the Jupyter/nbval stack offline from $(WHEELHOUSE)/"; \
-	  $(GPU_PYTHON) -m pip install -q --no-index --find-links $(WHEELHOUSE) --no-deps --no-compile --upgrade --target $(GPU_SITE) $(WHEELHOUSE)/*.whl; \
+	  $(GPU_PYTHON) -m pip install -q --no-index --find-links $(WHEELHOUSE) -r scripts/gpu-node-requirements.txt; \
 	else \
-	  $(GPU_PYTHON) -m pip install -q --target $(GPU_SITE) -r scripts/gpu-node-requirements.txt; \
+	  $(GPU_PYTHON) -m pip install -q -r scripts/gpu-node-requirements.txt; \
 	fi
-	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target $(GPU_SITE) .
+	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_PYTHON) -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible to $(GPU_PYTHON)'"
 
 test-gpu: gpu-env
-	PYTHONPATH=$(abspath $(GPU_SITE)) LLMSYS_REQUIRE_GPU=1 $(GPU_PYTHON) -m pytest -p no:cacheprovider
+	LLMSYS_REQUIRE_GPU=1 $(GPU_PYTHON) -m pytest -p no:cacheprovider
 
 refresh-outputs: gpu-env
-	PYTHONPATH=$(abspath $(GPU_SITE)) LLMSYS_REQUIRE_GPU=1 $(GPU_PYTHON) scripts/refresh_outputs.py notebooks/*.ipynb
+	LLMSYS_REQUIRE_GPU=1 $(GPU_PYTHON) scripts/refresh_outputs.py $(or $(NOTEBOOKS),notebooks/[0-9]*.ipynb)
 
 wheelhouse:
 	$(PYTHON) -m pip download --only-binary=:all: --python-version $(WHEEL_PYTHON) \
@@ -79,4 +80,4 @@ wheelhouse:
 	@echo "wheelhouse ready: copy $(WHEELHOUSE)/ with the repository to the GPU node and run make test-gpu"
 
 clean:
-	rm -rf $(VENV) $(GPU_SITE) .pytest_cache
+	rm -rf $(VENV) .pytest_cache

@@ -40,14 +40,13 @@ def compare(actual, expected, name: str = "result", atol: float = 1e-5, rtol: fl
 
 
 def check_close(actual, expected, name: str = "result", atol: float = 1e-5, rtol: float = 1e-5,
-                quiet: bool = False) -> bool:
+                quiet: bool = False) -> None:
     """Raise CheckFailed explaining the first difference; print a one-line pass message."""
     problem = compare(actual, expected, name, atol, rtol)
     if problem:
         raise CheckFailed(problem)
     if not quiet:
         print(f"{name}: OK (matches within atol={atol:g}, rtol={rtol:g})")
-    return True
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

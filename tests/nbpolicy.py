@@ -7,8 +7,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_IGNORED_SHARE = 0.20
-IGNORE_MARKERS = ("NBVAL_IGNORE_OUTPUT", "NBVAL_SKIP")
-IGNORE_TAGS = ("nbval-ignore-output", "nbval-skip")
 
 
 @dataclass
@@ -33,9 +31,12 @@ def lesson_notebooks() -> list[Path]:
 
 
 def is_ignored(cell: dict) -> bool:
-    source = "".join(cell.get("source", ""))
-    tags = cell.get("metadata", {}).get("tags", [])
-    return any(m in source for m in IGNORE_MARKERS) or any(t in tags for t in IGNORE_TAGS)
+    """Exactly nbval's rule: a `# NBVAL_IGNORE_OUTPUT` / `# NBVAL_SKIP` comment line or tag."""
+    from nbval.plugin import find_comment_markers, find_metadata_tags
+
+    markers = dict(find_comment_markers("".join(cell.get("source", ""))))
+    markers.update(dict(find_metadata_tags(cell.get("metadata", {})) or {}))
+    return markers.get("check", True) is False or markers.get("skip", False) is True
 
 
 def output_counts(path: Path) -> Counts:

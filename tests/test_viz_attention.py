@@ -29,10 +29,12 @@ def test_text_table_is_the_state():
 def test_widget_controls_change_the_view():
     view = make_view()
     box = view.widget()
-    (head, causal), plot, table = box.children[0].children, box.children[1], box.children[2]
-    before = table.value
+    (head, causal), image, table = box.children[0].children, box.children[1], box.children[2]
+    before, png_before = table.value, image.value
+    assert png_before[:8] == b"\x89PNG\r\n\x1a\n"
     head.value = 2
     assert view.head == 2 and "head 2 of 3" in table.value and table.value != before
+    assert image.value != png_before
     causal.value = False
     assert "causal=False" in table.value
 
@@ -44,3 +46,10 @@ def test_bad_input():
         AttentionView(torch.randn(4, 8), torch.randn(2, 4, 8))
     with pytest.raises(ValueError, match=r"head must be in 0..2, got 5"):
         make_view().set_head(5)
+
+
+def test_plain_text_form_is_the_table():
+    view = make_view()
+    bundle = view._repr_mimebundle_()
+    assert bundle["text/plain"] == view.text()
+    assert "application/vnd.jupyter.widget-view+json" in bundle

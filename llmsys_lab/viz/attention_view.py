@@ -74,17 +74,33 @@ class AttentionView:
         return ax.figure
 
     # ---- widget ------------------------------------------------------------
+    def png(self) -> bytes:
+        """The heat map as PNG bytes (what the widget shows)."""
+        import io
+
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(4.8, 4.2))        # not registered with pyplot: never shown twice
+        self.figure(ax=fig.add_subplot())
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        return buf.getvalue()
+
     def widget(self):
-        """An ipywidgets VBox: head selector, causal toggle, heat map and the text table."""
+        """An ipywidgets VBox: head selector, causal toggle, heat map and the text table.
+
+        The heat map is an Image widget whose bytes are set from the kernel, so updating
+        it sends no output messages (it behaves the same under nbval and in a browser).
+        """
         import ipywidgets as W
 
         head = W.Dropdown(options=list(range(self.num_heads)), value=self.head, description="head")
         causal = W.Checkbox(value=self.causal, description="causal mask")
-        self._plot = W.Output()
+        self._image = W.Image(format="png")
         self._table = W.HTML()
         head.observe(lambda ch: self.set_head(ch["new"]), names="value")
         causal.observe(lambda ch: self.set_causal(ch["new"]), names="value")
-        box = W.VBox([W.HBox([head, causal]), self._plot, self._table])
+        box = W.VBox([W.HBox([head, causal]), self._image, self._table])
         box.add_class("llmsys-attention-view")
         self._widget = box
         self._refresh()
@@ -95,18 +111,12 @@ class AttentionView:
             return
         import html
 
-        import matplotlib.pyplot as plt
-        from IPython.display import display
-
         self._table.value = f"<pre class='llmsys-state'>{html.escape(self.text())}</pre>"
-        self._plot.clear_output(wait=True)
-        with self._plot:
-            fig = self.figure()
-            display(fig)
-            plt.close(fig)
+        self._image.value = self.png()
 
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget())
-        print(self.text())
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        """The live widget, with the text table as its plain-text form (what nbval compares,
+        and what a reader sees where widgets do not render)."""
+        bundle = self.widget()._repr_mimebundle_()
+        bundle["text/plain"] = self.text()
+        return bundle
