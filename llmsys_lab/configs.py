@@ -22,7 +22,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     norm: str = "rmsnorm"                  # "rmsnorm" (LLaMA) or "layernorm" (original transformer)
-    activation: str = "swiglu"             # "swiglu" (LLaMA) or "relu" / "gelu"
+    activation: str = "swiglu"             # "swiglu" (LLaMA) or "relu" / "gelu" (two-matrix MLP)
+    bias: bool = False                     # biases in the attention and MLP projections (OPT, GPT-2)
+    positions: str = "rope"                # "rope" or "learned" (a table of max_position_embeddings rows)
+    position_offset: int = 0               # extra rows in a learned table (OPT keeps 2)
+    arch: str = "llama"                    # transformers class of the reference model: llama, mistral, opt, gpt2
     name: str = "custom"
 
     def __post_init__(self):
@@ -45,6 +49,12 @@ class ModelConfig:
         if self.activation not in ("swiglu", "relu", "gelu"):
             raise ConfigError(
                 f"ModelConfig.activation must be 'swiglu', 'relu' or 'gelu', got {self.activation!r}")
+        if self.positions not in ("rope", "learned"):
+            raise ConfigError(f"ModelConfig.positions must be 'rope' or 'learned', got {self.positions!r}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"ModelConfig.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"ModelConfig.head_dim = {self.head_dim} must be even for RoPE")
 
     @property
     def gqa_group_size(self) -> int:
@@ -59,9 +69,15 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf_config, name: str | None = None) -> "ModelConfig":
-        """From a transformers LlamaConfig (or any config with the same field names)."""
+        """From a transformers config: Llama-family (Llama, Mistral, ...), OPT or GPT-2."""
+        from .hf_configs import from_opt_or_gpt2
+
         get = lambda key, default=None: getattr(hf_config, key, default)  # noqa: E731
+        model_type = get("model_type", "llama")
+        if model_type in ("opt", "gpt2"):
+            return from_opt_or_gpt2(cls, hf_config, name)
         return cls(
+            arch="mistral" if model_type == "mistral" else "llama",
             hidden_size=get("hidden_size"),
             num_layers=get("num_hidden_layers"),
             num_heads=get("num_attention_heads"),
@@ -77,12 +93,16 @@ class ModelConfig:
         )
 
     def to_hf(self):
-        """A transformers LlamaConfig with this shape (random-init models for references)."""
-        from transformers import LlamaConfig
+        """A transformers config of this shape, for random-init reference models."""
+        from .hf_configs import to_opt_or_gpt2
 
-        if self.norm != "rmsnorm" or self.activation != "swiglu":
-            raise ConfigError("to_hf() builds a Llama config: needs norm='rmsnorm', activation='swiglu'")
-        return LlamaConfig(
+        if self.arch in ("opt", "gpt2"):
+            return to_opt_or_gpt2(self)
+        if self.norm != "rmsnorm" or self.activation != "swiglu" or self.positions != "rope":
+            raise ConfigError("a Llama-family config needs norm='rmsnorm', activation='swiglu', positions='rope'")
+        from transformers import LlamaConfig, MistralConfig
+
+        return (MistralConfig if self.arch == "mistral" else LlamaConfig)(
             hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
             head_dim=self.head_dim, intermediate_size=self.intermediate_size,
@@ -100,4 +120,5 @@ def _rope_theta(hf_config) -> float:
     return float(theta)
 
 
+ARCHS = ("llama", "mistral", "opt", "gpt2")
 FIELD_NAMES = tuple(f.name for f in fields(ModelConfig))

@@ -1,0 +1,161 @@
+"""Memory: weights, gradients, optimizer states, activations, KV cache.
+
+Training (per device, AdamW):
+
+| precision | weights | gradients | AdamW m, v | extra | bytes / param |
+| --- | --- | --- | --- | --- | --- |
+| ``fp32`` | 4 | 4 | 8 | | 16 |
+| ``mixed`` (PyTorch AMP: fp32 weights, bf16 autocast) | 4 | 4 | 8 | bf16 copies of the matmul weights, 2 | 16 + 2 |
+| ``mixed-zero`` (16-bit weights/grads + fp32 master, m, v; Rajbhandari et al., ZeRO, 2020) | 2 | 2 | 4 + 8 | | 16 |
+
+Activations (what autograd saves for the backward pass) of a LLaMA block are counted tensor by
+tensor for the way PyTorch/transformers run it (SDPA attention, which keeps only a log-sum-exp
+per query and head instead of the s x s matrix); ``activation_bytes`` lists them. The GPT-style
+formula of Korthikanti et al., *Reducing Activation Recomputation in Large Transformer Models*
+(2022), s b h (34 + 5 a s / h) bytes per layer with 16-bit activations (2 s b h with full
+recomputation), is available as ``korthikanti_activation_bytes`` for comparison.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..configs import ModelConfig
+from ..validate import ConfigError
+from .params import param_breakdown
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "tf32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
+               "fp8": 1, "int8": 1, "int4": 0.5}
+PRECISIONS = ("fp32", "mixed", "mixed-zero")
+OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "sgd-momentum": 4, "sgd": 0}   # fp32 states per parameter
+
+
+def dtype_bytes(dtype: str) -> float:
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in DTYPE_BYTES:
+        raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[key]
+
+
+# ---- KV cache -------------------------------------------------------------------------------
+def kv_bytes_per_token(cfg: ModelConfig, dtype: str = "fp16") -> float:
+    """K and V, every layer, every K/V head: 2 * layers * kv_heads * head_dim * bytes."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes(dtype)
+
+
+def kv_bytes(cfg: ModelConfig, tokens: int, dtype: str = "fp16") -> float:
+    return tokens * kv_bytes_per_token(cfg, dtype)
+
+
+def weight_bytes(cfg: ModelConfig, dtype: str = "fp16") -> float:
+    return param_breakdown(cfg)["total"] * dtype_bytes(dtype)
+
+
+def max_batch(cfg: ModelConfig, gpu_bytes: float, seq_len: int, dtype: str = "fp16",
+              reserve_fraction: float = 0.0) -> int:
+    """Largest number of sequences of `seq_len` tokens whose KV cache fits next to the weights."""
+    if seq_len <= 0:
+        raise ConfigError(f"seq_len must be positive, got {seq_len}")
+    usable = gpu_bytes * (1 - reserve_fraction) - weight_bytes(cfg, dtype)
+    if usable <= 0:
+        raise ConfigError(f"{cfg.name}: the weights alone ({weight_bytes(cfg, dtype) / 2**30:.1f} GiB in {dtype}) "
+                          f"do not fit in {gpu_bytes / 2**30:.1f} GiB")
+    return int(usable // (kv_bytes_per_token(cfg, dtype) * seq_len))
+
+
+# ---- activations ----------------------------------------------------------------------------
+def layer_activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed") -> float:
+    """Bytes one LLaMA block saves for backward (SDPA attention), tensor by tensor."""
+    _check_precision(precision)
+    b, s, h, i = batch, seq, cfg.hidden_size, cfg.intermediate_size
+    E, I = b * s * h, b * s * i                       # elements of a (b, s, h) / (b, s, i) tensor
+    Eq, Ekv = b * s * cfg.num_heads * cfg.head_dim, b * s * cfg.num_kv_heads * cfg.head_dim
+    lse = 4 * b * cfg.num_heads * s                   # fp32 log-sum-exp per query and head
+    rsqrt = 2 * 4 * b * s                             # fp32 1/RMS per token, two norms
+    if precision == "fp32":
+        norms = 2 * 3 * 4 * E        # per norm: input x, x / rms, gamma * (x / rms) (= next matmul's input)
+        attn = 4 * (Eq + 2 * Ekv + Eq)                # q, k, v after RoPE (SDPA inputs), SDPA output
+        mlp = 4 * 4 * I                               # gate out, up out, silu(gate), product
+    else:  # autocast: norms run in fp32, each matmul saves its own bf16 copy of its input
+        norms = 2 * 2 * 4 * E                         # per norm: input x, x / rms (fp32)
+        attn = 2 * 3 * E + 2 * (Eq + 2 * Ekv) + 2 * Eq     # bf16 inputs of q/k/v proj; SDPA q, k, v; output
+        mlp = 2 * 2 * E + 2 * 4 * I                   # bf16 inputs of gate/up; gate, up, silu, product
+    return norms + attn + mlp + lse + rsqrt
+
+
+def head_activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed") -> float:
+    """Once per model: final norm, LM-head input, log-softmax output (fp32), token ids and
+    labels (int64), RoPE's cos/sin tables (fp32) and the scalar loss."""
+    b, s, h, v = batch, seq, cfg.hidden_size, cfg.vocab_size
+    norm = (3 * 4 if precision == "fp32" else 2 * 4 + 2) * b * s * h + 4 * b * s
+    rope = 2 * 4 * s * cfg.head_dim if cfg.positions == "rope" else 0
+    return norm + 4 * b * s * v + 2 * 8 * b * s + rope + 4
+
+
+def activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed",
+                     recompute: bool = False) -> float:
+    """All saved activations of a forward pass. With full recomputation (activation
+    checkpointing) only each block's input is kept (fp32 residual stream), plus one block's
+    activations while it is recomputed during backward."""
+    layer = layer_activation_bytes(cfg, batch, seq, precision)
+    if recompute:
+        body = cfg.num_layers * 4 * batch * seq * cfg.hidden_size + layer
+    else:
+        body = cfg.num_layers * layer
+    return body + head_activation_bytes(cfg, batch, seq, precision)
+
+
+def korthikanti_activation_bytes(cfg: ModelConfig, batch: int, seq: int, recompute: bool = False) -> float:
+    """Korthikanti et al. (2022), GPT layer, 16-bit activations, no parallelism: s b h (34 + 5 a s / h)."""
+    s, b, h, a = seq, batch, cfg.hidden_size, cfg.num_heads
+    per_layer = 2 * s * b * h if recompute else s * b * h * (34 + 5 * a * s / h)
+    return cfg.num_layers * per_layer
+
+
+# ---- training total -------------------------------------------------------------------------
+@dataclass
+class TrainingMemory:
+    weights: float
+    gradients: float
+    optimizer: float
+    weight_copies: float          # bf16 copies of matmul weights kept by autocast for backward
+    activations: float
+    logits_transient: float       # logits (and their fp32 copy) while the loss is computed
+    peak: float                   # the larger of the two peaks below
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+
+
+def training_memory(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed",
+                    optimizer: str = "adamw", recompute: bool = False, devices: int = 1) -> TrainingMemory:
+    """Peak memory of one training step on each of `devices` GPUs.
+
+    Weights, gradients and optimizer states are sharded over `devices` (ZeRO stage 3);
+    activations are per device for its `batch` sequences. Two moments compete for the peak:
+    the end of the forward pass (weights, optimizer states, weight copies, every activation
+    and the logits) and the optimizer step (weights, gradients and optimizer states).
+    """
+    _check_precision(precision)
+    if optimizer not in OPTIMIZER_BYTES:
+        raise ConfigError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_BYTES)}")
+    if devices < 1:
+        raise ConfigError(f"devices must be >= 1, got {devices}")
+    parts = param_breakdown(cfg)
+    n = parts["total"]
+    w_b, g_b = {"fp32": (4, 4), "mixed": (4, 4), "mixed-zero": (2, 2)}[precision]
+    opt_b = OPTIMIZER_BYTES[optimizer] + (4 if precision == "mixed-zero" else 0)   # + fp32 master copy
+    matmul_params = parts["attention"] + parts["mlp"] + (parts["lm_head"] or parts["embedding"])
+    weights, grads, opt = n * w_b / devices, n * g_b / devices, n * opt_b / devices
+    copies = 2 * matmul_params / devices if precision == "mixed" else 0.0
+    acts = activation_bytes(cfg, batch, seq, precision, recompute)
+    # the logits and, under autocast, their fp32 copy for the loss (the log-softmax output is
+    # already counted with the activations)
+    logits = (2 + 4 if precision != "fp32" else 4) * batch * seq * cfg.vocab_size
+    end_of_forward = weights + opt + copies + acts + logits
+    optimizer_step = weights + grads + opt
+    return TrainingMemory(weights, grads, opt, copies, acts, logits, max(end_of_forward, optimizer_step))
