@@ -42,13 +42,23 @@ def _check(b: int, s: int) -> None:
 
 
 def forward_flops_table(cfg: ModelConfig, batch: int = 1, seq: int = 4096, causal: bool = False,
-                        embedding_as_matmul: bool = False) -> list[FlopRow]:
-    """One row per operation of a forward pass over `batch` sequences of `seq` tokens."""
+                        embedding_as_matmul: bool = False, past: int = 0) -> list[FlopRow]:
+    """One row per operation of a forward pass over `batch` sequences of `seq` new tokens.
+
+    past: tokens already in a KV cache that the new tokens also attend to (decode: seq=1,
+    past=context). Their K/V are not recomputed; only the attention scores against them are.
+    """
     _check(batch, seq)
+    if not isinstance(past, int) or past < 0:
+        raise ConfigError(f"past must be a non-negative int, got {past!r}")
     b, s, h, n, d, k = batch, seq, cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.num_kv_heads
     i, v = cfg.intermediate_size, cfg.vocab_size
-    pairs = s * (s + 1) // 2 if causal else s * s          # query-key pairs per (sequence, head)
-    pair_f = "s(s+1)/2" if causal else "s^2"
+    # query-key pairs per (sequence, head): every new query sees the cache, plus new keys
+    pairs = s * past + (s * (s + 1) // 2 if causal else s * s)
+    if past:
+        pair_f = "s(p+(s+1)/2)" if causal else "s(p+s)"
+    else:
+        pair_f = "s(s+1)/2" if causal else "s^2"
     gqa = k != n
     rows = [
         FlopRow("Q/K/V projections", "attention", "(b, s, h)",
