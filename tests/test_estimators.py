@@ -219,3 +219,33 @@ def test_presets_round_trip_through_transformers_configs(name):
     cfg = PRESETS[name]
     back = ModelConfig.from_hf(cfg.to_hf(), name=cfg.name)
     assert back == cfg
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def run_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "llmsys_lab", "estimate", *args], capture_output=True, text=True)
+
+
+def test_cli_prints_the_tables():
+    out = run_cli("llama-2-7b", "--batch", "1", "--seq", "4096")
+    assert out.returncode == 0, out.stderr
+    assert "6,738,415,616" in out.stdout
+    assert "= 62.99 TFLOPs forward" in out.stdout and "QK^T" in out.stdout and "KV cache per token" in out.stdout
+
+
+def test_cli_json():
+    out = run_cli("opt-13b", "--seq", "2048", "--dtype", "fp16", "--json")
+    data = json.loads(out.stdout)
+    assert data["kv_bytes_per_token"] == 800 * 1024 and data["params"]["total"] == 12_853_473_280
+    assert data["bound"] == {"prefill": "compute", "decode": "memory"}
+
+
+def test_cli_bad_input_exits_2_with_a_message():
+    out = run_cli("llama2-7b")
+    assert out.returncode == 2 and "Did you mean 'llama-2-7b'" in out.stderr
+    assert "unknown dtype 'fp7'" in run_cli("gpt2", "--dtype", "fp7").stderr
+    assert "batch must be a positive int, got -1" in run_cli("gpt2", "--batch", "-1").stderr
