@@ -156,7 +156,11 @@ class MultiHeadAttention(nn.Module):
         return x.view(b, t, n_heads, self.head_dim).transpose(1, 2)    # (B, H, T, D)
 
     def forward(self, x: torch.Tensor, causal: bool = True, positions: torch.Tensor | None = None,
-                return_weights: bool = False):
+                return_weights: bool = False, mask: torch.Tensor | None = None, kv_cache=None,
+                layer_idx: int = 0):
+        """x: (B, T, hidden). positions: (T,) or (B, T) for RoPE. mask: bool, broadcastable to
+        (B, H, T, S), True where a query may attend (e.g. key padding). kv_cache: keys and values
+        of earlier tokens; this call appends the new ones and attends to all of them."""
         check_tensor(x, "x", "B T hidden")
         check_size(x, "x", 2, "hidden", self.hidden_size)
         if x.dtype != self.q_proj.weight.dtype:
@@ -166,9 +170,12 @@ class MultiHeadAttention(nn.Module):
         v = self.split_heads(self.v_proj(x), self.num_kv_heads)
         if self.rope is not None:
             if positions is None:
-                positions = torch.arange(x.shape[1], device=x.device)
+                start = kv_cache.seq_len if kv_cache is not None else 0
+                positions = torch.arange(start, start + x.shape[1], device=x.device)
             q, k = self.rope(q, positions), self.rope(k, positions)
-        out, weights = scaled_dot_product_attention(q, k, v, causal=causal, return_weights=True)
+        if kv_cache is not None:             # Q is never cached: only the new queries are needed
+            k, v = kv_cache.update(layer_idx, k, v)
+        out, weights = scaled_dot_product_attention(q, k, v, causal=causal, mask=mask, return_weights=True)
         b, h, t, d = out.shape
         out = self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))      # concat heads, project
         return (out, weights) if return_weights else out

@@ -110,9 +110,11 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                kv_cache=None, layer_idx: int = 0) -> torch.Tensor:
         check_tensor(x, "x", "B T hidden")
-        h = x + self.self_attn(self.input_layernorm(x), causal=True, positions=positions)
+        h = x + self.self_attn(self.input_layernorm(x), causal=True, positions=positions, mask=mask,
+                               kv_cache=kv_cache, layer_idx=layer_idx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -1,0 +1,150 @@
+"""Autoregressive generation, with and without a KV cache, for a batch of prompts.
+
+Prompts of different lengths are left-padded (so every sequence's newest token sits in the
+last column) with an attention mask; positions count real tokens only. Both paths produce
+the same tokens; transformers' `generate` with the same padding produces them too (tests).
+
+* without a cache, every step runs the model over the whole sequence so far;
+* with a cache, a *prefill* step runs the prompt once and fills the cache, then every
+  *decode* step runs one token per sequence against the cached keys and values.
+
+Timings are recorded as the lectures define them: TTFT (time to first token: the prefill
+and the first sample), TPOT (time per output token after the first), end-to-end latency
+and throughput (generated tokens per second).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_cache import KVCache
+from .validate import ShapeError
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft: float = 0.0                         # seconds until every sequence has its first new token
+    step_times: list[float] = field(default_factory=list)   # seconds of each later step
+
+    @property
+    def tpot(self) -> float:
+        return sum(self.step_times) / len(self.step_times) if self.step_times else 0.0
+
+    @property
+    def e2e(self) -> float:
+        return self.ttft + sum(self.step_times)
+
+    @property
+    def throughput(self) -> float:
+        return self.generated_tokens / self.e2e if self.e2e else 0.0
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor                   # (B, T0 + steps): left padding, prompt, new tokens, padding
+    new_tokens: list[list[int]]               # per prompt, up to and including EOS
+    stats: GenerationStats
+    cache: KVCache | None = None
+
+
+def pad_left(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, longest prompt)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+def _check_prompts(prompts, vocab: int, context: int, max_new_tokens: int) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ShapeError(f"a prompt tensor must be (batch, tokens), got shape {tuple(prompts.shape)}")
+        if prompts.is_floating_point():
+            raise TypeError(f"prompts must be integer token ids, got {prompts.dtype}")
+        prompts = prompts.tolist()
+    if not prompts:
+        raise ValueError("no prompts given")
+    if isinstance(prompts[0], int):
+        prompts = [prompts]
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: generation needs at least one token to condition on")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in p):
+            raise ValueError(f"prompt {i} has token ids outside 0..{vocab - 1} (or not ints)")
+        if len(p) + max_new_tokens > context:
+            raise ShapeError(f"prompt {i} has {len(p)} tokens; with max_new_tokens = {max_new_tokens} it would "
+                             f"need {len(p) + max_new_tokens} positions, more than the model's context of {context}")
+    return [list(p) for p in prompts]
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """(B, vocab) logits of the last position -> (B,) token ids."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens: int = 32, use_cache: bool = True, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
+             eos_token_id: int | None = 0, pad_token_id: int = 0) -> GenerationOutput:
+    """Generate up to `max_new_tokens` for each prompt (lists of token ids, or a (B, T) tensor
+    without padding). Sequences stop at `eos_token_id`; generation ends when all have."""
+    cfg = model.config
+    prompts = _check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings, max_new_tokens)
+    device = model.model.embed_tokens.weight.device
+    ids, mask = pad_left(prompts, pad_token_id, device)
+    b = len(prompts)
+    stats = GenerationStats(prompt_tokens=sum(map(len, prompts)))
+    cache = KVCache.for_model(cfg, b, ids.shape[1] + max_new_tokens, model.lm_head.weight.dtype, device) if use_cache else None
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    new = [[] for _ in range(b)]
+    step_input = ids
+    for step in range(max_new_tokens):
+        _sync(device)
+        start = time.perf_counter()
+        if use_cache:
+            logits = model(step_input, attention_mask=mask, kv_cache=cache)   # prefill, then one token
+        else:
+            logits = model(ids, attention_mask=mask)                          # the whole sequence, again
+        tok = next_tokens(logits[:, -1], do_sample, temperature, top_k, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
+        step_input = tok[:, None]
+        for row in (~done).nonzero().flatten().tolist():
+            new[row].append(int(tok[row]))
+        if eos_token_id is not None:
+            done |= tok == eos_token_id
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if step == 0:
+            stats.ttft = elapsed
+        else:
+            stats.step_times.append(elapsed)
+        if bool(done.all()):
+            break
+    stats.generated_tokens = sum(map(len, new))
+    return GenerationOutput(ids, new, stats, cache)
