@@ -1,0 +1,128 @@
+"""Paged attention for decode, in Triton: one new query per sequence against K/V stored in blocks.
+
+The K/V of a sequence are scattered over fixed-size physical blocks; its block table says which.
+The kernel never builds a contiguous copy: for each chunk of BLOCK_N token positions it looks up
+their physical blocks in the block table, loads those K rows straight from the block pool,
+and folds them into the output with the online softmax (running max m, running sum l),
+the same recurrence FlashAttention uses (lesson 06).
+
+One program handles one (sequence, K/V head) pair and all the query heads that share that K/V
+head (GQA), so every K/V byte is read from memory once. Decode is memory-bound (lesson 02):
+the speed that matters is bytes of K/V read per second.
+
+Layouts: q (B, H, D); k_cache, v_cache (num_blocks, block_size, H_kv, D);
+block_tables (B, max_blocks) int32; context_lens (B,) int32. Output (B, H, D).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, scale,
+                         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
+                         stride_btb, stride_ob, stride_oh,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs_g = tl.arange(0, GROUP_PAD)                 # query heads of this K/V head (padded for tl.dot)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)     # (GROUP_PAD, D)
+
+    ctx = tl.load(len_ptr + b)
+    m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+    for start in range(0, ctx, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)       # token positions of this chunk
+        n_mask = offs_n < ctx
+        # logical block -> physical block, then the row inside it: the paging step
+        block = tl.load(bt_ptr + b * stride_btb + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
+        rows = block.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+        k = tl.load(k_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)   # (BLOCK_N, D)
+        v = tl.load(v_ptr + rows[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale       # (GROUP_PAD, BLOCK_N), fp32 accumulate
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        # online softmax: rescale what was accumulated with the old max, add this chunk
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]     # an empty sequence gives 0, not NaN
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
+                           block_n: int = 64) -> torch.Tensor:
+    """softmax(q K^T * scale) V for each sequence's first context_lens[b] cached tokens."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError("k_cache and v_cache must both be (num_blocks, block_size, kv_heads, head_dim), got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    b, h, d = q.shape
+    _, block_size, h_kv, d_k = k_cache.shape
+    if d_k != d:
+        raise ValueError(f"q has head_dim {d} but the cache holds head_dim {d_k}")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
+    if h % h_kv:
+        raise ValueError(f"kv_heads = {h_kv} must divide heads = {h}")
+    if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
+        raise TypeError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise TypeError("block_tables and context_lens must be int32")
+    if block_tables.shape[0] != b or context_lens.shape != (b,):
+        raise ValueError(f"block_tables must be (batch={b}, max_blocks) and context_lens (batch,), got "
+                         f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+    if block_n % block_size and block_size % block_n:
+        raise ValueError(f"block_n = {block_n} and block_size = {block_size} must divide one another")
+    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    block_tables = block_tables.contiguous()
+    out = torch.empty_like(q)
+    group = h // h_kv
+    _paged_decode_kernel[(b, h_kv)](
+        q, k_cache, v_cache, block_tables, context_lens, out, scale or 1.0 / math.sqrt(d),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_SIZE=block_size,
+        BLOCK_N=block_n, IEEE=q.dtype == torch.float32, num_warps=4)
+    return out
+
+
+def paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale=None) -> torch.Tensor:
+    """The PyTorch spec: gather each sequence's K/V through its block table, then attend."""
+    b, h, d = q.shape
+    block_size, h_kv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros_like(q)
+    for i in range(b):
+        n = int(context_lens[i])
+        if n == 0:
+            continue
+        pos = torch.arange(n, device=q.device)
+        blocks = block_tables[i].long()[pos // block_size]
+        k = k_cache[blocks, pos % block_size].float()               # (n, H_kv, D)
+        v = v_cache[blocks, pos % block_size].float()
+        k = k.repeat_interleave(h // h_kv, dim=1).transpose(0, 1)   # (H, n, D)
+        v = v.repeat_interleave(h // h_kv, dim=1).transpose(0, 1)
+        w = torch.softmax((q[i].float()[:, None, :] @ k.transpose(1, 2))[:, 0] * (scale or d ** -0.5), dim=-1)
+        out[i] = (w[:, None, :] @ v)[:, 0].to(q.dtype)
+    return out

@@ -1,0 +1,228 @@
+"""PagedAttention's memory manager (vLLM): KV cache in fixed-size blocks, allocated on demand.
+
+* ``BlockAllocator``: physical blocks, a free list and reference counts.
+* ``BlockTable``: one sequence's logical blocks -> (physical block, # filled).
+* ``BlockManager``: sequences, their tables, on-demand allocation as tokens arrive, freeing when a
+  request finishes, copy-on-write sharing (parallel sampling from one prompt) and prefix caching
+  (full blocks found again by the hash of their tokens, kept after release until evicted).
+
+Only bookkeeping lives here; ``paged_cache.py`` keeps the K/V tensors in these blocks.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+
+class BlockError(ValueError):
+    """A block-level operation is invalid (double free, unknown block or sequence, finished sequence)."""
+
+
+class OutOfBlocks(BlockError):
+    """Not enough free blocks for a request: the block budget is exhausted."""
+
+
+class BlockAllocator:
+    """Hands out physical block numbers in `order` (default 0, 1, 2, ...) and counts references."""
+
+    def __init__(self, num_blocks: int, order: list[int] | None = None):
+        if not isinstance(num_blocks, int) or num_blocks <= 0:
+            raise BlockError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        order = list(range(num_blocks)) if order is None else list(order)
+        if sorted(order) != list(range(num_blocks)):
+            raise BlockError(f"order must be a permutation of 0..{num_blocks - 1}")
+        self.num_blocks = num_blocks
+        self.free_list = deque(order)
+        self.refcount = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_list)
+
+    def allocate(self) -> int:
+        if not self.free_list:
+            raise OutOfBlocks(f"no free block: all {self.num_blocks} blocks are in use")
+        block = self.free_list.popleft()
+        self.refcount[block] = 1
+        return block
+
+    def _check(self, block: int) -> None:
+        if not isinstance(block, int) or not 0 <= block < self.num_blocks:
+            raise BlockError(f"unknown block {block!r} (blocks are 0..{self.num_blocks - 1})")
+
+    def incref(self, block: int) -> None:
+        self._check(block)
+        if self.refcount[block] == 0:
+            raise BlockError(f"block {block} is free: it cannot be shared")
+        self.refcount[block] += 1
+
+    def decref(self, block: int) -> int:
+        """Drop one reference; return the references left (0: the caller decides where it goes)."""
+        self._check(block)
+        if self.refcount[block] == 0:
+            raise BlockError(f"block {block} is already free (double free)")
+        self.refcount[block] -= 1
+        return self.refcount[block]
+
+    def release(self, block: int) -> None:
+        """Put a block with no references back on the free list."""
+        if self.refcount[block] != 0:
+            raise BlockError(f"block {block} still has {self.refcount[block]} references")
+        self.free_list.append(block)
+
+
+@dataclass
+class BlockTable:
+    """Logical block i of a sequence lives in physical block `blocks[i]`, holding `filled[i]` tokens."""
+    blocks: list[int] = field(default_factory=list)
+    filled: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)     # the token ids, to hash full blocks
+    finished: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.filled)
+
+
+@dataclass
+class CopyOnWrite:
+    """The caller must copy physical block `src` to `dst` (K and V) before writing to `dst`."""
+    src: int
+    dst: int
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, order: list[int] | None = None,
+                 prefix_caching: bool = False):
+        if not isinstance(block_size, int) or block_size <= 0:
+            raise BlockError(f"block_size must be a positive int, got {block_size!r}")
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks, order)
+        self.tables: dict[object, BlockTable] = {}
+        self.finished: set = set()
+        self.prefix_caching = prefix_caching
+        self.cached: dict[int, int] = {}                   # hash of a full block's prefix -> physical block
+        self.block_hash: dict[int, int] = {}               # physical block -> its hash
+        self.evictable: OrderedDict[int, None] = OrderedDict()   # cached blocks nobody uses, LRU first
+        self.hits = self.misses = 0
+
+    # ---- capacity ------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out: free plus evictable cached blocks."""
+        return self.allocator.num_free + len(self.evictable)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) <= self.num_free
+
+    def _new_block(self) -> int:
+        if self.allocator.num_free == 0 and self.evictable:
+            victim, _ = self.evictable.popitem(last=False)      # least recently released
+            del self.cached[self.block_hash.pop(victim)]
+            self.allocator.release(victim)
+        return self.allocator.allocate()
+
+    # ---- sequences -----------------------------------------------------------------------------
+    def table(self, seq_id) -> BlockTable:
+        if seq_id in self.finished:
+            raise BlockError(f"sequence {seq_id!r} has finished and its blocks were freed")
+        if seq_id not in self.tables:
+            raise BlockError(f"unknown sequence {seq_id!r}")
+        return self.tables[seq_id]
+
+    def add(self, seq_id, tokens: list[int]) -> BlockTable:
+        """Register a request and allocate blocks for its prompt (reusing cached prefix blocks)."""
+        if seq_id in self.tables or seq_id in self.finished:
+            raise BlockError(f"sequence {seq_id!r} already exists")
+        if len(tokens) == 0:
+            raise BlockError(f"sequence {seq_id!r} has an empty prompt")
+        need = self.blocks_needed(len(tokens))
+        if need > self.num_free:
+            raise OutOfBlocks(f"sequence {seq_id!r} needs {need} blocks for {len(tokens)} tokens "
+                              f"(block size {self.block_size}) but only {self.num_free} of {self.num_blocks} are free")
+        table = self.tables[seq_id] = BlockTable()
+        for tok in tokens:
+            self._append(seq_id, table, tok)
+        return table
+
+    def append(self, seq_id, token: int) -> CopyOnWrite | None:
+        """Add one generated token, allocating a block when the last one is full."""
+        return self._append(seq_id, self.table(seq_id), token)
+
+    def _append(self, seq_id, table: BlockTable, token: int) -> CopyOnWrite | None:
+        bs, cow = self.block_size, None
+        if not table.blocks or table.filled[-1] == bs:
+            table.blocks.append(self._new_block())
+            table.filled.append(0)
+        elif self.allocator.refcount[table.blocks[-1]] > 1:       # shared partial block: copy on write
+            src = table.blocks[-1]
+            self.allocator.decref(src)
+            table.blocks[-1] = self._new_block()
+            cow = CopyOnWrite(src, table.blocks[-1])
+        table.filled[-1] += 1
+        table.tokens.append(token)
+        if self.prefix_caching and table.filled[-1] == bs:
+            self._cache_full_block(table)
+        return cow
+
+    def _cache_full_block(self, table: BlockTable) -> None:
+        """A block just filled: share an identical cached block if there is one, else publish it."""
+        key = hash(tuple(table.tokens))                 # the whole prefix: same key -> same K/V
+        block = table.blocks[-1]
+        hit = self.cached.get(key)
+        if hit is not None and hit != block:
+            self.hits += 1
+            if hit in self.evictable:
+                del self.evictable[hit]
+                self.allocator.refcount[hit] = 1
+            else:
+                self.allocator.incref(hit)
+            if self.allocator.decref(block) == 0:
+                self.allocator.release(block)
+            table.blocks[-1] = hit
+        elif hit is None:
+            self.misses += 1
+            self.cached[key] = block
+            self.block_hash[block] = key
+
+    def fork(self, parent_id, child_id) -> BlockTable:
+        """Parallel sampling: the child shares every block of the parent (copy on write later)."""
+        parent = self.table(parent_id)
+        if child_id in self.tables:
+            raise BlockError(f"sequence {child_id!r} already exists")
+        for b in parent.blocks:
+            self.allocator.incref(b)
+        child = self.tables[child_id] = BlockTable(list(parent.blocks), list(parent.filled), list(parent.tokens))
+        return child
+
+    def free(self, seq_id) -> None:
+        """The request finished: drop its references; unused blocks return to the pool."""
+        table = self.table(seq_id)
+        for b in reversed(table.blocks):
+            if self.allocator.decref(b) == 0:
+                if b in self.block_hash:
+                    self.evictable[b] = None            # keep its K/V for a later identical prefix
+                else:
+                    self.allocator.release(b)
+        table.finished = True
+        del self.tables[seq_id]
+        self.finished.add(seq_id)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def slot(self, seq_id, position: int) -> int:
+        """Physical slot (block * block_size + offset) of a token position of a sequence."""
+        table = self.table(seq_id)
+        if not 0 <= position < table.num_tokens:
+            raise BlockError(f"sequence {seq_id!r} has {table.num_tokens} tokens, no position {position}")
+        return table.blocks[position // self.block_size] * self.block_size + position % self.block_size

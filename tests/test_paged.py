@@ -1,0 +1,162 @@
+"""Block allocator, block tables, copy-on-write, prefix caching and paged generation."""
+import random
+
+import pytest
+import torch
+
+from llmsys_lab.paged import BlockAllocator, BlockError, BlockManager, OutOfBlocks
+
+ALAN = "Alan Turing is a computer scientist".split()
+AI = "Artificial Intelligence is the future of technology".split()
+LECTURE_ORDER = [7, 1, 3, 2, 5, 0, 4, 6]
+
+
+def ids(words):
+    return [hash(w) % 1000 for w in words]
+
+
+def test_lecture_example_block_tables():
+    m = BlockManager(num_blocks=8, block_size=4, order=LECTURE_ORDER)
+    a = m.add("A", ids(ALAN))
+    assert (a.blocks, a.filled) == ([7, 1], [4, 2])           # logical 0 -> 7, logical 1 -> 1
+    m.append("A", 1)                                           # "and"
+    m.append("A", 2)                                           # "mathematician": block 1 is full
+    assert (a.blocks, a.filled) == ([7, 1], [4, 4])
+    m.append("A", 3)                                           # "renowned": a new block, on demand
+    assert (a.blocks, a.filled) == ([7, 1, 3], [4, 4, 1])
+    b = m.add("B", ids(AI))
+    assert (b.blocks, b.filled) == ([2, 5], [4, 3])
+    assert m.num_free == 3
+    assert m.slot("A", 8) == 3 * 4 and m.slot("B", 5) == 5 * 4 + 1
+
+
+def test_free_returns_blocks_and_they_are_reused():
+    m = BlockManager(num_blocks=4, block_size=2)
+    m.add("x", [1, 2, 3])
+    m.add("y", [4, 5])
+    assert m.num_free == 1
+    m.free("x")
+    assert m.num_free == 3
+    assert m.add("z", [6, 7, 8, 9, 10, 11]).blocks == [3, 1, 0]      # the free list, freed blocks last
+
+
+def test_copy_on_write_for_parallel_sampling():
+    m = BlockManager(num_blocks=8, block_size=4)
+    m.add("p", [1, 2, 3, 4, 5, 6])                              # blocks 0 (full) and 1 (2 of 4)
+    m.fork("p", "c")
+    assert m.table("c").blocks == [0, 1] and m.allocator.refcount[:2] == [2, 2]
+    cow = m.append("c", 99)                                     # the shared partial block is copied first
+    assert (cow.src, cow.dst) == (1, 2) and m.table("c").blocks == [0, 2]
+    assert m.append("p", 7) is None and m.table("p").blocks == [0, 1]   # the parent keeps its block
+    m.free("p")
+    m.free("c")
+    assert m.num_free == 8
+
+
+def test_prefix_caching_hits_and_eviction():
+    m = BlockManager(num_blocks=6, block_size=2, prefix_caching=True)
+    system = [10, 11, 12, 13]                                   # two full blocks shared by every request
+    m.add("a", system + [1])
+    m.add("b", system + [2])
+    assert m.table("a").blocks[:2] == m.table("b").blocks[:2]  # shared physical blocks
+    assert (m.hits, m.misses) == (2, 2) and m.hit_rate == 0.5
+    m.free("a")
+    m.free("b")
+    assert m.num_free == 6 and len(m.evictable) == 2           # kept for later, but allocatable
+    m.add("c", system + [3])
+    assert m.hits == 4                                          # found again after both finished
+    m.free("c")
+    m.add("d", [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31])   # needs all 6 blocks: evicts the cache
+    assert len(m.cached) == 6 - 0 and m.num_free == 0
+
+
+def test_random_requests_never_leak():
+    rng = random.Random(0)
+    m = BlockManager(num_blocks=64, block_size=4, prefix_caching=True)
+    live = []
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.3 and m.can_allocate(12):
+            sid = f"s{step}"
+            m.add(sid, [rng.randrange(3) for _ in range(rng.randint(1, 12))])
+            live.append(sid)
+        elif op < 0.4 and live and m.num_free > 2:
+            child = f"f{step}"
+            m.fork(rng.choice(live), child)
+            live.append(child)
+        elif op < 0.8 and live and m.num_free > 1:
+            m.append(rng.choice(live), rng.randrange(3))
+        elif live:
+            m.free(live.pop(rng.randrange(len(live))))
+        used = {b for t in m.tables.values() for b in t.blocks}
+        assert sum(1 for r in m.allocator.refcount if r > 0) == len(used)
+    for sid in live:
+        m.free(sid)
+    assert m.num_free == 64
+    assert all(r == 0 for r in m.allocator.refcount)
+    assert len(set(m.allocator.free_list) | set(m.evictable)) == 64
+
+
+@pytest.mark.parametrize("call,err,msg", [
+    (lambda: BlockManager(8, 0), BlockError, "block_size must be a positive int, got 0"),
+    (lambda: BlockManager(0, 4), BlockError, "num_blocks must be a positive int, got 0"),
+    (lambda: BlockManager(2, 4).add("a", list(range(9))), OutOfBlocks,
+     r"sequence 'a' needs 3 blocks for 9 tokens \(block size 4\) but only 2 of 2 are free"),
+    (lambda: BlockManager(2, 4).free("nobody"), BlockError, "unknown sequence 'nobody'"),
+    (lambda: BlockAllocator(4).decref(2), BlockError, r"block 2 is already free \(double free\)"),
+    (lambda: BlockAllocator(4).decref(9), BlockError, r"unknown block 9 \(blocks are 0..3\)"),
+    (lambda: BlockManager(2, 4).add("a", []), BlockError, "empty prompt"),
+    (lambda: BlockAllocator(3, order=[0, 0, 1]), BlockError, "permutation"),
+])
+def test_bad_input(call, err, msg):
+    with pytest.raises(err, match=msg):
+        call()
+
+
+def test_append_to_finished_sequence_and_running_out():
+    m = BlockManager(num_blocks=1, block_size=2)
+    m.add("a", [1, 2])
+    with pytest.raises(OutOfBlocks, match="no free block: all 1 blocks are in use"):
+        m.append("a", 3)
+    m.free("a")
+    with pytest.raises(BlockError, match="sequence 'a' has finished and its blocks were freed"):
+        m.append("a", 4)
+    with pytest.raises(BlockError, match="sequence 'a' has finished"):
+        m.free("a")
+
+
+# ---- K/V in blocks: generation -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    from llmsys_lab.model import load_tiny
+
+    return load_tiny()
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_paged_generation_equals_contiguous_cache_and_hf(tiny, block_size):
+    from transformers import AutoModelForCausalLM
+
+    from llmsys_lab.generate import generate, pad_left
+    from llmsys_lab.model import TINY_MODEL_PATH
+    from llmsys_lab.paged_generate import generate_paged
+
+    model, tok = tiny
+    prompts = [tok(t).input_ids for t in ["ROMEO.\n", "To be, or not", "KING.\nMy lords, I pray you", "HAMLET.\nWhat"]]
+    paged = generate_paged(model, prompts, 40, block_size=block_size, order=list(reversed(range(60))), num_blocks=60)
+    assert paged.new_tokens == generate(model, prompts, 40).new_tokens
+    hf = AutoModelForCausalLM.from_pretrained(TINY_MODEL_PATH, dtype=torch.float32).eval()
+    ids, mask = pad_left(prompts, 0, "cpu")
+    out = hf.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=40, pad_token_id=0, eos_token_id=0)
+    for row, new in enumerate(paged.new_tokens):
+        assert out[row, ids.shape[1]:ids.shape[1] + len(new)].tolist() == new
+    assert paged.manager.num_free == 60                          # every block came back
+
+
+def test_paged_generation_runs_out_of_blocks_with_a_clear_error(tiny):
+    from llmsys_lab.paged_generate import generate_paged
+
+    model, tok = tiny
+    with pytest.raises(OutOfBlocks, match=r"sequence 0 needs 3 blocks for 9 tokens \(block size 4\) but only 1 of 1 are free"):
+        generate_paged(model, [tok("KING.\nMy lords, I pray you").input_ids], 40, block_size=4, num_blocks=1)
