@@ -58,9 +58,14 @@ class BlockTableView:
     def describe(self) -> str:
         if self.step == 0:
             return "start: every block is free"
-        kind, seq = self.events[self.step - 1][:2]
-        what = {"add": f"request {seq} arrives: prefill of its prompt", "append": f"request {seq} generates "
-                f"{self.events[self.step - 1][2]!r}", "free": f"request {seq} finishes: its blocks are freed"}[kind]
+        event = self.events[self.step - 1]
+        kind, seq = event[:2]
+        if kind == "add":
+            what = f"request {seq} arrives: prefill of its prompt"
+        elif kind == "append":
+            what = f"request {seq} generates {event[2]!r}"
+        else:
+            what = f"request {seq} finishes: its blocks are freed"
         return f"step {self.step} of {len(self.events)}: {what}"
 
     # ---- renderings ----------------------------------------------------------------------------
