@@ -24,7 +24,7 @@ def test_widget_buttons_and_slider_step_through_events():
     slider.value = 6
     assert "request A finishes" in view.text() and "(6 of 8 free)" in view.text()
     nxt.click()
-    assert "request C" in html.value and view.manager.table("C").blocks == [3]     # A's freed block, reused
+    assert "request C" in html.value and view.manager.table("C").blocks == [0]     # the head of the free list
     prev.click()
     assert view.step == 6
     assert view._repr_mimebundle_()["text/plain"] == view.text()
