@@ -62,3 +62,51 @@ def generate_paged(model, prompts, max_new_tokens: int = 32, block_size: int = 1
         active, counts, rows = still, [1] * len(still), [[new[s][-1]] for s in still]
         step += 1
     return PagedOutput(new, manager, cache, peak)
+
+
+@torch.no_grad()
+def sample_parallel(model, prompt: list[int], generators: list[torch.Generator], max_new_tokens: int = 32,
+                    block_size: int = 16, num_blocks: int | None = None, temperature: float = 1.0,
+                    top_k: int | None = None, eos_token_id: int | None = 0) -> PagedOutput:
+    """Several samples of one prompt (one per generator) that share the prompt's blocks.
+
+    The prompt is prefilled once; every sample forks its block table (references, no copies),
+    and a sample's first write into a shared, partly filled block copies that block first.
+    """
+    from .generate import next_tokens
+
+    cfg, n = model.config, len(generators)
+    (prompt,) = _check_prompts([prompt], cfg.vocab_size, cfg.max_position_embeddings, max_new_tokens)
+    device = model.lm_head.weight.device
+    if num_blocks is None:
+        num_blocks = -(-len(prompt) // block_size) + n * -(-max_new_tokens // block_size) + n
+    manager = BlockManager(num_blocks, block_size)
+    cache = PagedKVCache(cfg, manager, model.lm_head.weight.dtype, device)
+    manager.add(0, prompt)
+    batch = PagedBatch(cache, [0], [len(prompt)])
+    logits = model(torch.tensor([prompt], device=device), attention_mask=batch.attention_mask(), kv_cache=batch)
+    for s in range(1, n):
+        manager.fork(0, s)
+    last = [logits[:, -1]] * n
+    new = [[] for _ in range(n)]
+    active, peak = list(range(n)), manager.num_blocks - manager.num_free
+    while active:
+        still = []
+        for s in active:
+            tok = int(next_tokens(last[s], True, temperature, top_k, generators[s])[0])
+            new[s].append(tok)
+            if tok == eos_token_id or len(new[s]) == max_new_tokens:
+                manager.free(s)
+            else:
+                cache.copy_block(manager.append(s, tok))
+                still.append(s)
+        peak = max(peak, manager.num_blocks - manager.num_free)
+        if not still:
+            break
+        batch = PagedBatch(cache, still, [1] * len(still))
+        logits = model(torch.tensor([[new[s][-1]] for s in still], device=device),
+                       attention_mask=batch.attention_mask(), kv_cache=batch)
+        for row, s in enumerate(still):
+            last[s] = logits[row:row + 1, -1]
+        active = still
+    return PagedOutput(new, manager, cache, peak)

@@ -160,3 +160,39 @@ def test_paged_generation_runs_out_of_blocks_with_a_clear_error(tiny):
     model, tok = tiny
     with pytest.raises(OutOfBlocks, match=r"sequence 0 needs 3 blocks for 9 tokens \(block size 4\) but only 1 of 1 are free"):
         generate_paged(model, [tok("KING.\nMy lords, I pray you").input_ids], 40, block_size=4, num_blocks=1)
+
+
+def test_parallel_sampling_shares_the_prompt_and_equals_independent_samples(tiny):
+    from llmsys_lab.generate import generate
+    from llmsys_lab.paged_generate import sample_parallel
+
+    model, tok = tiny
+    prompt = tok("KING.\nMy lords, I pray you").input_ids          # 9 tokens: a shared, partly filled block
+    gens = [torch.Generator().manual_seed(s) for s in range(4)]
+    out = sample_parallel(model, prompt, gens, max_new_tokens=25, block_size=4, temperature=0.9, top_k=50)
+    for s, new in enumerate(out.new_tokens):
+        alone = generate(model, [prompt], 25, do_sample=True, temperature=0.9, top_k=50,
+                         generator=torch.Generator().manual_seed(s)).new_tokens[0]
+        assert new == alone
+    assert len({tuple(n) for n in out.new_tokens}) > 1                 # the samples differ
+    assert out.manager.num_free == out.manager.num_blocks
+
+
+def test_prefix_caching_with_real_kv_gives_the_same_tokens(tiny):
+    from llmsys_lab.paged_generate import generate_paged
+
+    model, tok = tiny
+    head = tok("KING.\nMy lords, I pray you, hear me speak").input_ids
+    prompts = [head + tok(t).input_ids for t in [" now.", " again,", " of Rome"]]
+    plain = generate_paged(model, prompts, 20, block_size=4)
+    cached = generate_paged(model, prompts, 20, block_size=4, prefix_caching=True)
+    assert cached.new_tokens == plain.new_tokens
+    assert cached.manager.hits >= 2 * (len(head) // 4)
+
+
+def test_kernel_block_sizes_must_divide():
+    from llmsys_lab.kernels.paged_attention import paged_attention_decode
+
+    q, kc = torch.zeros(1, 2, 16), torch.zeros(2, 6, 1, 16)
+    with pytest.raises(ValueError, match="block_n = 16 and block_size = 6 must divide one another"):
+        paged_attention_decode(q, kc, kc, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), block_n=16)
