@@ -71,7 +71,7 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, scale,
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
-                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                           block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """softmax(q K^T * scale) V for each sequence's first context_lens[b] cached tokens."""
     if q.dim() != 3:
         raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
