@@ -1,0 +1,125 @@
+"""A serving engine: the scheduler's decisions run on the real model with the paged KV cache.
+
+Every iteration runs the requests the scheduler picked, prefill chunks and decodes together, in
+one forward pass with **selective batching** (Orca): the tokens of all requests are packed into
+one (total tokens, hidden) matrix for everything that does not mix positions (embedding, norms,
+Q/K/V and output projections, MLP, LM head), and only attention is run per request, against
+that request's own K/V read through its block table. There is no padding anywhere.
+
+Finished requests (EOS or max_new_tokens) leave after the iteration and are returned at once
+(streaming); their blocks go back to the pool for the next admission.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .attention import scaled_dot_product_attention
+from .paged import BlockManager
+from .paged_cache import PagedKVCache
+from .scheduler import Request, Scheduler
+
+
+class Engine:
+    def __init__(self, model, num_blocks: int, block_size: int = 16, policy: str = "continuous",
+                 max_batch: int = 8, token_budget: int = 2048, chunked_prefill: bool = False,
+                 eos_token_id: int | None = 0):
+        self.model, self.cfg = model, model.config
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.cache = PagedKVCache(self.cfg, self.blocks, model.lm_head.weight.dtype, model.lm_head.weight.device)
+        self.scheduler = Scheduler(self.blocks, policy, max_batch, token_budget, self.cfg.max_position_embeddings,
+                                   chunked_prefill)
+        self.eos = eos_token_id
+        self.iteration = 0
+        self.start = None
+        self.log: list[dict] = []            # per iteration: requests, tokens, KV used/reserved, seconds
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id, prompt: list[int], max_new_tokens: int, arrival: int = 0) -> Request:
+        """Queue a request; `arrival` is the first iteration it may be admitted in."""
+        if not all(isinstance(t, int) and 0 <= t < self.cfg.vocab_size for t in prompt):
+            raise ValueError(f"request {request_id!r} has token ids outside 0..{self.cfg.vocab_size - 1}")
+        req = Request(request_id, list(prompt), max_new_tokens, arrival=arrival)
+        self.scheduler.add(req)
+        return req
+
+    # ---- one iteration ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Run one iteration; return the requests that finished in it."""
+        if self.start is None:
+            self.start = time.perf_counter()
+        self.iteration += 1
+        work = self.scheduler.schedule(now=self.iteration)
+        chunks = [(r, r.prefilled, n) for r, n in work.prefill] + [(r, r.prefilled, 1) for r in work.decode]
+        if not chunks:
+            return []
+        logits = self._forward(chunks)
+        now = time.perf_counter() - self.start
+        done = []
+        for (r, start, n), row in zip(chunks, logits):
+            if r not in self.scheduler.running:
+                continue                          # preempted earlier in this iteration: recomputed later
+            r.prefilled = start + n
+            if r.to_prefill > 0:                   # a chunk of a longer prompt: no token yet
+                continue
+            tok = int(row.argmax())
+            r.token_times.append(now)
+            if r.first_token_at is None:
+                r.first_token_at = now
+            r.output.append(tok)
+            if tok == self.eos or len(r.output) == r.max_new_tokens:
+                self.scheduler.complete(r, now)
+                done.append(r)
+                continue
+            victim = self.scheduler.reserve_next_token(r)
+            if victim is r:
+                continue                          # r itself was preempted: it will be recomputed
+            self.cache.copy_block(self.blocks.append(r.id, tok))
+        self.log.append({"iteration": self.iteration, "requests": len(chunks), "tokens": sum(n for *_, n in chunks),
+                         "kv_used": sum(len(r.tokens) for r in self.scheduler.running),
+                         "kv_reserved": (self.blocks.num_blocks - self.blocks.num_free) * self.blocks.block_size,
+                         "seconds": now})
+        return done
+
+    def run(self):
+        """Step until every queued request has finished; yield each finished request as it ends."""
+        while self.scheduler.has_work:
+            yield from self.step()
+
+    # ---- the packed forward pass (selective batching) --------------------------------------
+    def _forward(self, chunks) -> torch.Tensor:
+        m, device = self.model, self.model.lm_head.weight.device
+        ids = torch.tensor([t for r, s, n in chunks for t in r.tokens[s:s + n]], device=device)
+        pos = torch.cat([torch.arange(s, s + n) for _, s, n in chunks]).to(device)
+        bounds = torch.tensor([0] + [n for *_, n in chunks]).cumsum(0).tolist()
+        x = m.model.embed_tokens(ids)                                           # (N, hidden)
+        for li, layer in enumerate(m.model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)[None]     # (1, H, N, D)
+            k = attn.k_proj(h).view(-1, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None]
+            v = attn.v_proj(h).view(-1, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None]
+            q, k = attn.rope(q, pos), attn.rope(k, pos)
+            outs = []
+            for j, (r, start, n) in enumerate(chunks):                         # attention: per request
+                a, b = bounds[j], bounds[j + 1]
+                self.cache.write(li, r.id, start, k[0, :, a:b], v[0, :, a:b])
+                ks, vs = self.cache.gather(li, r.id, start + n)
+                outs.append(scaled_dot_product_attention(q[:, :, a:b], ks[None], vs[None], causal=True)[0])
+            o = torch.cat(outs, dim=1).transpose(0, 1).reshape(len(ids), -1)  # (N, H * D)
+            x = x + attn.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
+        return m.lm_head(m.model.norm(x[last]))                                # (requests, vocab)
+
+
+def serve(model, prompts: list[list[int]], max_new_tokens, num_blocks: int, **engine_kw) -> tuple[Engine, dict]:
+    """Run a list of prompts (all arriving at once) to completion; return the engine and {index: request}."""
+    engine = Engine(model, num_blocks, **engine_kw)
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    for i, (p, n) in enumerate(zip(prompts, limits)):
+        engine.add_request(i, p, n)
+    finished = {r.id: r for r in engine.run()}
+    return engine, finished

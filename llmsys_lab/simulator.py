@@ -1,0 +1,127 @@
+"""Replay the scheduler with a cost model instead of a model: schedules at any scale, on a CPU.
+
+Each request has a known prompt length and output length (its last token is END/EOS). Every
+iteration, a request being prefilled processes its prompt (or a chunk of it) and, when the prompt
+is complete, produces its first token; a running request produces one token. The cost model
+turns an iteration's work into seconds: a fixed cost, plus a cost per prefill token, per decode
+sequence and per cached token read by attention.
+
+The timeline records, per iteration, which request occupies which batch slot (a freed slot is
+reused by the next admitted request, most recently freed first) and whether it produced a token
+or END, which is how the lecture draws static and continuous batching.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .paged import BlockManager
+from .scheduler import Request, Scheduler
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    id: str
+    prompt_len: int
+    output_len: int                 # tokens generated, the last one being END
+    arrival: int = 1                # first iteration it may be admitted in
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per iteration = base + per_prefill_token * P + per_decode_seq * D + per_kv_token * K."""
+    base: float = 4e-3
+    per_prefill_token: float = 2e-5
+    per_decode_seq: float = 1e-4
+    per_kv_token: float = 2e-7
+
+    def time(self, prefill_tokens: int, decode_seqs: int, kv_tokens: int) -> float:
+        return (self.base + self.per_prefill_token * prefill_tokens + self.per_decode_seq * decode_seqs
+                + self.per_kv_token * kv_tokens)
+
+
+@dataclass
+class SimResult:
+    timeline: list[dict[int, tuple[str, str]]]       # per iteration: slot -> (request id, 'token' | 'END' | 'prefill')
+    requests: dict[str, Request]
+    iteration_end: list[float]                       # modeled seconds at the end of each iteration
+    kv_used: list[int] = field(default_factory=list)         # tokens in the cache per iteration
+    kv_reserved: list[int] = field(default_factory=list)     # slots of allocated blocks per iteration
+
+    def table(self, first: int = 1, last: int | None = None, width: int = 5) -> str:
+        """The lecture's grid: one row per batch slot, one column per iteration T1, T2, ..."""
+        last = last or len(self.timeline)
+        slots = sorted({s for it in self.timeline for s in it})
+        head = "".join(f"{'T' + str(t):<{width}}" for t in range(first, last + 1))
+        rows = [f"{'':<6}{head}".rstrip()]
+        for s in slots:
+            cells = []
+            for t in range(first, last + 1):
+                cell = self.timeline[t - 1] if t <= len(self.timeline) else {}
+                rid, what = cell.get(s, ("", ""))
+                cells.append(f"{'END' if what == 'END' else rid:<{width}}")
+            rows.append(f"slot {s + 1} " + "".join(cells).rstrip())
+        return "\n".join(rows)
+
+
+def simulate(requests: list[SimRequest], policy: str = "continuous", max_batch: int = 4, block_size: int = 16,
+             num_blocks: int = 1024, token_budget: int = 4096, chunked_prefill: bool = False,
+             cost: CostModel = CostModel(), max_iterations: int = 100_000) -> SimResult:
+    blocks = BlockManager(num_blocks, block_size)
+    sched = Scheduler(blocks, policy, max_batch, token_budget, max_context=10**9, chunked_prefill=chunked_prefill)
+    by_id = {}
+    for sr in sorted(requests, key=lambda r: r.arrival):
+        req = Request(sr.id, [0] * sr.prompt_len, sr.output_len, arrival=sr.arrival)
+        sched.add(req)
+        by_id[sr.id] = req
+    result = SimResult([], by_id, [])
+    free_slots, slot_of, clock = [], {}, 0.0
+    for it in range(1, max_iterations + 1):
+        if not sched.has_work:
+            break
+        work = sched.schedule(now=it)
+        cells: dict[int, tuple[str, str]] = {}
+        for r in work.requests:
+            if r.id not in slot_of:
+                slot_of[r.id] = free_slots.pop() if free_slots else len(slot_of) + len(free_slots)
+        producing = []
+        for r, n in work.prefill:
+            r.prefilled += n
+            if r.to_prefill == 0:
+                producing.append(r)
+            else:
+                cells[slot_of[r.id]] = (r.id, "prefill")
+        for r in work.decode:
+            r.prefilled += 1                             # its newest token's K/V are now cached
+        producing += work.decode
+        kv_tokens = sum(len(r.tokens) for r in work.decode)
+        clock += cost.time(sum(n for _, n in work.prefill), len(work.decode), kv_tokens)
+        for r in producing:
+            if r.finished or r not in sched.running:
+                continue                                 # preempted earlier in this iteration
+            r.token_times.append(clock)
+            r.first_token_at = r.first_token_at if r.first_token_at is not None else clock
+            last = len(r.output) + 1 == r.max_new_tokens
+            cells[slot_of[r.id]] = (r.id, "END" if last else "token")
+            if last:
+                r.output.append(0)
+                sched.complete(r, clock)
+                free_slots.append(slot_of.pop(r.id))
+                continue
+            victim = sched.reserve_next_token(r)
+            if victim is not None:
+                free_slots.append(slot_of.pop(victim.id))
+                cells.pop(free_slots[-1], None)
+                if victim is r:
+                    continue
+            blocks.append(r.id, 0)
+            r.output.append(0)
+        result.timeline.append(cells)
+        result.iteration_end.append(clock)
+        result.kv_used.append(sum(len(r.tokens) for r in sched.running))
+        result.kv_reserved.append((blocks.num_blocks - blocks.num_free) * block_size)
+    return result
+
+
+# The lecture's example (lecture 000): four requests start together; S5 and S6 arrive later.
+LECTURE_REQUESTS = [SimRequest("S1", 4, 6), SimRequest("S2", 3, 2), SimRequest("S3", 4, 5),
+                    SimRequest("S4", 5, 2), SimRequest("S5", 3, 5, arrival=6), SimRequest("S6", 3, 4, arrival=7)]

@@ -1,0 +1,156 @@
+"""Scheduler, simulator and engine: the lecture's timelines and real requests served exactly."""
+import random
+
+import pytest
+import torch
+
+from llmsys_lab.engine import Engine, serve
+from llmsys_lab.generate import generate
+from llmsys_lab.metrics import percentile, summarize
+from llmsys_lab.paged import BlockManager
+from llmsys_lab.scheduler import Request, RequestError, Scheduler
+from llmsys_lab.simulator import LECTURE_REQUESTS, SimRequest, simulate
+
+STATIC = """      T1   T2   T3   T4   T5   T6   T7   T8
+slot 1 S1   S1   S1   S1   S1   END
+slot 2 S2   END
+slot 3 S3   S3   S3   S3   END
+slot 4 S4   END"""
+CONTINUOUS = """      T1   T2   T3   T4   T5   T6   T7   T8
+slot 1 S1   S1   S1   S1   S1   END  S6   S6
+slot 2 S2   END
+slot 3 S3   S3   S3   S3   END  S5   S5   S5
+slot 4 S4   END"""
+
+
+def test_lecture_tables():
+    assert simulate(LECTURE_REQUESTS[:4], "static", max_batch=4).table(1, 8) == STATIC
+    assert simulate(LECTURE_REQUESTS, "continuous", max_batch=4).table(1, 8) == CONTINUOUS
+    static = simulate(LECTURE_REQUESTS, "static", max_batch=4)
+    assert static.requests["S5"].first_token_at > static.requests["S1"].finished_at   # waits for the batch
+
+
+def test_r1_to_r5_walkthrough_with_max_batch_3():
+    reqs = [SimRequest("R1", 3, 6), SimRequest("R2", 3, 2), SimRequest("R3", 2, 4, arrival=2),
+            SimRequest("R4", 2, 3, arrival=3), SimRequest("R5", 2, 3, arrival=3)]
+    sim = simulate(reqs, "continuous", max_batch=3)
+    running = [sorted(rid for rid, _ in it.values()) for it in sim.timeline]
+    assert running[0] == ["R1", "R2"]                    # iteration 1: R1 and R2
+    assert running[1] == ["R1", "R2", "R3"]              # iteration 2: R3 joins, R2 ends
+    assert ("R2", "END") in sim.timeline[1].values()
+    assert running[2] == ["R1", "R3", "R4"]              # iteration 3: R4 takes R2's slot, R5 waits
+    assert sim.requests["R5"].admitted_at > 3
+
+
+def test_continuous_batching_beats_static_on_a_mixed_workload():
+    rng = random.Random(0)
+    reqs = [SimRequest(f"q{i}", rng.randint(10, 200), rng.randint(2, 300)) for i in range(64)]
+    static = simulate(reqs, "static", max_batch=16)
+    cont = simulate(reqs, "continuous", max_batch=16)
+    assert len(cont.timeline) < 0.8 * len(static.timeline)
+    assert cont.iteration_end[-1] < static.iteration_end[-1]
+
+
+def test_preemption_when_blocks_run_out_in_the_simulator():
+    reqs = [SimRequest(f"q{i}", 8, 40) for i in range(4)]
+    sim = simulate(reqs, "continuous", max_batch=4, block_size=4, num_blocks=20)
+    assert sum(r.preemptions for r in sim.requests.values()) > 0
+    assert all(r.finished and len(r.output) == 40 for r in sim.requests.values())
+
+
+@pytest.mark.parametrize("req,msg", [
+    (Request("a", list(range(500)), 20), "needs up to 520 tokens, more than the model's context of 512"),
+    (Request("b", [1] * 30, 40), "can never fit: up to 70 tokens need 18 blocks, the whole KV pool has 16"),
+    (Request("c", [1, 2], 0), "max_new_tokens must be a positive int, got 0"),
+    (Request("d", [1, 2], -3), "max_new_tokens must be a positive int, got -3"),
+    (Request("e", [], 3), "empty prompt"),
+    (Request("f", [1] * 40, 3), "exceeds the per-iteration token budget of 32"),
+])
+def test_bad_requests_are_rejected_with_a_reason(req, msg):
+    sched = Scheduler(BlockManager(16, 4), max_context=512, token_budget=32)
+    with pytest.raises(RequestError, match=msg):
+        sched.add(req)
+    assert not sched.waiting
+
+
+def test_duplicate_ids_are_rejected():
+    sched = Scheduler(BlockManager(16, 4))
+    sched.add(Request("x", [1], 2))
+    with pytest.raises(RequestError, match="duplicate request id 'x'"):
+        sched.add(Request("x", [2], 2))
+
+
+# ---- the engine on the real model --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    from llmsys_lab.model import load_tiny
+
+    return load_tiny()
+
+
+TEXTS = ["ROMEO.\n", "To be, or not", "KING.\nMy lords, I pray you", "HAMLET.\nWhat", "JULIET.\nO Romeo",
+         "FIRST CITIZEN.\nWe are", "PORTIA.\nThe quality of mercy"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    model, tok = tiny
+    prompts = [tok(t).input_ids for t in TEXTS]
+    return prompts, [generate(model, [p], 40).new_tokens[0] for p in prompts]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(policy="continuous", max_batch=3, num_blocks=200),
+    dict(policy="static", max_batch=3, num_blocks=200),
+    dict(policy="continuous", max_batch=7, num_blocks=14),                       # preemption
+    dict(policy="continuous", max_batch=7, num_blocks=200, token_budget=8, chunked_prefill=True),
+])
+def test_engine_outputs_equal_generation_alone(tiny, reference, kw):
+    model, _ = tiny
+    prompts, ref = reference
+    engine, done = serve(model, prompts, 40, block_size=4, **kw)
+    assert [done[i].output for i in range(len(prompts))] == ref
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    if kw["num_blocks"] == 14:
+        assert sum(r.preemptions for r in done.values()) > 0
+
+
+def test_engine_matches_transformers_generate(tiny, reference):
+    from transformers import AutoModelForCausalLM
+
+    from llmsys_lab.model import TINY_MODEL_PATH
+
+    model, _ = tiny
+    prompts, _ = reference
+    hf = AutoModelForCausalLM.from_pretrained(TINY_MODEL_PATH, dtype=torch.float32).eval()
+    _, done = serve(model, prompts[::-1], 30, num_blocks=100, block_size=8, max_batch=4)
+    for i, p in enumerate(prompts[::-1]):
+        out = hf.generate(input_ids=torch.tensor([p]), max_new_tokens=30, pad_token_id=0, eos_token_id=0)
+        assert done[i].output == out[0, len(p):].tolist()
+
+
+def test_random_arrivals_every_request_completes_exactly_once(tiny, reference):
+    model, _ = tiny
+    prompts, ref = reference
+    rng = random.Random(1)
+    engine = Engine(model, num_blocks=40, block_size=4, max_batch=5)
+    expected = {}
+    for i in range(30):
+        k, n = rng.randrange(len(prompts)), rng.randint(1, 40)
+        engine.add_request(f"r{i}", prompts[k], n, arrival=rng.randint(0, 60))
+        expected[f"r{i}"] = ref[k][:n]
+    seen = [r.id for r in engine.run()]
+    assert sorted(seen) == sorted(expected) and len(seen) == len(set(seen))
+    for r in engine.scheduler.finished:
+        assert r.output == expected[r.id], r.id
+
+
+def test_metrics(tiny, reference):
+    model, _ = tiny
+    prompts, _ = reference
+    engine, done = serve(model, prompts, 20, num_blocks=100, block_size=4, max_batch=4)
+    s = summarize(list(done.values()), engine.log[-1]["seconds"], slo_ttft=10.0, slo_tpot=10.0)
+    assert s["requests"] == len(prompts) and s["output_tokens"] == sum(len(r.output) for r in done.values())
+    assert s["ttft"]["p50"] <= s["e2e"]["p50"] and s["slo_attainment"] == 1.0
+    assert percentile([1, 2, 3, 4], 50) == 2.5
