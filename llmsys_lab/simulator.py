@@ -46,6 +46,7 @@ class SimResult:
     iteration_end: list[float]                       # modeled seconds at the end of each iteration
     kv_used: list[int] = field(default_factory=list)         # tokens in the cache per iteration
     kv_reserved: list[int] = field(default_factory=list)     # slots of allocated blocks per iteration
+    waiting: list[list[str]] = field(default_factory=list)   # arrived but not admitted, per iteration
 
     def table(self, first: int = 1, last: int | None = None, width: int = 5) -> str:
         """The lecture's grid: one row per batch slot, one column per iteration T1, T2, ..."""
@@ -119,7 +120,15 @@ def simulate(requests: list[SimRequest], policy: str = "continuous", max_batch: 
         result.iteration_end.append(clock)
         result.kv_used.append(sum(len(r.tokens) for r in sched.running))
         result.kv_reserved.append((blocks.num_blocks - blocks.num_free) * block_size)
+        result.waiting.append([r.id for r in sched.waiting if r.arrival <= it])
     return result
+
+
+def disaggregated_goodput(prefill_rps_per_gpu: float, decode_rps_per_gpu: float, prefill_gpus: int,
+                          decode_gpus: int) -> float:
+    """Requests/s per GPU when prefill and decode run on separate GPUs (lecture 002): the pipeline
+    goes as fast as its slower stage, divided by the GPUs it uses."""
+    return min(prefill_rps_per_gpu * prefill_gpus, decode_rps_per_gpu * decode_gpus) / (prefill_gpus + decode_gpus)
 
 
 # The lecture's example (lecture 000): four requests start together; S5 and S6 arrive later.

@@ -154,3 +154,27 @@ def test_metrics(tiny, reference):
     assert s["requests"] == len(prompts) and s["output_tokens"] == sum(len(r.output) for r in done.values())
     assert s["ttft"]["p50"] <= s["e2e"]["p50"] and s["slo_attainment"] == 1.0
     assert percentile([1, 2, 3, 4], 50) == 2.5
+
+
+def test_timeline_view_widget_and_text():
+    from llmsys_lab.viz.timeline_view import TimelineView
+
+    view = TimelineView(LECTURE_REQUESTS, max_batch=4, iteration=8)
+    assert view.text().splitlines()[1:6] == CONTINUOUS.splitlines()
+    assert "running: S5, S6" in view.text()
+    box = view.widget()
+    (policy, slider), image, table = box.children[0].children, box.children[1], box.children[2]
+    png = image.value
+    policy.value = "static"
+    assert "static batching" in table.value and image.value != png and slider.max == 11
+    slider.value = 3
+    assert "iteration 3 of 11" in table.value
+    with pytest.raises(ValueError, match="iteration must be in 1..11, got 0"):
+        view.set_iteration(0)
+    assert view._repr_mimebundle_()["text/plain"] == view.text()
+
+
+def test_disaggregation_arithmetic():
+    from llmsys_lab.simulator import disaggregated_goodput
+
+    assert disaggregated_goodput(5.6, 10, 2, 1) == pytest.approx(10 / 3)
