@@ -24,8 +24,11 @@ from .scheduler import Request, Scheduler
 class Engine:
     def __init__(self, model, num_blocks: int, block_size: int = 16, policy: str = "continuous",
                  max_batch: int = 8, token_budget: int = 2048, chunked_prefill: bool = False,
-                 eos_token_id: int | None = 0):
+                 eos_token_id: int | None = 0, use_kernel: bool | None = None):
         self.model, self.cfg = model, model.config
+        # the Triton paged-attention kernel for decode rows: by default on a GPU only (on a CPU
+        # the interpreter would run it, correct but slow)
+        self.use_kernel = model.lm_head.weight.is_cuda if use_kernel is None else use_kernel
         self.blocks = BlockManager(num_blocks, block_size)
         self.cache = PagedKVCache(self.cfg, self.blocks, model.lm_head.weight.dtype, model.lm_head.weight.device)
         self.scheduler = Scheduler(self.blocks, policy, max_batch, token_budget, self.cfg.max_position_embeddings,
@@ -89,11 +92,26 @@ class Engine:
             yield from self.step()
 
     # ---- the packed forward pass (selective batching) --------------------------------------
+    def _slots(self, r: Request, start: int, stop: int) -> list[int]:
+        table, bs = self.blocks.table(r.id), self.blocks.block_size
+        return [table.blocks[p // bs] * bs + p % bs for p in range(start, stop)]
+
     def _forward(self, chunks) -> torch.Tensor:
         m, device = self.model, self.model.lm_head.weight.device
         ids = torch.tensor([t for r, s, n in chunks for t in r.tokens[s:s + n]], device=device)
         pos = torch.cat([torch.arange(s, s + n) for _, s, n in chunks]).to(device)
         bounds = torch.tensor([0] + [n for *_, n in chunks]).cumsum(0).tolist()
+        # where this step's new K/V go, computed once for all layers
+        write = torch.tensor([x for r, s, n in chunks for x in self._slots(r, s, s + n)], device=device)
+        # decode rows (one new token) read K/V through the block table with the Triton kernel on a
+        # GPU; prefill chunks, and every row on a CPU, gather their K/V (slots computed once)
+        kernel = self.use_kernel
+        dec = [j for j, (_, s, n) in enumerate(chunks) if kernel and n == 1]
+        gathered = {j: torch.tensor(self._slots(r, 0, s + n), device=device)
+                    for j, (r, s, n) in enumerate(chunks) if j not in dec}
+        if dec:
+            bt, lens = self.cache.block_tables([chunks[j][0].id for j in dec])
+            dec_rows = torch.tensor([bounds[j] for j in dec], device=device)
         x = m.model.embed_tokens(ids)                                           # (N, hidden)
         for li, layer in enumerate(m.model.layers):
             attn = layer.self_attn
@@ -102,14 +120,20 @@ class Engine:
             k = attn.k_proj(h).view(-1, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None]
             v = attn.v_proj(h).view(-1, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None]
             q, k = attn.rope(q, pos), attn.rope(k, pos)
-            outs = []
-            for j, (r, start, n) in enumerate(chunks):                         # attention: per request
+            kc, vc = self.cache.k[li], self.cache.v[li]                         # (blocks, block_size, H_kv, D)
+            kc.view(-1, *kc.shape[2:])[write] = k[0].transpose(0, 1)
+            vc.view(-1, *vc.shape[2:])[write] = v[0].transpose(0, 1)
+            o = torch.empty(len(ids), attn.num_heads, attn.head_dim, dtype=q.dtype, device=device)
+            if dec:
+                from .kernels.paged_attention import paged_attention_decode
+
+                o[dec_rows] = paged_attention_decode(q[0, :, dec_rows].transpose(0, 1), kc, vc, bt, lens)
+            for j, slots in gathered.items():                                   # attention: per request
                 a, b = bounds[j], bounds[j + 1]
-                self.cache.write(li, r.id, start, k[0, :, a:b], v[0, :, a:b])
-                ks, vs = self.cache.gather(li, r.id, start + n)
-                outs.append(scaled_dot_product_attention(q[:, :, a:b], ks[None], vs[None], causal=True)[0])
-            o = torch.cat(outs, dim=1).transpose(0, 1).reshape(len(ids), -1)  # (N, H * D)
-            x = x + attn.o_proj(o)
+                ks = kc.view(-1, *kc.shape[2:])[slots].transpose(0, 1)[None]     # (1, H_kv, context, D)
+                vs = vc.view(-1, *vc.shape[2:])[slots].transpose(0, 1)[None]
+                o[a:b] = scaled_dot_product_attention(q[:, :, a:b], ks, vs, causal=True)[0].transpose(0, 1)
+            x = x + attn.o_proj(o.reshape(len(ids), -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
         return m.lm_head(m.model.norm(x[last]))                                # (requests, vocab)

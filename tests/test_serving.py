@@ -178,3 +178,11 @@ def test_disaggregation_arithmetic():
     from llmsys_lab.simulator import disaggregated_goodput
 
     assert disaggregated_goodput(5.6, 10, 2, 1) == pytest.approx(10 / 3)
+
+
+def test_engine_decode_through_the_triton_kernel(tiny, reference):
+    """The GPU path (decode rows read K/V with kernels/paged_attention.py), here through the interpreter."""
+    model, _ = tiny
+    prompts, ref = reference
+    _, done = serve(model, prompts[:3], 12, num_blocks=60, block_size=16, max_batch=3, use_kernel=True)
+    assert [done[i].output for i in range(3)] == [r[:12] for r in ref[:3]]
