@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Serving throughput: the same seeded requests, the same model, the same KV budget, one run.
+
+(a) transformers `generate` with static padded batches, as many requests per batch as fit the
+    budget when each reserves its maximum length;
+(b) transformers' own continuous batching (`init_continuous_batching` manager) with the same blocks;
+(c) the kit's engine, static batching; (d) the kit's engine, continuous batching on the paged cache.
+
+Output-token throughput counts only the tokens each request asked for (a static batch that runs
+longer for its slowest member does not get credit for the padding). Prints a table and saves
+benchmarks/results/serving.json with a hardware fingerprint.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from llmsys_lab.configs import ModelConfig
+from llmsys_lab.engine import serve
+from llmsys_lab.metrics import percentile, summarize
+from llmsys_lab.model import TINY_MODEL_PATH, LlamaLM
+
+BLOCK = 16
+
+
+def workload(n, seed, prompt_range, output_range, vocab):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1, vocab) for _ in range(rng.randint(*prompt_range))] for _ in range(n)]
+    limits = [rng.randint(*output_range) for _ in range(n)]
+    return prompts, limits
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def hf_static(hf, prompts, limits, batch):
+    start, useful = time.perf_counter(), 0
+    for i in range(0, len(prompts), batch):
+        ps, ls = prompts[i:i + batch], limits[i:i + batch]
+        width = max(map(len, ps))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device="cuda")
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device="cuda")
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(ls), do_sample=False,
+                    pad_token_id=0, eos_token_id=None)
+        useful += sum(ls)
+    sync()
+    return {"seconds": time.perf_counter() - start, "tokens": useful}
+
+
+def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens):
+    gen = GenerationConfig(max_new_tokens=max(limits), do_sample=False, pad_token_id=0, eos_token_id=None)
+    try:
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        cb = ContinuousBatchingConfig(num_blocks=num_blocks, block_size=BLOCK, max_batch_tokens=max_batch_tokens)
+        manager = hf.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+    except ImportError:                       # older 5.x: the sizes live on the generation config
+        gen.num_blocks, gen.block_size, gen.max_batch_tokens = num_blocks, BLOCK, max_batch_tokens
+        manager = hf.init_continuous_batching(generation_config=gen)
+    manager.start()
+    start = time.perf_counter()
+    for i, (p, n) in enumerate(zip(prompts, limits)):
+        manager.add_request(p, request_id=f"r{i}", max_new_tokens=n, record_timestamps=True)
+    results = {}
+    while len(results) < len(prompts):
+        out = manager.get_result(timeout=60)
+        if out is None:
+            raise RuntimeError("transformers' continuous batching returned no result within 60 s")
+        if str(getattr(out, "status", "")).lower().endswith("finished"):
+            results[out.request_id] = out
+    seconds = time.perf_counter() - start
+    manager.stop(block=True)
+    ttft = [o.timestamps[0] - o.created_time for o in results.values() if getattr(o, "timestamps", None)]
+    tokens = sum(len(o.generated_tokens) for o in results.values())
+    return {"seconds": seconds, "tokens": tokens, "ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90)}
+
+
+def kit(model, prompts, limits, num_blocks, policy, max_batch, token_budget):
+    sync()
+    engine, done = serve(model, prompts, limits, num_blocks=num_blocks, block_size=BLOCK, policy=policy,
+                         max_batch=max_batch, token_budget=token_budget, eos_token_id=None)
+    sync()
+    s = summarize(list(done.values()), engine.log[-1]["seconds"])
+    util = sum(x["kv_used"] for x in engine.log) / sum(x["kv_reserved"] for x in engine.log)
+    return {"seconds": s["duration"], "tokens": s["output_tokens"], "ttft_p50": s["ttft"]["p50"],
+            "ttft_p90": s["ttft"]["p90"], "tpot_p50": s["tpot"]["p50"], "tpot_p90": s["tpot"]["p90"],
+            "kv_utilisation": util, "iterations": engine.iteration}
+
+
+def run_suite(name, hf, kit_model, prompts, limits, max_len, seqs_in_budget):
+    budget_tokens = seqs_in_budget * max_len
+    num_blocks = budget_tokens // BLOCK
+    print(f"\n{name}: {len(prompts)} requests, KV budget {budget_tokens:,} tokens "
+          f"({seqs_in_budget} sequences of {max_len}), block size {BLOCK}", flush=True)
+    rows = {}
+    systems = [
+        ("(a) HF generate, static batches", lambda: hf_static(hf, prompts, limits, seqs_in_budget)),
+        ("(b) HF continuous batching", lambda: hf_continuous(hf, prompts, limits, num_blocks, 4096)),
+        ("(c) kit engine, static", lambda: kit(kit_model, prompts, limits, num_blocks, "static", seqs_in_budget, 4096)),
+        ("(d) kit engine, continuous", lambda: kit(kit_model, prompts, limits, num_blocks, "continuous", 256, 4096)),
+    ]
+    for label, fn in systems:
+        try:
+            r = fn()
+            r["throughput"] = r["tokens"] / r["seconds"]
+        except Exception as exc:  # noqa: BLE001 - a baseline that cannot run is reported, not hidden
+            r = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        rows[label] = r
+        if "error" in r:
+            print(f"  {label:<34} FAILED: {r['error']}", flush=True)
+        else:
+            extra = "".join(f"  {k} {r[k] * 1e3:.0f}ms" for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90") if k in r)
+            util = f"  KV util {r['kv_utilisation']:.0%}" if "kv_utilisation" in r else ""
+            print(f"  {label:<34} {r['throughput']:>9.0f} tok/s  ({r['seconds']:.1f} s){extra}{util}", flush=True)
+    base = rows["(a) HF generate, static batches"].get("throughput")
+    for label, r in rows.items():
+        if base and "throughput" in r:
+            r["vs_a"] = r["throughput"] / base
+    return rows
+
+
+def main(out=Path(__file__).parent / "results" / "serving.json") -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA GPU: nothing to measure")
+        return 0
+    torch.manual_seed(0)
+    results = {}
+    cfg = ModelConfig(name="llama-300m", hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=4,
+                      intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096)
+    hf_cfg = cfg.to_hf()
+    hf_cfg.eos_token_id = None
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    hf.generation_config.eos_token_id = None
+    kit_model = LlamaLM.from_hf(hf)
+    prompts, limits = workload(256, 0, (32, 512), (16, 512), cfg.vocab_size)
+    kit(kit_model, prompts[:8], [8] * 8, 512, "continuous", 8, 4096)            # warm-up
+    results["llama-300m"] = run_suite("llama-300m (random weights, bf16)", hf, kit_model, prompts, limits, 1024, 64)
+    tiny_hf = AutoModelForCausalLM.from_pretrained(TINY_MODEL_PATH, dtype=torch.float32).cuda().eval()
+    tiny_kit = LlamaLM.from_pretrained(device="cuda")
+    prompts, limits = workload(256, 1, (8, 200), (8, 300), 4096)
+    results["llmsys-tiny"] = run_suite("llmsys-tiny (bundled, fp32)", tiny_hf, tiny_kit, prompts, limits, 512, 64)
+    fingerprint = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "python": platform.python_version()}
+    import transformers
+    fingerprint["transformers"] = transformers.__version__
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"hardware": fingerprint, "results": results}, indent=1, default=str))
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*(Path(a) for a in sys.argv[1:])))
