@@ -55,7 +55,7 @@ def hf_static(hf, prompts, limits, batch):
     return {"seconds": time.perf_counter() - start, "tokens": useful}
 
 
-def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens):
+def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens, timeout=60):
     gen = GenerationConfig(max_new_tokens=max(limits), do_sample=False, pad_token_id=0, eos_token_id=None)
     try:
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -71,9 +71,10 @@ def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens):
         manager.add_request(p, request_id=f"r{i}", max_new_tokens=n, record_timestamps=True)
     results = {}
     while len(results) < len(prompts):
-        out = manager.get_result(timeout=60)
+        out = manager.get_result(timeout=timeout)
         if out is None:
-            raise RuntimeError("transformers' continuous batching returned no result within 60 s")
+            raise RuntimeError(f"transformers' continuous batching returned no result within {timeout} s "
+                               f"({len(results)} of {len(prompts)} finished)")
         if str(getattr(out, "status", "")).lower().endswith("finished"):
             results[out.request_id] = out
     seconds = time.perf_counter() - start
@@ -157,5 +158,27 @@ def main(out=Path(__file__).parent / "results" / "serving.json") -> int:
     return 0
 
 
+def probe_hf_continuous(n: int = 32, timeout: float = 240) -> int:
+    """Only baseline (b), on a few requests, with a long timeout: is it slow to start, or stuck?"""
+    cfg = ModelConfig(name="llama-300m", hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=4,
+                      intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096)
+    hf_cfg = cfg.to_hf()
+    hf_cfg.eos_token_id = None
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    prompts, limits = workload(n, 0, (32, 512), (16, 512), cfg.vocab_size)
+    for attempt in range(2):
+        t0 = time.perf_counter()
+        try:
+            r = hf_continuous(hf, prompts, limits, 4096, 4096, timeout=timeout)
+            print(f"attempt {attempt}: {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens'] / r['seconds']:.0f} tok/s "
+                  f"(setup + run {time.perf_counter() - t0:.1f} s)", flush=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"attempt {attempt}: {type(exc).__name__}: {exc}", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--probe-hf-cb"]:
+        sys.exit(probe_hf_continuous())
     sys.exit(main(*(Path(a) for a in sys.argv[1:])))
