@@ -9,8 +9,6 @@ benchmarks/results/paged_attention.json with a hardware fingerprint.
 """
 from __future__ import annotations
 
-import json
-import platform
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from llmsys_lab.benchmarking import save_results
 from llmsys_lab.kernels.paged_attention import paged_attention_decode
 
 H, H_KV, D, BLOCK = 32, 8, 128, 16
@@ -76,11 +75,7 @@ def main(out=Path(__file__).parent / "results" / "paged_attention.json") -> int:
         print(f"b={b:>4} ctx={ctx:>5}  paged {best[0] * 1e3:8.1f} us ({r['kernel_bw_fraction']:5.1%} of copy bw, "
               f"cfg {best[1]}, err {best[2]:.1e})  SDPA {sdpa_ms * 1e3:8.1f} us ({r['sdpa_bw_fraction']:5.1%})  "
               f"ratio {r['speedup_vs_sdpa']:.2f}x", flush=True)
-    fingerprint = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
-                   "python": platform.python_version(), "copy_bandwidth": bw}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"hardware": fingerprint, "rows": rows}, indent=1))
-    print(f"saved {out}")
+    save_results(out, {"rows": rows}, copy_bandwidth=bw)
     return 0
 
 

@@ -12,8 +12,6 @@ benchmarks/results/serving.json with a hardware fingerprint.
 """
 from __future__ import annotations
 
-import json
-import platform
 import random
 import sys
 import time
@@ -22,12 +20,25 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from llmsys_lab.benchmarking import save_results
 from llmsys_lab.configs import ModelConfig
 from llmsys_lab.engine import serve
 from llmsys_lab.metrics import percentile, summarize
 from llmsys_lab.model import TINY_MODEL_PATH, LlamaLM
 
 BLOCK = 16
+SERVING_MODEL = ModelConfig(name="llama-300m", hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=4,
+                            intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096)
+
+
+def random_hf_model(cfg: ModelConfig = SERVING_MODEL):
+    """A random-weight transformers Llama in bf16 on the GPU that never stops early (no EOS)."""
+    hf_cfg = cfg.to_hf()
+    hf_cfg.eos_token_id = None
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    hf.generation_config.eos_token_id = None
+    return hf
 
 
 def workload(n, seed, prompt_range, output_range, vocab):
@@ -134,13 +145,8 @@ def main(out=Path(__file__).parent / "results" / "serving.json") -> int:
         return 0
     torch.manual_seed(0)
     results = {}
-    cfg = ModelConfig(name="llama-300m", hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=4,
-                      intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096)
-    hf_cfg = cfg.to_hf()
-    hf_cfg.eos_token_id = None
-    with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
-    hf.generation_config.eos_token_id = None
+    cfg = SERVING_MODEL
+    hf = random_hf_model()
     kit_model = LlamaLM.from_hf(hf)
     prompts, limits = workload(256, 0, (32, 512), (16, 512), cfg.vocab_size)
     kit(kit_model, prompts[:8], [8] * 8, 512, "continuous", 8, 4096)            # warm-up
@@ -149,24 +155,14 @@ def main(out=Path(__file__).parent / "results" / "serving.json") -> int:
     tiny_kit = LlamaLM.from_pretrained(device="cuda")
     prompts, limits = workload(256, 1, (8, 200), (8, 300), 4096)
     results["llmsys-tiny"] = run_suite("llmsys-tiny (bundled, fp32)", tiny_hf, tiny_kit, prompts, limits, 512, 64)
-    fingerprint = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "python": platform.python_version()}
-    import transformers
-    fingerprint["transformers"] = transformers.__version__
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"hardware": fingerprint, "results": results}, indent=1, default=str))
-    print(f"saved {out}")
+    save_results(out, {"results": results})
     return 0
 
 
 def probe_hf_continuous(n: int = 32, timeout: float = 240) -> int:
     """Only baseline (b), on a few requests, with a long timeout: is it slow to start, or stuck?"""
-    cfg = ModelConfig(name="llama-300m", hidden_size=1024, num_layers=16, num_heads=16, num_kv_heads=4,
-                      intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096)
-    hf_cfg = cfg.to_hf()
-    hf_cfg.eos_token_id = None
-    with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
-    prompts, limits = workload(n, 0, (32, 512), (16, 512), cfg.vocab_size)
+    hf = random_hf_model()
+    prompts, limits = workload(n, 0, (32, 512), (16, 512), SERVING_MODEL.vocab_size)
     for attempt in range(2):
         t0 = time.perf_counter()
         try:

@@ -7,13 +7,12 @@ saves it with a hardware fingerprint to benchmarks/results/training_memory.json.
 """
 from __future__ import annotations
 
-import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
+from llmsys_lab.benchmarking import save_results
 from llmsys_lab.configs import ModelConfig
 from llmsys_lab.estimators.memory import training_memory
 from llmsys_lab.estimators.measure import measure_training_peak
@@ -56,13 +55,7 @@ def main(out: Path = Path(__file__).parent / "results" / "training_memory.json")
         print(f"{name:<11} b={b} s={s:<5} {precision:<6} recompute={recompute!s:<5} "
               f"estimate {r['estimate'] / 2**30:7.2f} GiB  measured {r['measured'] / 2**30:7.2f} GiB  "
               f"error {r['error']:+6.1%}", flush=True)
-    fingerprint = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                   "cuda": torch.version.cuda, "python": platform.python_version()}
-    import transformers
-    fingerprint["transformers"] = transformers.__version__
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"hardware": fingerprint, "rows": rows}, indent=1))
-    print(f"saved {out}")
+    save_results(out, {"rows": rows})
     return 0
 
 

@@ -10,9 +10,10 @@ import torch
 
 from ..attention import scaled_dot_product_attention
 from ..validate import ShapeError, check_tensor
+from .base import View, figure_png
 
 
-class AttentionView:
+class AttentionView(View):
     """Heat map of softmax(q k^T / sqrt(d)) for each head of (H, T, D) queries and keys."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, tokens: list[str] | None = None,
@@ -76,15 +77,11 @@ class AttentionView:
     # ---- widget ------------------------------------------------------------
     def png(self) -> bytes:
         """The heat map as PNG bytes (what the widget shows)."""
-        import io
-
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(4.8, 4.2))        # not registered with pyplot: never shown twice
         self.figure(ax=fig.add_subplot())
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        return buf.getvalue()
+        return figure_png(fig, dpi=90)
 
     def widget(self):
         """An ipywidgets VBox: head selector, causal toggle, heat map and the text table.
@@ -114,9 +111,3 @@ class AttentionView:
         self._table.value = f"<pre class='llmsys-state'>{html.escape(self.text())}</pre>"
         self._image.value = self.png()
 
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        """The live widget, with the text table as its plain-text form (what nbval compares,
-        and what a reader sees where widgets do not render)."""
-        bundle = self.widget()._repr_mimebundle_()
-        bundle["text/plain"] = self.text()
-        return bundle

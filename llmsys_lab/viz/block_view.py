@@ -10,11 +10,12 @@ from __future__ import annotations
 import html
 
 from ..paged import BlockManager
+from .base import View
 
 COLORS = ["#cfe2ff", "#ffe5b4", "#d1f2d6", "#f8d7da", "#e2d9f3", "#fff3cd"]
 
 
-class BlockTableView:
+class BlockTableView(View):
     def __init__(self, events: list[tuple], num_blocks: int = 8, block_size: int = 4,
                  order: list[int] | None = None, step: int | None = None):
         self.events, self.num_blocks, self.block_size, self.order = list(events), num_blocks, block_size, order
@@ -127,11 +128,6 @@ class BlockTableView:
     def _refresh(self) -> None:
         if self._widget is not None:
             self._html.value = self.html()
-
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        bundle = self.widget()._repr_mimebundle_()
-        bundle["text/plain"] = self.text()
-        return bundle
 
 
 def lecture_events() -> list[tuple]:

@@ -7,20 +7,20 @@ HTML) is one rendering of it.
 from __future__ import annotations
 
 import html
-import io
 
 from ..estimators.flops import flop_distribution, forward_flops_table, total_flops
 from ..estimators.memory import kv_bytes_per_token, max_batch, training_memory, weight_bytes
 from ..estimators.params import param_count
 from ..estimators.roofline import GPUS, decode_cost, get_gpu, prefill_cost
 from ..presets import PRESETS, get_preset
+from .base import View, figure_png
 
 GiB = 2**30
 SEQ_CHOICES = [2**k for k in range(7, 16)]          # 128 .. 32768
 BATCH_CHOICES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
-class EstimatorView:
+class EstimatorView(View):
     def __init__(self, model: str = "llama-2-7b", batch: int = 1, seq: int = 4096, dtype: str = "bf16",
                  gpu: str = "A100-80GB"):
         self.state = {}
@@ -108,9 +108,7 @@ class EstimatorView:
         return fig
 
     def png(self) -> bytes:
-        buf = io.BytesIO()
-        self.figure().savefig(buf, format="png", dpi=80)
-        return buf.getvalue()
+        return figure_png(self.figure())
 
     def widget(self):
         import ipywidgets as W
@@ -139,8 +137,3 @@ class EstimatorView:
             return
         self._table.value = f"<pre class='llmsys-state'>{html.escape(self.text())}</pre>"
         self._image.value = self.png()
-
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        bundle = self.widget()._repr_mimebundle_()
-        bundle["text/plain"] = self.text()
-        return bundle

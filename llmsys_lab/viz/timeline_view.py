@@ -6,15 +6,15 @@ Switch between static and continuous batching and move through the iterations; t
 from __future__ import annotations
 
 import html
-import io
 
 from ..simulator import SimRequest, simulate
+from .base import View, figure_png
 
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974",
            "#64b5cd"]
 
 
-class TimelineView:
+class TimelineView(View):
     def __init__(self, requests: list[SimRequest], max_batch: int = 4, policy: str = "continuous",
                  iteration: int | None = None, **sim_kw):
         self.requests, self.max_batch, self.sim_kw = list(requests), max_batch, sim_kw
@@ -78,9 +78,7 @@ class TimelineView:
         return fig
 
     def png(self) -> bytes:
-        buf = io.BytesIO()
-        self.figure().savefig(buf, format="png", dpi=80)
-        return buf.getvalue()
+        return figure_png(self.figure())
 
     def widget(self):
         import ipywidgets as W
@@ -106,8 +104,3 @@ class TimelineView:
         if self._widget is not None:
             self._table.value = f"<pre class='llmsys-state'>{html.escape(self.text())}</pre>"
             self._image.value = self.png()
-
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        bundle = self.widget()._repr_mimebundle_()
-        bundle["text/plain"] = self.text()
-        return bundle

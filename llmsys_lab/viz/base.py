@@ -1,0 +1,30 @@
+"""What every view of the kit shares: state rendered as text (compared by nbval) and as a widget.
+
+Displaying a view shows the widget, with the text as its plain-text form: that is what nbval
+compares, what a reader sees where widgets do not render, and what a browser test can read.
+"""
+from __future__ import annotations
+
+import io
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """A matplotlib Figure (not registered with pyplot) as PNG bytes for an Image widget."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+class View:
+    _widget = None
+
+    def text(self) -> str:                      # pragma: no cover - every view defines it
+        raise NotImplementedError
+
+    def widget(self):                           # pragma: no cover
+        raise NotImplementedError
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        bundle = self.widget()._repr_mimebundle_()
+        bundle["text/plain"] = self.text()
+        return bundle
