@@ -159,11 +159,11 @@ def main(out=Path(__file__).parent / "results" / "serving.json") -> int:
     return 0
 
 
-def probe_hf_continuous(n: int = 32, timeout: float = 240) -> int:
+def probe_hf_continuous(n: int = 32, timeout: float = 240, attempts: int = 2) -> int:
     """Only baseline (b), on a few requests, with a long timeout: is it slow to start, or stuck?"""
     hf = random_hf_model()
     prompts, limits = workload(n, 0, (32, 512), (16, 512), SERVING_MODEL.vocab_size)
-    for attempt in range(2):
+    for attempt in range(attempts):
         t0 = time.perf_counter()
         try:
             r = hf_continuous(hf, prompts, limits, 4096, 4096, timeout=timeout)
@@ -175,6 +175,6 @@ def probe_hf_continuous(n: int = 32, timeout: float = 240) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--probe-hf-cb"]:
-        sys.exit(probe_hf_continuous())
+    if sys.argv[1:2] == ["--probe-hf-cb"]:        # --probe-hf-cb [requests timeout attempts]
+        sys.exit(probe_hf_continuous(*(int(a) for a in sys.argv[2:5])))
     sys.exit(main(*(Path(a) for a in sys.argv[1:])))
