@@ -92,22 +92,18 @@ class Engine:
             yield from self.step()
 
     # ---- the packed forward pass (selective batching) --------------------------------------
-    def _slots(self, r: Request, start: int, stop: int) -> list[int]:
-        table, bs = self.blocks.table(r.id), self.blocks.block_size
-        return [table.blocks[p // bs] * bs + p % bs for p in range(start, stop)]
-
     def _forward(self, chunks) -> torch.Tensor:
         m, device = self.model, self.model.lm_head.weight.device
         ids = torch.tensor([t for r, s, n in chunks for t in r.tokens[s:s + n]], device=device)
         pos = torch.cat([torch.arange(s, s + n) for _, s, n in chunks]).to(device)
         bounds = torch.tensor([0] + [n for *_, n in chunks]).cumsum(0).tolist()
         # where this step's new K/V go, computed once for all layers
-        write = torch.tensor([x for r, s, n in chunks for x in self._slots(r, s, s + n)], device=device)
+        write = torch.tensor([x for r, s, n in chunks for x in self.blocks.slots(r.id, s, s + n)], device=device)
         # decode rows (one new token) read K/V through the block table with the Triton kernel on a
         # GPU; prefill chunks, and every row on a CPU, gather their K/V (slots computed once)
         kernel = self.use_kernel
         dec = [j for j, (_, s, n) in enumerate(chunks) if kernel and n == 1]
-        gathered = {j: torch.tensor(self._slots(r, 0, s + n), device=device)
+        gathered = {j: torch.tensor(self.blocks.slots(r.id, 0, s + n), device=device)
                     for j, (r, s, n) in enumerate(chunks) if j not in dec}
         if dec:
             bt, lens = self.cache.block_tables([chunks[j][0].id for j in dec])

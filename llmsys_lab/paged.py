@@ -220,9 +220,12 @@ class BlockManager:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
+    def slots(self, seq_id, start: int, stop: int) -> list[int]:
+        """Physical slots (block * block_size + offset) of token positions start .. stop - 1."""
+        table, bs = self.table(seq_id), self.block_size
+        if not 0 <= start <= stop <= table.num_tokens:
+            raise BlockError(f"sequence {seq_id!r} has {table.num_tokens} tokens, no positions {start}..{stop - 1}")
+        return [table.blocks[p // bs] * bs + p % bs for p in range(start, stop)]
+
     def slot(self, seq_id, position: int) -> int:
-        """Physical slot (block * block_size + offset) of a token position of a sequence."""
-        table = self.table(seq_id)
-        if not 0 <= position < table.num_tokens:
-            raise BlockError(f"sequence {seq_id!r} has {table.num_tokens} tokens, no position {position}")
-        return table.blocks[position // self.block_size] * self.block_size + position % self.block_size
+        return self.slots(seq_id, position, position + 1)[0]

@@ -25,8 +25,7 @@ class PagedKVCache:
         return 2 * self.k.numel() * self.k.element_size()
 
     def slots(self, seq_id, start: int, count: int) -> torch.Tensor:
-        return torch.tensor([self.manager.slot(seq_id, p) for p in range(start, start + count)],
-                            dtype=torch.long, device=self.k.device)
+        return torch.tensor(self.manager.slots(seq_id, start, start + count), dtype=torch.long, device=self.k.device)
 
     def write(self, layer: int, seq_id, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: (kv_heads, count, head_dim) for positions start .. start + count - 1."""

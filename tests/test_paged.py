@@ -196,3 +196,11 @@ def test_kernel_block_sizes_must_divide():
     q, kc = torch.zeros(1, 2, 16), torch.zeros(2, 6, 1, 16)
     with pytest.raises(ValueError, match="block_n = 16 and block_size = 6 must divide one another"):
         paged_attention_decode(q, kc, kc, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), block_n=16)
+
+
+def test_slots_outside_the_sequence_are_refused():
+    m = BlockManager(num_blocks=4, block_size=2, order=[3, 2, 1, 0])
+    m.add("a", [1, 2, 3])
+    assert m.slots("a", 0, 3) == [6, 7, 4] and m.slot("a", 2) == 4
+    with pytest.raises(BlockError, match=r"sequence 'a' has 3 tokens, no positions 2..3"):
+        m.slots("a", 2, 4)

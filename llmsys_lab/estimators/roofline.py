@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ..configs import ModelConfig
 from ..validate import ConfigError
 from .flops import forward_flops_table, total_flops
-from .memory import dtype_bytes, kv_bytes_per_token, weight_bytes
+from .memory import kv_bytes_per_token, weight_bytes
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,3 @@ def decode_cost(cfg: ModelConfig, batch: int, context: int, dtype: str = "bf16")
     flops = total_flops(forward_flops_table(cfg, batch, 1, causal=True, past=context), cfg)
     moved = weight_bytes(cfg, dtype) + batch * (context + 1) * kv_bytes_per_token(cfg, dtype)
     return StepCost("decode", flops, moved)
-
-
-def dtype_check(dtype: str) -> None:
-    dtype_bytes(dtype)
