@@ -1,0 +1,284 @@
+"""The lessons' widgets, run and driven in a real browser (JupyterLab + headless Chromium).
+
+For each lesson in ``LESSONS`` the test opens the notebook in JupyterLab (see ``conftest.py``),
+waits for the kernel, clears the stored outputs and runs every cell from the Run menu, as a
+person would. Then it checks that
+
+* every code cell ran and no cell has an error output (a traceback) or a widget that failed to
+  render ("Error displaying widget");
+* the widget's DOM is there (the CSS class its view adds to its box) and shows the state the
+  lesson sets up (``initial``, a regular expression on the state text the view renders);
+* each interaction (mouse clicks and drags on the real controls) changes what the widget shows:
+  the state text must change and match ``expect``, and views with a picture must show a new one.
+
+Screenshots of every widget before and after each interaction are saved in
+``test-artifacts/browser/`` (``<lesson>-0-initial.png``, ``<lesson>-1-<step>.png``, ...), with a
+full-page screenshot when a lesson fails, and the JupyterLab log.
+
+Adding a lesson (e.g. 06's tiling step-through) is one entry in ``LESSONS``::
+
+    Lesson("06_flash_attention.ipynb", widget="llmsys-tiling-view",
+           initial=r"tile \\(0, 0\\)",
+           steps=(Step("next tile", click("next ▶"), expect=r"tile \\(0, 1\\)"),)),
+
+``widget`` is the class the view adds with ``box.add_class(...)``; ``state`` is the element inside
+it whose text is the view's state (default ``pre.llmsys-state``, the HTML form of ``View.text()``);
+the actions ``click(label)``, ``choose(label, option)``, ``tick(label)``, ``toggle(option)`` and
+``drag_slider(label, dx)`` cover ipywidgets' buttons, dropdowns, checkboxes, toggle buttons and
+sliders.
+``test_every_widget_lesson_has_an_entry`` fails until a lesson that imports ``llmsys_lab.viz``
+has an entry here.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 900          # one whole lesson on a CPU, kernel start included
+UPDATE_TIMEOUT_MS = 60_000   # a widget's round trip to the kernel and back
+
+
+# ---- actions: what a person does to a widget (``view`` is the widget's root locator) ----------
+def click(label: str) -> Callable:
+    def act(view):
+        view.get_by_role("button", name=label, exact=True).click()
+    return act
+
+
+def toggle(option: str) -> Callable:
+    def act(view):
+        view.locator(".widget-toggle-buttons").get_by_role("button", name=option, exact=True).click()
+    return act
+
+
+def choose(label: str, option: str) -> Callable:
+    def act(view):
+        box = view.locator(".widget-dropdown", has=view.page.locator("label", has_text=label))
+        box.locator("select").select_option(label=option)
+    return act
+
+
+def tick(label: str) -> Callable:
+    def act(view):
+        view.locator(".widget-checkbox", has_text=label).locator("input[type=checkbox]").click()
+    return act
+
+
+def drag_slider(label: str, dx: int) -> Callable:
+    """Drag the slider's handle by dx pixels with the mouse (ipywidgets 8 uses noUiSlider)."""
+    def act(view):
+        slider = view.locator(".widget-slider", has=view.page.locator("label", has_text=label))
+        handle = slider.locator(".noUi-handle").first
+        handle.scroll_into_view_if_needed()
+        box = handle.bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        mouse = view.page.mouse
+        mouse.move(x, y)
+        mouse.down()
+        mouse.move(x + dx, y, steps=8)
+        mouse.up()
+    return act
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str                   # used in messages and screenshot names
+    act: Callable               # act(view_locator): drives the widget
+    expect: str                 # regex the state text must match afterwards (re.search)
+    image_changes: bool = True  # views with an <img> must show a different picture
+
+
+@dataclass(frozen=True)
+class Lesson:
+    notebook: str               # file in notebooks/
+    widget: str                 # CSS class of the view's root box
+    initial: str                # regex the state text matches after the notebook ran
+    steps: tuple = field(default_factory=tuple)
+    state: str = "pre.llmsys-state"
+    index: int = 0              # which of the notebook's views of this class (in page order)
+
+    @property
+    def id(self) -> str:
+        return Path(self.notebook).stem
+
+
+LESSONS = [
+    Lesson("01_attention.ipynb", widget="llmsys-attention-view", initial=r"^head 1 of 4, causal=True",
+           steps=(Step("head-3", choose("head", "3"), expect=r"^head 3 of 4, causal=True"),
+                  Step("causal-off", tick("causal mask"), expect=r"^head 3 of 4, causal=False"))),
+    Lesson("02_estimators.ipynb", widget="llmsys-estimator-view", initial=r"^llama-2-7b: batch 1, seq 4096,",
+           steps=(Step("sequence-longer", drag_slider("sequence", 60), expect=r"^llama-2-7b: batch 1, seq (8192|16384|32768),"),
+                  Step("sequence-shorter", drag_slider("sequence", -140), expect=r"^llama-2-7b: batch 1, seq (128|256|512|1024|2048),"))),
+    Lesson("04_paged_attention.ipynb", widget="llmsys-block-table-view", state=".llmsys-block-view",
+           initial=r"^step 9 of 13: request C arrives",
+           steps=(Step("next", click("next ▶"), expect=r"^step 10 of 13: request C generates 'Whether'", image_changes=False),
+                  Step("prev", click("◀ prev"), expect=r"^step 9 of 13:", image_changes=False),
+                  Step("prev-again", click("◀ prev"), expect=r"^step 8 of 13: request A finishes", image_changes=False))),
+    Lesson("05_continuous_batching.ipynb", widget="llmsys-timeline-view",
+           initial=r"^continuous batching, max batch 4: iteration 8 of 10",
+           steps=(Step("iteration-earlier", drag_slider("iteration", -60), expect=r"^continuous batching, max batch 4: iteration [1-7] of 10"),
+                  Step("static", toggle("static"), expect=r"^static batching, max batch 4: iteration"))),
+]
+
+
+# ---- what the page is asked (window.jupyterapp: the server runs with expose_app_in_browser) -----
+JS_KERNEL = """() => {
+  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  if (!w || !w.context || !w.context.isReady || !w.sessionContext) return null;
+  const k = w.sessionContext.session && w.sessionContext.session.kernel;
+  return k ? {status: k.status, connection: k.connectionStatus, name: k.name} : null;
+}"""
+JS_CELLS = """() => {
+  const w = window.jupyterapp.shell.currentWidget;
+  const r = {total: 0, executed: 0, running: 0, unexecuted: [], errors: [],
+             kernel: w.sessionContext.session && w.sessionContext.session.kernel
+                     ? w.sessionContext.session.kernel.status : null};
+  w.content.widgets.forEach((cell, i) => {
+    if (cell.model.type !== 'code' || !cell.model.sharedModel.getSource().trim()) return;
+    r.total++;
+    const prompt = cell.node.querySelector('.jp-InputPrompt');
+    if (prompt && prompt.textContent.includes('*')) r.running++;
+    if (cell.model.executionCount !== null && cell.model.executionCount !== undefined) r.executed++;
+    else r.unexecuted.push(i);
+    for (let j = 0; j < cell.model.outputs.length; j++) {
+      const o = cell.model.outputs.get(j).toJSON();
+      if (o.output_type === 'error') r.errors.push(`cell ${i}: ${o.ename}: ${o.evalue}`);
+    }
+  });
+  return r;
+}"""
+JS_IMAGE = """async (img) => {
+  if (!img.src || !img.complete || img.naturalWidth === 0) return null;
+  const bytes = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
+  let h = 0;
+  for (const b of bytes) h = (Math.imul(h, 31) + b) | 0;
+  return `${img.naturalWidth}x${img.naturalHeight}:${bytes.length}:${h}`;
+}"""
+
+
+def menu(page, top: str, item: str) -> None:
+    page.locator("#jp-MainMenu .lm-MenuBar-itemLabel", has_text=re.compile(f"^{top}$")).click()
+    page.locator(".lm-Menu-content .lm-Menu-itemLabel", has_text=re.compile(f"^{re.escape(item)}$")).click()
+
+
+def wait_for(fn, timeout_s: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def run_all_cells(page) -> dict:
+    """Clear the stored outputs and run every cell from the menus; wait until the run ends."""
+    menu(page, "Edit", "Clear Outputs of All Cells")
+    cleared = page.evaluate(JS_CELLS)
+    assert cleared["executed"] == 0, f"outputs not cleared: {cleared}"
+    menu(page, "Run", "Run All Cells")
+
+    def finished():
+        r = page.evaluate(JS_CELLS)
+        done = r["running"] == 0 and r["kernel"] == "idle" and (r["executed"] == r["total"] or r["errors"])
+        return r if done else None
+
+    return wait_for(finished, RUN_TIMEOUT_S, "the notebook to finish running")
+
+
+def state_of(view, lesson: Lesson) -> tuple[str, str | None]:
+    text = view.locator(lesson.state).first.inner_text().strip()
+    images = view.locator("img")
+    image = images.first.evaluate(JS_IMAGE) if images.count() else None
+    return text, image
+
+
+def test_every_widget_lesson_has_an_entry():
+    """A lesson that shows a widget (imports llmsys_lab.viz) is driven in the browser too."""
+    covered = {lesson.notebook for lesson in LESSONS}
+    with_widgets = {p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb")
+                    if "llmsys_lab.viz" in "".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"])}
+    missing = sorted(with_widgets - covered)
+    assert not missing, f"lessons with widgets but no entry in LESSONS of {Path(__file__).name}: {missing}"
+    stale = sorted(n for n in covered if not (ROOT / "notebooks" / n).exists())
+    assert not stale, f"LESSONS names notebooks that do not exist: {stale}"
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda lesson: lesson.id)
+def test_widgets_render_and_respond(lesson, jupyter_lab, browser, artifacts, record_property):
+    from playwright.sync_api import expect
+
+    started = time.monotonic()
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page_errors: list[str] = []
+    page.on("pageerror", lambda exc: page_errors.append(str(exc)))
+    page.on("console", lambda msg: page_errors.append(f"console {msg.type}: {msg.text}")
+            if msg.type == "error" else None)
+    try:
+        page.goto(jupyter_lab.notebook_url(f"notebooks/{lesson.notebook}"), timeout=120_000)
+        page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+                               " && window.jupyterapp.shell.currentWidget.content", timeout=120_000)
+        kernel = wait_for(lambda: (k := page.evaluate(JS_KERNEL)) and k["status"] == "idle" and k, 120,
+                          "the kernel to start")
+        want = json.loads((ROOT / "notebooks" / lesson.notebook).read_text())["metadata"]["kernelspec"]["name"]
+        assert kernel["name"] == want
+        spec = jupyter_lab.api("/api/kernelspecs")["kernelspecs"][want]["spec"]
+        import sys
+        assert spec["argv"][0] == sys.executable, f"the kernel would not run this environment's Python: {spec['argv']}"
+
+        run = run_all_cells(page)
+        ran_s = time.monotonic() - started
+        assert not run["errors"], f"cells with error output: {run['errors']}"
+        assert run["executed"] == run["total"], f"cells that did not run: {run['unexecuted']}"
+        expect(page.locator(".widget-error")).to_have_count(0)
+        expect(page.get_by_text("Error displaying widget")).to_have_count(0)
+
+        view = page.locator(f".{lesson.widget}").nth(lesson.index)
+        expect(view).to_be_visible(timeout=UPDATE_TIMEOUT_MS)
+        view.scroll_into_view_if_needed()
+        expect(view.locator(lesson.state).first).to_have_text(re.compile(lesson.initial, re.M),
+                                                                 timeout=UPDATE_TIMEOUT_MS)
+        text, image = state_of(view, lesson)
+        if view.locator("img").count():
+            assert image, "the widget's picture did not render"
+        view.screenshot(path=str(artifacts / f"{lesson.id}-0-initial.png"))
+
+        for n, step in enumerate(lesson.steps, start=1):
+            step.act(view)
+            expect(view.locator(lesson.state).first).to_have_text(re.compile(step.expect, re.M),
+                                                                     timeout=UPDATE_TIMEOUT_MS)
+            new_text = view.locator(lesson.state).first.inner_text().strip()
+            assert new_text != text, f"step {step.name!r}: the widget's state did not change"
+            if step.image_changes and image is not None:
+                new_image = wait_for(lambda: (i := state_of(view, lesson)[1]) and i != image and i,
+                                     UPDATE_TIMEOUT_MS / 1000, f"a new picture after {step.name!r}")
+            else:
+                new_image = state_of(view, lesson)[1]
+            text, image = new_text, new_image
+            view.scroll_into_view_if_needed()
+            view.screenshot(path=str(artifacts / f"{lesson.id}-{n}-{step.name}.png"))
+
+        final = page.evaluate(JS_CELLS)
+        assert not final["errors"], f"cells with error output after the interactions: {final['errors']}"
+        uncaught = [e for e in page_errors if not e.startswith("console ")]
+        assert not uncaught, f"uncaught errors in the page: {uncaught}"
+        record_property("run_s", round(ran_s, 1))
+        record_property("total_s", round(time.monotonic() - started, 1))
+    except BaseException:
+        page.screenshot(path=str(artifacts / f"{lesson.id}-failure.png"), full_page=True)
+        if page_errors:
+            (artifacts / f"{lesson.id}-console.txt").write_text("\n".join(page_errors))
+        raise
+    finally:
+        (artifacts / f"{lesson.id}-time.txt").write_text(f"{time.monotonic() - started:.1f} s\n")
+        context.close()
+        jupyter_lab.shutdown_kernels()
