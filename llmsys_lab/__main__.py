@@ -1,4 +1,4 @@
-"""Command line: `python -m llmsys_lab doctor`."""
+"""Command line: `python -m llmsys_lab doctor | estimate | grade`."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,20 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--gpu", default="A100-80GB")
     est.add_argument("--causal", action="store_true", help="count only the causal half of attention")
     est.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    gr = sub.add_parser("grade", help="autograde assignment notebooks (no nbgrader database needed)")
+    gr.add_argument("submissions", nargs="+", metavar="SUBMISSION.ipynb")
+    gr.add_argument("--source", default="auto", help="instructor notebook, or a folder to search for it, whose "
+                    "test cells (hidden tests included) are restored before grading (default: the kit's solutions/)")
+    gr.add_argument("--no-source", action="store_true", help="grade with the submission's own test cells only")
+    gr.add_argument("--timeout", type=float, default=120, help="seconds per cell before it is interrupted (default 120)")
+    gr.add_argument("--kernel", default="python3", help="Jupyter kernel to run the notebooks (default python3)")
+    gr.add_argument("--json", metavar="FILE", help="also write the results as JSON (- for stdout)")
+    gr.add_argument("--csv", metavar="FILE", help="also write one row per test as CSV (- for stdout)")
     args = parser.parse_args(argv)
+    if args.command == "grade":
+        from .grading import main_grade
+
+        return main_grade(args)
     if args.command == "estimate":
         return _estimate(args)
     if args.command == "doctor":
