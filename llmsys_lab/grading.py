@@ -100,7 +100,8 @@ def restore_from_source(nb, source_nb) -> list[str]:
             continue
         seen.add(gid)
         if _meta(src).get("locked") or is_test(src):
-            if cell.get("cell_type") != src.cell_type or _norm(cell.source) != _norm(visible_part(src.source)):
+            if cell.get("cell_type") != src.cell_type or _norm(cell.source) not in (
+                    _norm(src.source), _norm(visible_part(src.source))):
                 notes.append(f"cell '{gid}' had been edited; the original was restored")
             cell.clear()
             cell.update(_copy_cell(src))
@@ -131,6 +132,13 @@ def visible_part(source: str) -> str:
 
 def _norm(source: str) -> str:
     return "\n".join(line.rstrip() for line in source.strip().splitlines())
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _copy_cell(cell):
@@ -214,6 +222,8 @@ def score_cell(cell, points: float) -> tuple[float, str]:
     """nbgrader's rule: error or stderr -> 0; a single number as result -> partial; else full."""
     for out in cell.get("outputs", []):
         if out.output_type == "error":
+            if out.ename == "NotImplementedError" and not out.evalue:
+                return 0.0, "NotImplementedError: something this test calls is not implemented yet"
             return 0.0, f"{out.ename}: {out.evalue}".strip()
         if out.output_type == "stream" and out.name == "stderr":
             return 0.0, f"wrote to stderr: {out.text.strip().splitlines()[0] if out.text.strip() else ''}"
@@ -248,6 +258,7 @@ class Submission:
     tests: list[TestResult] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     error: str | None = None
+    notebook: object = field(default=None, repr=False, compare=False)   # the executed notebook
 
     @property
     def score(self) -> float:
@@ -258,11 +269,9 @@ class Submission:
         return sum(t.max_points for t in self.tests)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d.update(score=self.score, max_score=self.max_score)
-        for t, row in zip(self.tests, d["tests"]):
-            row["passed"] = t.passed
-        return d
+        return {"submission": self.path, "source": self.source, "score": self.score, "max_score": self.max_score,
+                "tests": [dict(asdict(t), passed=t.passed) for t in self.tests], "messages": self.messages,
+                "error": self.error}
 
 
 def grade_notebook(path, source="auto", timeout: float = 120, kernel_name: str = "python3") -> Submission:
@@ -279,7 +288,7 @@ def grade_notebook(path, source="auto", timeout: float = 120, kernel_name: str =
     src_path = find_source(nb, source)
     if src_path is not None:
         src = load_notebook(src_path)
-        sub.source = str(src_path)
+        sub.source = _display(src_path)
         sub.messages += restore_from_source(nb, src)
     else:
         sub.messages.append("no source notebook: graded with the submission's own test cells "
@@ -289,6 +298,7 @@ def grade_notebook(path, source="auto", timeout: float = 120, kernel_name: str =
         raise GradingError(f"{path}: no graded test cells (cells with nbgrader metadata grade=true); "
                            "is this an assignment notebook?")
     problems = execute(nb, Path(path).resolve().parent, timeout, kernel_name)
+    sub.notebook = nb
     for i, cell in enumerate(nb.cells):
         m = _meta(cell)
         if is_test(cell):
