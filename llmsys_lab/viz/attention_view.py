@@ -10,7 +10,7 @@ import torch
 
 from ..attention import scaled_dot_product_attention
 from ..validate import ShapeError, check_tensor
-from .base import View, figure_png
+from .base import View, figure_png, image_widget
 
 
 class AttentionView(View):
@@ -81,7 +81,7 @@ class AttentionView(View):
 
         fig = Figure(figsize=(4.8, 4.2))        # not registered with pyplot: never shown twice
         self.figure(ax=fig.add_subplot())
-        return figure_png(fig, dpi=90)
+        return figure_png(fig)
 
     def widget(self):
         """An ipywidgets VBox: head selector, causal toggle, heat map and the text table.
@@ -93,10 +93,11 @@ class AttentionView(View):
 
         head = W.Dropdown(options=list(range(self.num_heads)), value=self.head, description="head")
         causal = W.Checkbox(value=self.causal, description="causal mask")
-        self._image = W.Image(format="png")
+        self._image = image_widget()
         self._table = W.HTML()
-        head.observe(lambda ch: self.set_head(ch["new"]), names="value")
-        causal.observe(lambda ch: self.set_causal(ch["new"]), names="value")
+        self._controls = head, causal
+        head.observe(lambda ch: ch["new"] != self.head and self.set_head(ch["new"]), names="value")
+        causal.observe(lambda ch: ch["new"] != self.causal and self.set_causal(ch["new"]), names="value")
         box = W.VBox([W.HBox([head, causal]), self._image, self._table])
         box.add_class("llmsys-attention-view")
         self._widget = box
@@ -108,6 +109,8 @@ class AttentionView(View):
             return
         import html
 
+        head, causal = self._controls              # controls follow state set from code too
+        head.value, causal.value = self.head, self.causal
         self._table.value = f"<pre class='llmsys-state'>{html.escape(self.text())}</pre>"
         self._image.value = self.png()
 

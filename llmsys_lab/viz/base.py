@@ -8,11 +8,19 @@ from __future__ import annotations
 import io
 
 
-def figure_png(fig, dpi: int = 80) -> bytes:
+def figure_png(fig, dpi: int = 100) -> bytes:
     """A matplotlib Figure (not registered with pyplot) as PNG bytes for an Image widget."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
+
+
+def image_widget():
+    """An Image widget for a figure: shown at its own size (a VBox would otherwise stretch it to the
+    output's width, blurred), shrunk to fit a narrow output, never distorted."""
+    import ipywidgets as W
+
+    return W.Image(format="png", layout=W.Layout(align_self="flex-start", max_width="100%", height="auto"))
 
 
 class View:

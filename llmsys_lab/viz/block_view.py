@@ -91,7 +91,7 @@ class BlockTableView(View):
         bs, phys = self.block_size, self.physical()
         color = {s: COLORS[i % len(COLORS)] for i, s in enumerate(sorted(map(str, self.manager.tables)))}
         cell = "border:1px solid #888;padding:2px 6px;min-width:70px;font-family:monospace;font-size:12px"
-        parts = [f"<div class='llmsys-block-view'><b>{html.escape(self.describe())}</b><div style='display:flex;gap:24px'>"]
+        parts = [f"<div class='llmsys-block-view'><b>{html.escape(self.describe())}</b><div style='display:flex;flex-wrap:wrap;align-items:flex-start;gap:12px 24px'>"]
         for seq, table in self.manager.tables.items():
             rows = "".join(
                 f"<tr><td style='{cell}'>{i}</td>" + "".join(
@@ -117,8 +117,8 @@ class BlockTableView(View):
         prev, nxt = W.Button(description="◀ prev"), W.Button(description="next ▶")
         prev.on_click(lambda _: setattr(slider, "value", max(0, slider.value - 1)))
         nxt.on_click(lambda _: setattr(slider, "value", min(len(self.events), slider.value + 1)))
-        slider.observe(lambda ch: self.set_step(ch["new"]), names="value")
-        self._html = W.HTML()
+        slider.observe(lambda ch: ch["new"] != self.step and self.set_step(ch["new"]), names="value")
+        self._slider, self._html = slider, W.HTML()
         box = W.VBox([W.HBox([prev, slider, nxt]), self._html])
         box.add_class("llmsys-block-table-view")
         self._widget = box
@@ -127,6 +127,7 @@ class BlockTableView(View):
 
     def _refresh(self) -> None:
         if self._widget is not None:
+            self._slider.value = self.step              # the slider follows state set from code too
             self._html.value = self.html()
 
 

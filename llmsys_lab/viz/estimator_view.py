@@ -13,7 +13,7 @@ from ..estimators.memory import kv_bytes_per_token, max_batch, training_memory, 
 from ..estimators.params import param_count
 from ..estimators.roofline import GPUS, decode_cost, get_gpu, prefill_cost
 from ..presets import PRESETS, get_preset
-from .base import View, figure_png
+from .base import View, figure_png, image_widget
 
 GiB = 2**30
 SEQ_CHOICES = [2**k for k in range(7, 16)]          # 128 .. 32768
@@ -122,8 +122,10 @@ class EstimatorView(View):
             "gpu": W.Dropdown(options=list(GPUS), value=s["gpu"], description="GPU"),
         }
         for key, control in controls.items():
-            control.observe(lambda ch, key=key: self.update(**{key: ch["new"]}), names="value")
-        self._image = W.Image(format="png")
+            control.observe(lambda ch, key=key: ch["new"] != self.state[key] and self.update(**{key: ch["new"]}),
+                            names="value")
+        self._controls = controls
+        self._image = image_widget()
         self._table = W.HTML()
         box = W.VBox([W.HBox([controls["model"], controls["dtype"], controls["gpu"]]),
                       W.HBox([controls["batch"], controls["seq"]]), self._image, self._table])
@@ -135,5 +137,8 @@ class EstimatorView(View):
     def _refresh(self) -> None:
         if self._widget is None:
             return
+        for key, control in self._controls.items():  # controls follow state set from code too
+            if self.state[key] in control.options:
+                control.value = self.state[key]
         self._table.value = f"<pre class='llmsys-state'>{html.escape(self.text())}</pre>"
         self._image.value = self.png()

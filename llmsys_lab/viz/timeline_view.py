@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 
 from ..simulator import SimRequest, simulate
-from .base import View, figure_png
+from .base import View, figure_png, image_widget
 
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c", "#ccb974",
            "#64b5cd"]
@@ -78,7 +78,7 @@ class TimelineView(View):
         return fig
 
     def png(self) -> bytes:
-        return figure_png(self.figure())
+        return figure_png(self.figure(), dpi=120)   # its labels are small: a little larger on screen
 
     def widget(self):
         import ipywidgets as W
@@ -87,13 +87,17 @@ class TimelineView(View):
         slider = W.IntSlider(value=self.iteration, min=1, max=len(self.result.timeline), description="iteration")
 
         def on_policy(ch):
-            self.set_policy(ch["new"])
-            slider.max = len(self.result.timeline)
-            slider.value = self.iteration
+            if ch["new"] != self.policy:
+                self.set_policy(ch["new"])
+
+        def on_iteration(ch):
+            if ch["new"] != self.iteration:
+                self.set_iteration(min(ch["new"], len(self.result.timeline)))
 
         policy.observe(on_policy, names="value")
-        slider.observe(lambda ch: self.set_iteration(min(ch["new"], len(self.result.timeline))), names="value")
-        self._image, self._table = W.Image(format="png"), W.HTML()
+        slider.observe(on_iteration, names="value")
+        self._controls = policy, slider
+        self._image, self._table = image_widget(), W.HTML()
         box = W.VBox([W.HBox([policy, slider]), self._image, self._table])
         box.add_class("llmsys-timeline-view")
         self._widget = box
@@ -102,5 +106,10 @@ class TimelineView(View):
 
     def _refresh(self) -> None:
         if self._widget is not None:
+            policy, slider = self._controls            # controls follow state set from code too
+            policy.value = self.policy
+            if slider.max != len(self.result.timeline):
+                slider.max = len(self.result.timeline)
+            slider.value = self.iteration
             self._table.value = f"<pre class='llmsys-state'>{html.escape(self.text())}</pre>"
             self._image.value = self.png()
