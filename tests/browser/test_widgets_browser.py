@@ -93,6 +93,7 @@ class Step:
     act: Callable               # act(view_locator): drives the widget
     expect: str                 # regex the state text must match afterwards (re.search)
     image_changes: bool = True  # views with an <img> must show a different picture
+    lines_change: tuple = ()    # labels of state-text lines whose numbers must change too
 
 
 @dataclass(frozen=True)
@@ -109,13 +110,17 @@ class Lesson:
         return Path(self.notebook).stem
 
 
+ESTIMATES = ("forward FLOPs", "training memory", "max batch on", "arithmetic intensity")   # depend on seq
 LESSONS = [
-    Lesson("01_attention.ipynb", widget="llmsys-attention-view", initial=r"^head 1 of 4, causal=True",
-           steps=(Step("head-3", choose("head", "3"), expect=r"^head 3 of 4, causal=True"),
-                  Step("causal-off", tick("causal mask"), expect=r"^head 3 of 4, causal=False"))),
-    Lesson("02_estimators.ipynb", widget="llmsys-estimator-view", initial=r"^llama-2-7b: batch 1, seq 4096,",
-           steps=(Step("sequence-longer", drag_slider("sequence", 60), expect=r"^llama-2-7b: batch 1, seq (8192|16384|32768),"),
-                  Step("sequence-shorter", drag_slider("sequence", -140), expect=r"^llama-2-7b: batch 1, seq (128|256|512|1024|2048),"))),
+    # Each lesson's state after the whole notebook ran (later cells change the view from code).
+    Lesson("01_attention.ipynb", widget="llmsys-attention-view", initial=r"^head 0 of 4, causal=False",
+           steps=(Step("head-3", choose("head", "3"), expect=r"^head 3 of 4, causal=False"),
+                  Step("causal-on", tick("causal mask"), expect=r"^head 3 of 4, causal=True"))),
+    Lesson("02_estimators.ipynb", widget="llmsys-estimator-view", initial=r"^llama-2-70b: batch 16, seq 2048, bf16, H200",
+           steps=(Step("sequence-longer", drag_slider("sequence", 60),
+                       expect=r"^llama-2-70b: batch 16, seq (4096|8192|16384|32768),", lines_change=ESTIMATES),
+                  Step("sequence-shorter", drag_slider("sequence", -140),
+                       expect=r"^llama-2-70b: batch 16, seq (128|256|512|1024),", lines_change=ESTIMATES))),
     Lesson("04_paged_attention.ipynb", widget="llmsys-block-table-view", state=".llmsys-block-view",
            initial=r"^step 9 of 13: request C arrives",
            steps=(Step("next", click("next ▶"), expect=r"^step 10 of 13: request C generates 'Whether'", image_changes=False),
@@ -258,6 +263,9 @@ def test_widgets_render_and_respond(lesson, jupyter_lab, browser, artifacts, rec
                                                                      timeout=UPDATE_TIMEOUT_MS)
             new_text = view.locator(lesson.state).first.inner_text().strip()
             assert new_text != text, f"step {step.name!r}: the widget's state did not change"
+            for label in step.lines_change:
+                old, new = (next((ln for ln in t.splitlines() if label in ln), None) for t in (text, new_text))
+                assert old and new and old != new, f"step {step.name!r}: {label!r} did not change: {old!r} -> {new!r}"
             if step.image_changes and image is not None:
                 new_image = wait_for(lambda: (i := state_of(view, lesson)[1]) and i != image and i,
                                      UPDATE_TIMEOUT_MS / 1000, f"a new picture after {step.name!r}")
