@@ -1,6 +1,7 @@
 # llmsys-lab: two commands for a newcomer.
 #   make lab    set everything up and open JupyterLab on the lessons
-#   make test   set everything up and run the whole suite (unit tests + nbval on every lesson)
+#   make test   set everything up and run the whole suite (unit tests + nbval on every lesson
+#               + the widgets in headless Chromium when Chromium is installed)
 # More: make help
 
 PYTHON   ?= python3
@@ -14,12 +15,17 @@ WHEEL_PYTHON    ?= 3.12
 WHEEL_PLATFORM  ?= manylinux_2_28_x86_64
 GPU_PYTHON      ?= python3
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+# Browser tests: Debian's Chromium, driven by Playwright (no browser download)
+CHROMIUM ?= $(or $(LLMSYS_CHROMIUM),/usr/bin/chromium)
+REQUIRE_BROWSER = LLMSYS_REQUIRE_BROWSER=$$([ -x "$(CHROMIUM)" ] && echo 1 || echo 0)
 
-.PHONY: help setup lab kernel test test-unit test-notebooks test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model clean
+.PHONY: help setup lab kernel test test-unit test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model clean
 
 help:
 	@echo "make lab              set up .venv and open JupyterLab on notebooks/"
 	@echo "make test             set up .venv and run the whole suite on this machine"
+	@echo "make test-browser     run the lessons in JupyterLab and drive their widgets in headless Chromium"
+	@echo "make browser-deps     install Debian's Chromium for the browser tests (apt-get, as root or with sudo)"
 	@echo "make doctor           report versions, device and Triton mode"
 	@echo "make wheelhouse       download the wheels an offline GPU node needs (WHEEL_PYTHON, WHEEL_PLATFORM)"
 	@echo "make test-gpu         run the suite on a GPU node (offline from $(WHEELHOUSE)/ when present)"
@@ -43,11 +49,21 @@ doctor: setup
 	$(PY) -m llmsys_lab doctor
 
 # ---- tests ----------------------------------------------------------------
-test: setup
-	$(PY) -m pytest
+# With Chromium installed the browser tests must run (a skip would be a failure); without it they
+# are skipped with the command that installs it.
+test: setup browser-deps
+	$(REQUIRE_BROWSER) $(PY) -m pytest
 
 test-unit: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --ignore=tests/browser
+
+test-browser: setup browser-deps
+	LLMSYS_REQUIRE_BROWSER=1 $(PY) -m pytest tests/browser
+
+# Chromium from the distribution where this machine allows it (apt-get as root or with sudo that
+# asks no password); elsewhere it prints how to install it and the browser tests are skipped.
+browser-deps:
+	@sh scripts/install_chromium.sh "$(CHROMIUM)"
 
 test-notebooks: setup
 	$(PY) -m pytest notebooks

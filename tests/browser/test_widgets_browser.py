@@ -218,7 +218,7 @@ def test_every_widget_lesson_has_an_entry():
 
 
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda lesson: lesson.id)
-def test_widgets_render_and_respond(lesson, jupyter_lab, browser, artifacts, record_property):
+def test_widgets_render_and_respond(lesson, browser, jupyter_lab, artifacts, record_property):
     from playwright.sync_api import expect
 
     started = time.monotonic()
