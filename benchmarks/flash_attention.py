@@ -106,6 +106,9 @@ def tune(d, causal, seq=4096):
                 continue
             res.append((ms, c))
         best["fwd"] = min(res, key=lambda t: t[0])
+        ptr_ms = do_bench(lambda: fa._forward(q, k, v, causal, None, best["fwd"][1], tma=False), return_mode="median")
+        print(f"  fwd {best['fwd'][1]}: {best['fwd'][0]:.3f} ms with tensor descriptors (TMA), "
+              f"{ptr_ms:.3f} ms with pointer loads")
         o, lse = fa._forward(q, k, v, causal, None)
         scale = 1 / math.sqrt(d)
         for name, grid, slot in (("dkdv", TUNE_DKDV, 0), ("dq", TUNE_DQ, 1)):

@@ -49,10 +49,10 @@ def _interpreting() -> bool:
 # Forward
 # ============================================================================================
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stride_vn,
                offs_m, offs_n, offs_d, lo, hi, n_ctx_k, diag, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D_MASK: tl.constexpr,
-               HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+               HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr):
     """Fold the K/V tiles [lo, hi) into (acc, l, m) with the online softmax.
 
     MASKED=False is the fast path for tiles every row of the block sees completely: no mask,
@@ -63,7 +63,12 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
+        if USE_TMA:
+            # Hopper's copy engine (TMA) moves the whole tile to shared memory asynchronously;
+            # rows past the end of the keys (and columns past HEAD_DIM) arrive as zeros
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+        elif MASKED:
             kv_ok = cols[:, None] < n_ctx_k
             if D_MASK:
                 kv_ok = kv_ok & d_ok
@@ -114,7 +119,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale,
                 n_heads, n_ctx_q, n_ctx_k,
                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-                REVERSE: tl.constexpr, IEEE: tl.constexpr):
+                REVERSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr):
     num_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
     if REVERSE:
@@ -138,6 +143,14 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale,
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
     k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    if USE_TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[n_ctx_k, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, D_PAD])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[n_ctx_k, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, D_PAD])
+    else:
+        k_desc = k_ptrs
+        v_desc = v_ptrs
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -157,13 +170,13 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale,
             full = n_ctx_k
         else:
             full = (n_ctx_k // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stride_vn,
                                offs_m, offs_n, offs_d, 0, full, n_ctx_k, diag, qk_scale,
-                               False, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, IEEE)
+                               False, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, IEEE, USE_TMA)
     # tiles crossing the diagonal (causal) or the ragged end of the keys: masked
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stride_vn,
                                offs_m, offs_n, offs_d, full, hi, n_ctx_k, diag, qk_scale,
-                               True, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, IEEE)
+                               True, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, IEEE, USE_TMA)
 
     # rows that saw no key: l = 0 -> output 0, and L = +inf so the backward's exp2(s - L) is 0
     empty = l_i == 0.0
@@ -445,14 +458,17 @@ def _table(by_dim: dict) -> dict:
 
 
 FWD_CONFIGS = _table({16: KernelConfig(128, 64, 4, 3), 32: KernelConfig(128, 64, 4, 3),
-                      64: KernelConfig(128, 64, 4, 4), 128: KernelConfig(128, 64, 8, 3),
+                      64: KernelConfig(128, 64, 8, 3), 128: KernelConfig(128, 128, 8, 3),
                       256: KernelConfig(64, 32, 4, 2)})
-DKDV_CONFIGS = _table({16: KernelConfig(64, 128, 4, 3), 32: KernelConfig(64, 128, 4, 3),
-                       64: KernelConfig(64, 128, 8, 3), 128: KernelConfig(64, 128, 8, 2),
+FWD_CONFIGS[(64, True)] = FWD_CONFIGS[(128, True)] = KernelConfig(64, 64, 4, 3)
+DKDV_CONFIGS = _table({16: KernelConfig(64, 64, 4, 3), 32: KernelConfig(64, 64, 4, 3),
+                       64: KernelConfig(64, 64, 4, 3), 128: KernelConfig(32, 64, 4, 3),
                        256: KernelConfig(32, 64, 8, 1)})
+DKDV_CONFIGS[(128, True)] = KernelConfig(64, 128, 8, 3)
 DQ_CONFIGS = _table({16: KernelConfig(128, 64, 4, 3), 32: KernelConfig(128, 64, 4, 3),
-                     64: KernelConfig(128, 64, 8, 3), 128: KernelConfig(128, 64, 8, 2),
+                     64: KernelConfig(128, 64, 8, 3), 128: KernelConfig(128, 64, 8, 3),
                      256: KernelConfig(64, 32, 8, 1)})
+DQ_CONFIGS[(64, True)] = KernelConfig(64, 64, 4, 3)
 # The interpreter runs one Python step per (program x tile): few, large-ish tiles are fastest,
 # and pipelining/warps mean nothing there.
 INTERPRETER_CONFIG = KernelConfig(32, 32, 4, 1)
@@ -517,7 +533,22 @@ def flash_forward(q, k, v, causal: bool = False, scale: float | None = None, con
     return o, torch.where(torch.isinf(lse2), float("-inf"), lse2 * LN2)
 
 
-def _forward(q, k, v, causal, scale, config=None, ieee=None):
+def _tma_allocator(size: int, alignment: int, stream):
+    # device-side tensor descriptors need a little global scratch memory per program
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _can_use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Hopper or newer, compiled (not interpreted), and K/V rows 16-byte aligned, as TMA requires."""
+    if _interpreting() or k.device.type != "cuda" or os.environ.get("LLMSYS_FLASH_TMA", "1") == "0":
+        return False
+    if torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    es = k.element_size()
+    return all(t.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in t.stride()[:-1]) for t in (k, v))
+
+
+def _forward(q, k, v, causal, scale, config=None, ieee=None, tma=None):
     _check_inputs(q, k, v)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     b, h, m, d = q.shape
@@ -529,13 +560,16 @@ def _forward(q, k, v, causal, scale, config=None, ieee=None):
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, m), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg.block_m), b * h)
+    use_tma = _can_use_tma(k, v) if tma is None else tma
+    if use_tma:
+        triton.set_allocator(_tma_allocator)
     _fwd_kernel[grid](q, k, v, o, lse, scale * LOG2E,
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                       h, m, n,
                       GROUP=h // hk, CAUSAL=bool(causal), HEAD_DIM=d, D_PAD=d_pad,
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=(n % cfg.block_n == 0),
-                      REVERSE=bool(causal), IEEE=bool(ieee),
+                      REVERSE=bool(causal), IEEE=bool(ieee), USE_TMA=use_tma,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return o, lse
 

@@ -2,7 +2,7 @@
 
 Tolerance rule: the kernel's error against float64 attention may be at most 2x the error of
 PyTorch's own attention (SDPA) computed in the same dtype, plus a floor of a few ulps of the
-output size for fp32, where both errors are tiny. On CPU the kernels run in the Triton
+largest value (it matters only for fp32, where both errors are tiny). On CPU the kernels run in the Triton
 interpreter at small shapes; on a GPU the same tests run compiled, at larger shapes, and bf16
 is added (the interpreter's bf16 dot is not reliable).
 """
@@ -60,7 +60,8 @@ def assert_within_rule(q, k, v, do, causal):
     yard = grads(lambda a, b, c: torch_same_dtype(a, b, c, causal), q, k, v, do)
     for name, x, r, y in zip(("O", "dQ", "dK", "dV"), kit, ref, yard):
         assert not torch.isnan(x).any(), f"{name} has NaN"
-        err, allowed = max_err(x, r), 2 * max_err(y, r) + FLOOR[q.dtype]
+        floor = FLOOR[q.dtype] * max(1.0, r.abs().max().item())        # a few ulps of the largest value
+        err, allowed = max_err(x, r), 2 * max_err(y, r) + floor
         assert err <= allowed, f"{name}: kernel error {err:.2e} > 2 x PyTorch's {max_err(y, r):.2e} + floor"
 
 
@@ -73,12 +74,9 @@ CASES_CPU = [  # b, h, h_kv, m, n, d
 ]
 CASES_GPU = [
     (2, 8, 8, 1024, 1024, 64),
-    (2, 8, 2, 1000, 1000, 128),
-    (1, 4, 4, 1537, 1537, 96),
-    (1, 8, 2, 333, 1500, 128),
-    (1, 4, 1, 700, 256, 80),
-    (1, 2, 2, 512, 512, 256),
-    (1, 2, 2, 257, 300, 16),
+    (2, 8, 2, 1000, 1000, 128),     # GQA, ragged
+    (1, 8, 2, 333, 1500, 96),       # chunk against a cache, head dim not a power of two
+    (1, 2, 2, 512, 300, 256),       # the largest head dim; more queries than keys
 ]
 
 
@@ -122,6 +120,15 @@ def test_log_sum_exp_is_saved_exactly(device):
     _, lse = flash_forward(q, k, v, causal=False)
     s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(32)
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_tensor_descriptor_path(device):
+    """The forward's TMA path (used on Hopper GPUs) computes the same function; the interpreter runs it too."""
+    from llmsys_lab.kernels.flash_attention import _forward
+    q, k, v, _ = make(device, torch.float32, 1, 4, 2, 50, 70, 32, seed=9)
+    for causal in (False, True):
+        out, _ = _forward(q, k, v, causal, None, tma=True)
+        assert max_err(out, reference_attention(q.double(), k.double(), v.double(), causal)) < 1e-5
 
 
 def test_custom_scale_and_tile_config(device):
