@@ -5,7 +5,7 @@
   from a temporary folder: running a lesson in the browser never touches the stored outputs.
   Its config, data, runtime and IPython folders are temporary too (the user's are left alone);
   the kernelspec the lessons name (``llmsys-lab``) is registered there and points at this Python.
-  The server is stopped by its PID when the tests end, also when they fail.
+  The server is stopped by its PID when the module's tests end, also when they fail.
 * ``browser``: Debian's Chromium (``/usr/bin/chromium``, or ``$LLMSYS_CHROMIUM``) driven by
   Playwright; no browser is downloaded. Without Chromium the browser tests are skipped with the
   command that installs it, unless ``LLMSYS_REQUIRE_BROWSER=1`` (set by ``make test`` when
@@ -141,7 +141,7 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def jupyter_lab(tmp_path_factory):
     try:
         import jupyterlab  # noqa: F401
@@ -180,7 +180,7 @@ def jupyter_lab(tmp_path_factory):
         shutil.copy(log, ARTIFACTS / "jupyterlab.log")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     chromium = find_chromium()
     if chromium is None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,43 @@ def test_every_widget_lesson_has_an_entry():
     assert not stale, f"LESSONS names notebooks that do not exist: {stale}"
 
 
+def open_notebook(page, server, lesson: Lesson) -> None:
+    """Open the lesson in JupyterLab and wait for its kernel: the one it names, this Python."""
+    page.goto(server.notebook_url(f"notebooks/{lesson.notebook}"), timeout=120_000)
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+                           " && window.jupyterapp.shell.currentWidget.content", timeout=120_000)
+    kernel = wait_for(lambda: (k := page.evaluate(JS_KERNEL)) and k["status"] == "idle" and k, 120,
+                      "the kernel to start")
+    want = json.loads((ROOT / "notebooks" / lesson.notebook).read_text())["metadata"]["kernelspec"]["name"]
+    assert kernel["name"] == want, f"the notebook runs on kernel {kernel['name']!r}, it names {want!r}"
+    argv = server.api("/api/kernelspecs")["kernelspecs"][want]["spec"]["argv"]
+    assert argv[0] == sys.executable, f"the kernel would not run this environment's Python: {argv}"
+
+
+def drive(view, lesson: Lesson, artifacts: Path) -> None:
+    """Each step: act like a person, wait for the kernel's answer, check what changed, screenshot."""
+    from playwright.sync_api import expect
+
+    state = view.locator(lesson.state).first
+    text, image = state_of(view, lesson)
+    for n, step in enumerate(lesson.steps, start=1):
+        step.act(view)
+        expect(state).to_have_text(re.compile(step.expect, re.M), timeout=UPDATE_TIMEOUT_MS)
+        new_text = state.inner_text().strip()
+        assert new_text != text, f"step {step.name!r}: the widget's state did not change"
+        for label in step.lines_change:
+            old, new = (next((ln for ln in t.splitlines() if label in ln), None) for t in (text, new_text))
+            assert old and new and old != new, f"step {step.name!r}: {label!r} did not change: {old!r} -> {new!r}"
+        if step.image_changes and image is not None:
+            new_image = wait_for(lambda: (i := state_of(view, lesson)[1]) and i != image and i,
+                                 UPDATE_TIMEOUT_MS / 1000, f"a new picture after {step.name!r}")
+        else:
+            new_image = state_of(view, lesson)[1]
+        text, image = new_text, new_image
+        view.scroll_into_view_if_needed()
+        view.screenshot(path=str(artifacts / f"{lesson.id}-{n}-{step.name}.png"))
+
+
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda lesson: lesson.id)
 def test_widgets_render_and_respond(lesson, browser, jupyter_lab, artifacts, record_property):
     from playwright.sync_api import expect
@@ -229,19 +267,9 @@ def test_widgets_render_and_respond(lesson, browser, jupyter_lab, artifacts, rec
     page.on("console", lambda msg: page_errors.append(f"console {msg.type}: {msg.text}")
             if msg.type == "error" else None)
     try:
-        page.goto(jupyter_lab.notebook_url(f"notebooks/{lesson.notebook}"), timeout=120_000)
-        page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
-                               " && window.jupyterapp.shell.currentWidget.content", timeout=120_000)
-        kernel = wait_for(lambda: (k := page.evaluate(JS_KERNEL)) and k["status"] == "idle" and k, 120,
-                          "the kernel to start")
-        want = json.loads((ROOT / "notebooks" / lesson.notebook).read_text())["metadata"]["kernelspec"]["name"]
-        assert kernel["name"] == want
-        spec = jupyter_lab.api("/api/kernelspecs")["kernelspecs"][want]["spec"]
-        import sys
-        assert spec["argv"][0] == sys.executable, f"the kernel would not run this environment's Python: {spec['argv']}"
-
+        open_notebook(page, jupyter_lab, lesson)
         run = run_all_cells(page)
-        ran_s = time.monotonic() - started
+        record_property("run_s", round(time.monotonic() - started, 1))
         assert not run["errors"], f"cells with error output: {run['errors']}"
         assert run["executed"] == run["total"], f"cells that did not run: {run['unexecuted']}"
         expect(page.locator(".widget-error")).to_have_count(0)
@@ -252,41 +280,24 @@ def test_widgets_render_and_respond(lesson, browser, jupyter_lab, artifacts, rec
         view.scroll_into_view_if_needed()
         expect(view.locator(lesson.state).first).to_have_text(re.compile(lesson.initial, re.M),
                                                                  timeout=UPDATE_TIMEOUT_MS)
-        text, image = state_of(view, lesson)
         if view.locator("img").count():
-            assert image, "the widget's picture did not render"
+            assert state_of(view, lesson)[1], "the widget's picture did not render"
         view.screenshot(path=str(artifacts / f"{lesson.id}-0-initial.png"))
 
-        for n, step in enumerate(lesson.steps, start=1):
-            step.act(view)
-            expect(view.locator(lesson.state).first).to_have_text(re.compile(step.expect, re.M),
-                                                                     timeout=UPDATE_TIMEOUT_MS)
-            new_text = view.locator(lesson.state).first.inner_text().strip()
-            assert new_text != text, f"step {step.name!r}: the widget's state did not change"
-            for label in step.lines_change:
-                old, new = (next((ln for ln in t.splitlines() if label in ln), None) for t in (text, new_text))
-                assert old and new and old != new, f"step {step.name!r}: {label!r} did not change: {old!r} -> {new!r}"
-            if step.image_changes and image is not None:
-                new_image = wait_for(lambda: (i := state_of(view, lesson)[1]) and i != image and i,
-                                     UPDATE_TIMEOUT_MS / 1000, f"a new picture after {step.name!r}")
-            else:
-                new_image = state_of(view, lesson)[1]
-            text, image = new_text, new_image
-            view.scroll_into_view_if_needed()
-            view.screenshot(path=str(artifacts / f"{lesson.id}-{n}-{step.name}.png"))
+        drive(view, lesson, artifacts)
 
         final = page.evaluate(JS_CELLS)
         assert not final["errors"], f"cells with error output after the interactions: {final['errors']}"
         uncaught = [e for e in page_errors if not e.startswith("console ")]
         assert not uncaught, f"uncaught errors in the page: {uncaught}"
-        record_property("run_s", round(ran_s, 1))
-        record_property("total_s", round(time.monotonic() - started, 1))
     except BaseException:
         page.screenshot(path=str(artifacts / f"{lesson.id}-failure.png"), full_page=True)
-        if page_errors:
-            (artifacts / f"{lesson.id}-console.txt").write_text("\n".join(page_errors))
         raise
     finally:
-        (artifacts / f"{lesson.id}-time.txt").write_text(f"{time.monotonic() - started:.1f} s\n")
+        if page_errors:
+            (artifacts / f"{lesson.id}-console.txt").write_text("\n".join(page_errors) + "\n")
+        elapsed = time.monotonic() - started
+        record_property("total_s", round(elapsed, 1))
+        (artifacts / f"{lesson.id}-time.txt").write_text(f"{elapsed:.1f} s\n")
         context.close()
         jupyter_lab.shutdown_kernels()
