@@ -1,0 +1,261 @@
+"""Both grading paths: `python -m llmsys_lab grade` and the real nbgrader cycle.
+
+Small synthetic notebooks (no torch in the kernel, so each runs in about a second) check the
+grader's rules: nbgrader's scoring, restored and hidden tests, crashes, infinite loops, a dying
+kernel and bad input. The end-to-end test runs nbgrader itself (generate_assignment, autograde,
+generate_feedback) on a temporary course with assignment 2 and compares its scores with the
+command line's.
+"""
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from llmsys_lab import grading
+from llmsys_lab.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+
+
+def nbgrader_cell(source, kind, gid, points=None):
+    cell = new_code_cell(source)
+    cell.metadata["nbgrader"] = {"grade": kind == "test", "grade_id": gid, "locked": kind != "answer",
+                                 "schema_version": 3, "solution": kind == "answer", "task": False}
+    if kind == "test":
+        cell.metadata.nbgrader["points"] = points
+    return cell
+
+
+def write(path, cells):
+    nbformat.write(new_notebook(cells=cells, metadata=KERNEL), path)
+    return path
+
+
+def by_test(sub):
+    return {t.test: (t.points, t.feedback) for t in sub.tests}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("make_assignments", ROOT / "scripts" / "make_assignments.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- scoring, crashes, hangs ----------------------------------------------------------------
+def test_scoring_rules_and_reports(tmp_path, capsys):
+    path = write(tmp_path / "sub.ipynb", [
+        nbgrader_cell("def double(x):\n    return 2 * x", "answer", "double"),
+        nbgrader_cell("assert double(2) == 4", "test", "t_pass", 2),
+        nbgrader_cell("assert double(3) == 7, 'double(3) should be 7'", "test", "t_fail", 1),
+        nbgrader_cell("import sys\nprint('careful', file=sys.stderr)", "test", "t_stderr", 1),
+        nbgrader_cell("0.5", "test", "t_partial", 2),
+        nbgrader_cell("def half(x):\n    return x / 0\nhalf_of_two = half(2)", "answer", "half"),
+        nbgrader_cell("assert half_of_two == 1", "test", "t_after_crash", 1),
+    ])
+    json_out, csv_out = tmp_path / "grades.json", tmp_path / "grades.csv"
+    assert main(["grade", str(path), "--no-source", "--timeout", "60", "--json", str(json_out),
+                 "--csv", str(csv_out)]) == 0
+    table = capsys.readouterr().out
+    [result] = json.loads(json_out.read_text())
+    tests = {t["test"]: t for t in result["tests"]}
+    assert {k: t["points"] for k, t in tests.items()} == {
+        "t_pass": 2, "t_fail": 0, "t_stderr": 0, "t_partial": 0.5, "t_after_crash": 0}
+    assert tests["t_fail"]["feedback"] == "AssertionError: double(3) should be 7"
+    assert tests["t_stderr"]["feedback"] == "wrote to stderr: careful"
+    assert tests["t_partial"]["feedback"] == "partial credit: 0.5 of 2"
+    assert tests["t_after_crash"]["feedback"].startswith("NameError")
+    assert (result["score"], result["max_score"]) == (2.5, 7)
+    assert any("'half' raised ZeroDivisionError" in m for m in result["messages"])
+    assert "t_fail" in table and "2.5 / 7" in table
+    rows = csv_out.read_text().splitlines()
+    assert rows[0] == "submission,test,points,max_points,feedback"
+    assert f"{path},t_partial,0.5,2,partial credit: 0.5 of 2" in rows
+    assert rows[-1].startswith(f"{path},total,2.5,7,")
+
+
+def test_hangs_and_crashes_score_zero_and_grading_goes_on(tmp_path):
+    """An infinite loop is interrupted after the cell timeout; a loop that ignores the interrupt,
+    or a dying kernel, ends that notebook's run; the next submission is graded normally."""
+    hang = write(tmp_path / "hang.ipynb", [
+        nbgrader_cell("while True:\n    pass", "test", "t_loop", 1),
+        nbgrader_cell("assert 1 + 1 == 2", "test", "t_next", 1),
+    ])
+    stubborn = write(tmp_path / "stubborn.ipynb", [
+        nbgrader_cell("assert True", "test", "t_first", 1),
+        nbgrader_cell("import time\nwhile True:\n    try:\n        time.sleep(0.05)\n    except KeyboardInterrupt:\n"
+                      "        pass", "test", "t_stubborn", 1),
+        nbgrader_cell("assert True", "test", "t_never", 1),
+    ])
+    dies = write(tmp_path / "dies.ipynb", [
+        nbgrader_cell("import os\nos._exit(1)", "test", "t_exit", 1),
+        nbgrader_cell("assert True", "test", "t_later", 1),
+    ])
+    fine = write(tmp_path / "fine.ipynb", [nbgrader_cell("assert True", "test", "t_ok", 3)])
+    results = grading.grade([hang, stubborn, dies, fine], source=None, timeout=2)
+    hang_r, stubborn_r, dies_r, fine_r = (by_test(r) for r in results)
+    assert hang_r["t_loop"][0] == 0 and "timed out" in hang_r["t_loop"][1] and "interrupted" in hang_r["t_loop"][1]
+    assert hang_r["t_next"] == (1, "")
+    assert stubborn_r["t_first"] == (1, "") and "timed out" in stubborn_r["t_stubborn"][1]
+    assert stubborn_r["t_never"] == (0, "not run: the kernel did not recover after cell 1 timed out")
+    assert dies_r["t_exit"][0] == 0 and "kernel died" in dies_r["t_exit"][1]
+    assert dies_r["t_later"] == (0, "not run: the kernel died in cell 0")
+    assert fine_r == {"t_ok": (3, "")}
+
+
+# ---- bad input ----------------------------------------------------------------------------
+def test_bad_input_gets_a_clear_error_and_the_rest_is_graded(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a notebook")
+    (tmp_path / "broken.ipynb").write_text('{"cells": [')
+    write(tmp_path / "lesson.ipynb", [new_markdown_cell("# no tests"), new_code_cell("x = 1")])
+    good = write(tmp_path / "good.ipynb", [nbgrader_cell("assert True", "test", "t", 1)])
+    paths = [tmp_path / "missing.ipynb", tmp_path / "notes.txt", tmp_path / "broken.ipynb", tmp_path / "lesson.ipynb",
+             tmp_path, good]
+    code = main(["grade", *map(str, paths), "--no-source", "--timeout", "60"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert f"{tmp_path / 'missing.ipynb'}: no such file" in err
+    assert f"{tmp_path / 'notes.txt'}: not a Jupyter notebook" in err
+    assert f"{tmp_path / 'broken.ipynb'}: not a Jupyter notebook" in err
+    assert f"{tmp_path / 'lesson.ipynb'}: no graded test cells" in err
+    assert f"{tmp_path}: is a directory, not a notebook" in err
+    summary = out.split("submission")[-1]                    # the table's last part: one line per submission
+    assert any(line.startswith(str(good)) and line.endswith("1 / 1") for line in summary.splitlines())
+    assert sum(line.endswith("error") for line in summary.splitlines()) == 5
+
+
+def test_missing_source_is_an_error(tmp_path, capsys):
+    good = write(tmp_path / "good.ipynb", [nbgrader_cell("assert True", "test", "t", 1)])
+    assert main(["grade", str(good), "--source", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such file or folder" in capsys.readouterr().err
+
+
+# ---- restoring tests from the source ------------------------------------------------------
+def test_source_restores_hidden_edited_and_deleted_tests(tmp_path):
+    source = write(tmp_path / "source.ipynb", [
+        nbgrader_cell("def square(x):\n    ### BEGIN SOLUTION\n    return x * x\n    ### END SOLUTION", "answer", "square"),
+        nbgrader_cell("assert square(3) == 9\n### BEGIN HIDDEN TESTS\nassert square(-2) == 4, 'negative numbers'\n"
+                      "### END HIDDEN TESTS", "test", "t_square", 2),
+        nbgrader_cell("assert square(0) == 0", "test", "t_zero", 1),
+        nbgrader_cell("assert square(1) == 1", "test", "t_one", 1),
+    ])
+    student = load_script().student_version(nbformat.read(source, as_version=4))
+    assert "negative" not in nbformat.writes(student) and "raise NotImplementedError()" in student.cells[0].source
+    student.cells[0].source = "def square(x):\n    return x * abs(x)"       # right on 3 and 0, wrong on -2
+    student.cells[2].source = "pass  # I changed the test"                  # tampering with a locked test
+    del student.cells[3]                                                    # and deleting another
+    sub_path = tmp_path / "submission.ipynb"
+    nbformat.write(student, sub_path)
+
+    with_source = grading.grade_notebook(sub_path, source=tmp_path, timeout=60)
+    assert with_source.source.endswith("source.ipynb")
+    assert by_test(with_source) == {"t_square": (0, "AssertionError: negative numbers"), "t_zero": (1, ""),
+                                    "t_one": (1, "")}
+    assert "cell 't_zero' had been edited; the original was restored" in with_source.messages
+    assert "test cell 't_one' was missing from the submission; it was put back" in with_source.messages
+    without = grading.grade_notebook(sub_path, source=None, timeout=60)
+    assert by_test(without) == {"t_square": (2, ""), "t_zero": (1, "")}      # visible tests only, as edited
+
+
+# ---- check_own_code -----------------------------------------------------------------------
+def test_check_own_code_finds_calls_into_the_kit(tmp_path):
+    namespace = {"__name__": "__main__"}
+    exec(
+        "import torch.nn.functional as F\n"
+        "from llmsys_lab import estimators as kit\n"
+        "from llmsys_lab.attention import causal_mask\n"
+        "def own(x):\n    return [v * 2 for v in x]\n"
+        "def helper(cfg):\n    return kit.param_count(cfg)\n"
+        "def uses_helper(cfg):\n    return own([1]) and helper(cfg)\n"
+        "def uses_sdpa(q):\n    return F.scaled_dot_product_attention(q, q, q)\n"
+        "def uses_mask(n):\n    return (lambda: causal_mask(n))()\n"
+        "class Cache:\n    def update(self, k):\n        return own(k)\n"
+        "class Cheat:\n    @property\n    def size(self):\n        return helper(None)\n",
+        namespace)
+    refs = grading.kit_references
+    assert refs(namespace["own"]) == [] and refs(namespace["Cache"]) == []
+    assert refs(namespace["uses_helper"]) == ["kit (from llmsys_lab.estimators)"]
+    assert refs(namespace["uses_sdpa"], forbid=("scaled_dot_product_attention",)) == ["scaled_dot_product_attention"]
+    assert refs(namespace["uses_mask"]) == ["causal_mask (from llmsys_lab.attention)"]
+    assert refs(namespace["Cheat"]) == ["kit (from llmsys_lab.estimators)"]
+    with pytest.raises(AssertionError, match="uses_helper uses kit .* your own implementation"):
+        grading.check_own_code(namespace["uses_helper"])
+
+
+# ---- the nbgrader cycle -------------------------------------------------------------------
+def fill_in(release, source, answer_ids):
+    """A student's submission: the released notebook with some answers written in."""
+    answers = {c.metadata.nbgrader["grade_id"]: "\n".join(l for l in c.source.splitlines() if "### " not in l)
+               for c in source.cells if c.metadata.get("nbgrader", {}).get("solution")}
+    nb = copy.deepcopy(release)
+    for cell in nb.cells:
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if gid in answer_ids:
+            cell.source = answers[gid]
+    return nb
+
+
+def test_nbgrader_cycle_and_cli_agree(tmp_path):
+    """generate_assignment -> (submissions) -> autograde -> generate_feedback, offline, with nbgrader
+    itself; full marks for the solution, zero for the stub, partial for a half-solved notebook."""
+    from nbgrader.api import Gradebook
+
+    name, nb_name = "02_estimators", "estimators.ipynb"
+    course = tmp_path / "course"
+    (course / "source" / name).mkdir(parents=True)
+    shutil.copy(ROOT / "solutions" / name / nb_name, course / "source" / name / nb_name)
+    (course / "nbgrader_config.py").write_text(
+        'c = get_config()\nc.CourseDirectory.course_id = "llmsys-lab"\nc.Execute.timeout = 300\n')
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    def nbgrader(*args):
+        done = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, f"nbgrader {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+
+    nbgrader("generate_assignment", name)
+    release = course / "release" / name / nb_name
+    assert release.read_text() == (ROOT / "assignments" / name / nb_name).read_text(), \
+        "nbgrader's release differs from assignments/ (make assignments)"
+
+    source, released = nbformat.read(course / "source" / name / nb_name, 4), nbformat.read(release, 4)
+    students = {"ada": ["param_count", "forward_flops", "kv_bytes_per_token", "compute_optimal"],   # solved
+                "bob": [],                                                                          # untouched
+                "cy": ["param_count", "kv_bytes_per_token"]}                                       # half
+    paths = []
+    for student, answers in students.items():
+        folder = course / "submitted" / student / name
+        folder.mkdir(parents=True)
+        nbformat.write(fill_in(released, source, answers), folder / nb_name)
+        paths.append(folder / nb_name)
+
+    # the command line grades the same submissions meanwhile (against the same source)
+    cli = subprocess.Popen([sys.executable, "-m", "llmsys_lab", "grade", *map(str, paths), "--source",
+                            str(course / "source"), "--timeout", "300", "--json", "-"],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        nbgrader("autograde", name)
+        nbgrader("generate_feedback", name)
+    finally:
+        cli_out, cli_err = cli.communicate(timeout=900)
+    assert cli.returncode == 0, cli_err
+
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        scores = {s: gb.find_submission(name, s).score for s in students}
+        per_test = {s: {g.name: g.score for g in gb.find_submission(name, s).notebooks[0].grades} for s in students}
+    assert scores == {"ada": 10, "bob": 0, "cy": 5}
+    cli_results = {Path(r["submission"]).parts[-3]: r for r in json.loads(cli_out)}
+    for student in students:
+        assert {t["test"]: t["points"] for t in cli_results[student]["tests"]} == per_test[student], student
+    for student in students:
+        html = (course / "feedback" / student / name / nb_name.replace(".ipynb", ".html")).read_text()
+        assert f"estimators (Score: {scores[student]:.1f} / 10.0)" in html
