@@ -107,7 +107,7 @@ class TilingView(View):
                        f"<td style='{cell}'>{l:.4f}</td></tr>"
                        for r, (m, l) in enumerate(zip(t.m[:self.rows_shown], t.l[:self.rows_shown])))
         return (f"<div class='llmsys-tiling-text'><b>{html.escape(self.describe())}</b>"
-                f"<table style='border-collapse:collapse;margin-top:6px'><caption>running max m and sum l</caption>"
+                f"<table style='border-collapse:collapse;margin-top:6px'><caption style='text-align:left;white-space:nowrap'>running max m and sum l</caption>"
                 f"<tr><th style='{cell}'>row</th><th style='{cell}'>m</th><th style='{cell}'>l</th></tr>{rows}</table></div>")
 
     def widget(self):

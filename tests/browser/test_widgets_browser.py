@@ -15,14 +15,15 @@ Screenshots of every widget before and after each interaction are saved in
 ``test-artifacts/browser/`` (``<lesson>-0-initial.png``, ``<lesson>-1-<step>.png``, ...), with a
 full-page screenshot when a lesson fails, and the JupyterLab log.
 
-Adding a lesson (e.g. 06's tiling step-through) is one entry in ``LESSONS``::
+Adding a lesson is one entry in ``LESSONS``, e.g. lesson 06's tiling step-through::
 
-    Lesson("06_flash_attention.ipynb", widget="llmsys-tiling-view",
-           initial=r"tile \\(0, 0\\)",
-           steps=(Step("next tile", click("next ▶"), expect=r"tile \\(0, 1\\)"),)),
+    Lesson("06_flash_attention.ipynb", widget="llmsys-tiling-view", state=".llmsys-tiling-text",
+           initial=r"^step 16 of 16: ",
+           steps=(Step("prev", click("◀ prev"), expect=r"^step 15 of 16: "),)),
 
 ``widget`` is the class the view adds with ``box.add_class(...)``; ``state`` is the element inside
 it whose text is the view's state (default ``pre.llmsys-state``, the HTML form of ``View.text()``);
+``initial`` is the state after the *whole* notebook ran (later cells may change the view from code);
 the actions ``click(label)``, ``choose(label, option)``, ``tick(label)``, ``toggle(option)`` and
 ``drag_slider(label, dx)`` cover ipywidgets' buttons, dropdowns, checkboxes, toggle buttons and
 sliders.
@@ -131,6 +132,11 @@ LESSONS = [
            initial=r"^continuous batching, max batch 4: iteration 8 of 10",
            steps=(Step("iteration-earlier", drag_slider("iteration", -60), expect=r"^continuous batching, max batch 4: iteration [1-7] of 10"),
                   Step("static", toggle("static"), expect=r"^static batching, max batch 4: iteration"))),
+    Lesson("06_flash_attention.ipynb", widget="llmsys-tiling-view", state=".llmsys-tiling-text",
+           initial=r"^step 16 of 16: query block 3 \(rows 6\.\.7\) x key block 3",
+           steps=(Step("prev", click("◀ prev"), expect=r"^step 15 of 16: query block 3 \(rows 6\.\.7\) x key block 2"),
+                  Step("prev-again", click("◀ prev"), expect=r"^step 14 of 16: query block 3 .* x key block 1"),
+                  Step("next", click("next ▶"), expect=r"^step 15 of 16: "))),
 ]
 
 
