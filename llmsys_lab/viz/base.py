@@ -23,6 +23,19 @@ def image_widget():
     return W.Image(format="png", layout=W.Layout(align_self="flex-start", max_width="100%", height="auto"))
 
 
+def step_controls(value: int, lo: int, hi: int, on_change):
+    """◀ prev, a step slider and next ▶ in a row; on_change(step) runs when the slider moves.
+    Returns (slider, row): the view sets slider.value when its state changes from code."""
+    import ipywidgets as W
+
+    slider = W.IntSlider(value=value, min=lo, max=hi, description="step")
+    prev, nxt = W.Button(description="◀ prev"), W.Button(description="next ▶")
+    prev.on_click(lambda _: setattr(slider, "value", max(lo, slider.value - 1)))
+    nxt.on_click(lambda _: setattr(slider, "value", min(hi, slider.value + 1)))
+    slider.observe(lambda ch: on_change(ch["new"]), names="value")
+    return slider, W.HBox([prev, slider, nxt])
+
+
 class View:
     _widget = None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 
 from ..paged import BlockManager
-from .base import View
+from .base import View, step_controls
 
 COLORS = ["#cfe2ff", "#ffe5b4", "#d1f2d6", "#f8d7da", "#e2d9f3", "#fff3cd"]
 
@@ -113,13 +113,10 @@ class BlockTableView(View):
     def widget(self):
         import ipywidgets as W
 
-        slider = W.IntSlider(value=self.step, min=0, max=len(self.events), description="step")
-        prev, nxt = W.Button(description="◀ prev"), W.Button(description="next ▶")
-        prev.on_click(lambda _: setattr(slider, "value", max(0, slider.value - 1)))
-        nxt.on_click(lambda _: setattr(slider, "value", min(len(self.events), slider.value + 1)))
-        slider.observe(lambda ch: ch["new"] != self.step and self.set_step(ch["new"]), names="value")
+        slider, controls = step_controls(self.step, 0, len(self.events),
+                                         lambda step: step != self.step and self.set_step(step))
         self._slider, self._html = slider, W.HTML()
-        box = W.VBox([W.HBox([prev, slider, nxt]), self._html])
+        box = W.VBox([controls, self._html])
         box.add_class("llmsys-block-table-view")
         self._widget = box
         self._refresh()

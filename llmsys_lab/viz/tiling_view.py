@@ -12,7 +12,7 @@ import html
 import torch
 
 from ..flash import flash_attention_torch
-from .base import View, figure_png
+from .base import View, figure_png, image_widget, step_controls
 
 
 class TilingView(View):
@@ -113,13 +113,10 @@ class TilingView(View):
     def widget(self):
         import ipywidgets as W
 
-        slider = W.IntSlider(value=self.step + 1, min=1, max=self.steps, description="step")
-        prev, nxt = W.Button(description="◀ prev"), W.Button(description="next ▶")
-        prev.on_click(lambda _: setattr(slider, "value", max(1, slider.value - 1)))
-        nxt.on_click(lambda _: setattr(slider, "value", min(self.steps, slider.value + 1)))
-        slider.observe(lambda ch: ch["new"] - 1 != self.step and self.set_step(ch["new"] - 1), names="value")
-        self._slider, self._image, self._html = slider, W.Image(format="png"), W.HTML()
-        box = W.VBox([W.HBox([prev, slider, nxt]), W.HBox([self._image, self._html])])
+        slider, controls = step_controls(self.step + 1, 1, self.steps,
+                                         lambda step: step - 1 != self.step and self.set_step(step - 1))
+        self._slider, self._image, self._html = slider, image_widget(), W.HTML()
+        box = W.VBox([controls, W.HBox([self._image, self._html])])
         box.add_class("llmsys-tiling-view")
         self._widget = box
         self._refresh()
