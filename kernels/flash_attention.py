@@ -35,6 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
+# The same function in plain PyTorch (the full score matrix, the kernel's conventions): upcast the
+# inputs to float64 for a reference, or keep their dtype for Algorithm 0 in that precision.
+from llmsys_lab.flash import standard_attention as reference_attention  # noqa: E402,F401
+
 LOG2E = 1.4426950408889634          # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453            # ln(2):  log(x) == log2(x) * LN2
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -49,10 +53,26 @@ def _interpreting() -> bool:
 # Forward
 # ============================================================================================
 @triton.jit
+def _load_rows(ptrs, rows, n_rows, d_ok, MASKED: tl.constexpr, D_MASK: tl.constexpr):
+    """Load a (rows x head dim) tile. Masks cost instructions, so only a MASKED tile (one that may
+    run past the last row) checks rows, and only a padded head dim (D_MASK) checks columns."""
+    if MASKED:
+        ok = rows[:, None] < n_rows
+        if D_MASK:
+            ok = ok & d_ok
+        tile = tl.load(ptrs, mask=ok, other=0.0)
+    elif D_MASK:
+        tile = tl.load(ptrs, mask=d_ok, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stride_vn,
                offs_m, offs_n, offs_d, lo, hi, n_ctx_k, diag, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D_MASK: tl.constexpr,
-               HEAD_DIM: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr):
+               HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Fold the K/V tiles [lo, hi) into (acc, l, m) with the online softmax.
 
     MASKED=False is the fast path for tiles every row of the block sees completely: no mask,
@@ -68,22 +88,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stri
             # rows past the end of the keys (and columns past HEAD_DIM) arrive as zeros
             k = k_desc.load([start_n, 0])
             v = v_desc.load([start_n, 0])
-        elif MASKED:
-            kv_ok = cols[:, None] < n_ctx_k
-            if D_MASK:
-                kv_ok = kv_ok & d_ok
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
-        elif D_MASK:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
         else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))                          # (BLOCK_M, BLOCK_N), fp32
+            k = _load_rows(k_ptrs, cols, n_ctx_k, d_ok, MASKED, D_MASK)
+            v = _load_rows(v_ptrs, cols, n_ctx_k, d_ok, MASKED, D_MASK)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             # the key must exist; causal (bottom-right): row i sees key j iff j <= i + diag
             keep = cols[None, :] < n_ctx_k
@@ -102,10 +110,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stri
         alpha = tl.math.exp2(m_i - m_sub)                        # rescales the old partial sums
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if IEEE:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
@@ -119,7 +124,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale,
                 n_heads, n_ctx_q, n_ctx_k,
                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-                REVERSE: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr):
+                REVERSE: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     num_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
     if REVERSE:
@@ -172,11 +177,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale,
             full = (n_ctx_k // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stride_vn,
                                offs_m, offs_n, offs_d, 0, full, n_ctx_k, diag, qk_scale,
-                               False, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, IEEE, USE_TMA)
+                               False, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, PRECISION, USE_TMA)
     # tiles crossing the diagonal (causal) or the ragged end of the keys: masked
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stride_vn,
                                offs_m, offs_n, offs_d, full, hi, n_ctx_k, diag, qk_scale,
-                               True, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, IEEE, USE_TMA)
+                               True, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, PRECISION, USE_TMA)
 
     # rows that saw no key: l = 0 -> output 0, and L = +inf so the backward's exp2(s - L) is 0
     empty = l_i == 0.0
@@ -214,7 +219,7 @@ def _bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, stride_ob, stride_oh, stride_om,
 def _bwd_dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm, stride_dom,
                     offs_m, offs_n, offs_d, lo, hi, n_ctx_q, diag, qk_scale,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, D_MASK: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate one K/V block's dK, dV over the query tiles [lo, hi), working transposed:
     sT = K Q^T is (BLOCK_N, BLOCK_M), so the sums over queries are plain tile matmuls."""
     q_ptrs += lo * stride_qm
@@ -222,42 +227,23 @@ def _bwd_dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qm
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
+        q = _load_rows(q_ptrs, rows, n_ctx_q, d_ok, MASKED, D_MASK)
+        do = _load_rows(do_ptrs, rows, n_ctx_q, d_ok, MASKED, D_MASK)
         if MASKED:
-            q_ok = rows[:, None] < n_ctx_q
-            if D_MASK:
-                q_ok = q_ok & d_ok
-            q = tl.load(q_ptrs, mask=q_ok, other=0.0)
-            do = tl.load(do_ptrs, mask=q_ok, other=0.0)
             # rows past the end get L = +inf: their recomputed probabilities are 0
             lse = tl.load(lse_ptr + rows, mask=rows < n_ctx_q, other=float("inf"))
             delta = tl.load(delta_ptr + rows, mask=rows < n_ctx_q, other=0.0)
         else:
-            if D_MASK:
-                q = tl.load(q_ptrs, mask=d_ok, other=0.0)
-                do = tl.load(do_ptrs, mask=d_ok, other=0.0)
-            else:
-                q = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
             lse = tl.load(lse_ptr + rows)
             delta = tl.load(delta_ptr + rows)
-        if IEEE:
-            sT = tl.dot(k, tl.trans(q), input_precision="ieee")
-        else:
-            sT = tl.dot(k, tl.trans(q))                          # (BLOCK_N, BLOCK_M)
+        sT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         pT = tl.math.exp2(sT * qk_scale - lse[None, :])         # recomputed P^T, from the saved L
         if MASKED and CAUSAL:
             pT = tl.where(offs_n[:, None] <= rows[None, :] + diag, pT, 0.0)
-        if IEEE:
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision="ieee")     # dV += P^T dO
-            dpT = tl.dot(v, tl.trans(do), input_precision="ieee")             # (dO V^T)^T
-        else:
-            dv = tl.dot(pT.to(do.dtype), do, dv)
-            dpT = tl.dot(v, tl.trans(do))
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)     # dV += P^T dO
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)             # (dO V^T)^T
         dsT = pT * (dpT - delta[None, :])                        # softmax backward
-        if IEEE:
-            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision="ieee")      # dK += dS^T Q
-        else:
-            dk = tl.dot(dsT.to(q.dtype), q, dk)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)      # dK += dS^T Q
         q_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
@@ -270,7 +256,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
                      n_heads, n_kv_heads, n_ctx_q, n_ctx_k,
                      GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, IEEE: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, PRECISION: tl.constexpr):
     """One program: one block of BLOCK_N keys of one K/V head; loops over every query that
     sees them, in every query head of its group (GQA), so dK and dV need no atomics."""
     pid_n = tl.program_id(0)
@@ -321,15 +307,15 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
         # the diagonal tiles (causal): masked
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_row, delta_row, stride_qm, stride_dom,
                                  offs_m, offs_n, offs_d, lo, mid, n_ctx_q, diag, qk_scale,
-                                 True, CAUSAL, BLOCK_M, D_MASK, HEAD_DIM, IEEE)
+                                 True, CAUSAL, BLOCK_M, D_MASK, HEAD_DIM, PRECISION)
         # tiles every query of which sees the whole key block: unmasked fast path
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_row, delta_row, stride_qm, stride_dom,
                                  offs_m, offs_n, offs_d, mid, full_hi, n_ctx_q, diag, qk_scale,
-                                 False, CAUSAL, BLOCK_M, D_MASK, HEAD_DIM, IEEE)
+                                 False, CAUSAL, BLOCK_M, D_MASK, HEAD_DIM, PRECISION)
         # the ragged last query tile
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_row, delta_row, stride_qm, stride_dom,
                                  offs_m, offs_n, offs_d, full_hi, end, n_ctx_q, diag, qk_scale,
-                                 True, CAUSAL, BLOCK_M, D_MASK, HEAD_DIM, IEEE)
+                                 True, CAUSAL, BLOCK_M, D_MASK, HEAD_DIM, PRECISION)
 
     dk = dk * sm_scale                              # S = scale * Q K^T, so dK = scale * dS^T Q
     tl.store(dk_ptr + b.to(tl.int64) * stride_dkb + kvh.to(tl.int64) * stride_dkh
@@ -342,30 +328,16 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv
 def _bwd_dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
                   offs_m, offs_n, offs_d, lo, hi, n_ctx_k, diag, qk_scale,
                   MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D_MASK: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, IEEE: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     k_ptrs += lo * stride_kn
     v_ptrs += lo * stride_vn
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            kv_ok = cols[:, None] < n_ctx_k
-            if D_MASK:
-                kv_ok = kv_ok & d_ok
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
-        elif D_MASK:
-            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-            dp = tl.dot(do, tl.trans(v))
+        k = _load_rows(k_ptrs, cols, n_ctx_k, d_ok, MASKED, D_MASK)
+        v = _load_rows(v_ptrs, cols, n_ctx_k, d_ok, MASKED, D_MASK)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
             keep = cols[None, :] < n_ctx_k
@@ -373,10 +345,7 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
                 keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
             p = tl.where(keep, p, 0.0)
         ds = p * (dp - delta[:, None])
-        if IEEE:
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision="ieee")       # dQ += dS K
-        else:
-            dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)       # dQ += dS K
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     return dq
@@ -390,7 +359,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, qk_s
                    n_heads, n_ctx_q, n_ctx_k,
                    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-                   REVERSE: tl.constexpr, IEEE: tl.constexpr):
+                   REVERSE: tl.constexpr, PRECISION: tl.constexpr):
     """One program: one block of BLOCK_M queries; loops over the keys it sees, like the forward."""
     num_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
@@ -431,10 +400,10 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, qk_s
             full = (n_ctx_k // BLOCK_N) * BLOCK_N
     dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
                        offs_m, offs_n, offs_d, 0, full, n_ctx_k, diag, qk_scale,
-                       False, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, IEEE)
+                       False, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, PRECISION)
     dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
                        offs_m, offs_n, offs_d, full, hi, n_ctx_k, diag, qk_scale,
-                       True, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, IEEE)
+                       True, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, PRECISION)
     dq = dq * sm_scale
     tl.store(dq_ptr + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=q_ok)
@@ -533,6 +502,11 @@ def flash_forward(q, k, v, causal: bool = False, scale: float | None = None, con
     return o, torch.where(torch.isinf(lse2), float("-inf"), lse2 * LN2)
 
 
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products; tl.dot's default would round them to TF32 on GPUs
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _tma_allocator(size: int, alignment: int, stream):
     # device-side tensor descriptors need a little global scratch memory per program
     return torch.empty(size, dtype=torch.int8, device="cuda")
@@ -548,7 +522,7 @@ def _can_use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(t.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in t.stride()[:-1]) for t in (k, v))
 
 
-def _forward(q, k, v, causal, scale, config=None, ieee=None, tma=None):
+def _forward(q, k, v, causal, scale, config=None, tma=None):
     _check_inputs(q, k, v)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     b, h, m, d = q.shape
@@ -556,7 +530,7 @@ def _forward(q, k, v, causal, scale, config=None, ieee=None, tma=None):
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     d_pad = max(16, triton.next_power_of_2(d))
     cfg = _config(FWD_CONFIGS, d_pad, causal, q.dtype, config)
-    ieee = (q.dtype == torch.float32) if ieee is None else ieee
+    precision = _precision(q.dtype)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, m), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg.block_m), b * h)
@@ -569,17 +543,17 @@ def _forward(q, k, v, causal, scale, config=None, ieee=None, tma=None):
                       h, m, n,
                       GROUP=h // hk, CAUSAL=bool(causal), HEAD_DIM=d, D_PAD=d_pad,
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=(n % cfg.block_n == 0),
-                      REVERSE=bool(causal), IEEE=bool(ieee), USE_TMA=use_tma,
+                      REVERSE=bool(causal), PRECISION=precision, USE_TMA=use_tma,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, scale, configs=(None, None), ieee=None):
+def _backward(do, q, k, v, o, lse, causal, scale, configs=(None, None)):
     do = _rowmajor(do)
     b, h, m, d = q.shape
     hk, n = k.shape[1], k.shape[2]
     d_pad = max(16, triton.next_power_of_2(d))
-    ieee = (q.dtype == torch.float32) if ieee is None else ieee
+    precision = _precision(q.dtype)
     delta = torch.empty_like(lse)
     block = 64 if not _interpreting() else 32
     _bwd_delta_kernel[(triton.cdiv(m, block), b * h)](
@@ -596,7 +570,7 @@ def _backward(do, q, k, v, o, lse, causal, scale, configs=(None, None), ieee=Non
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         h, hk, m, n, GROUP=h // hk, CAUSAL=bool(causal), HEAD_DIM=d, D_PAD=d_pad,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=(m % c.block_m == 0), IEEE=bool(ieee),
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=(m % c.block_m == 0), PRECISION=precision,
         num_warps=c.num_warps, num_stages=c.num_stages)
     c = _config(DQ_CONFIGS, d_pad, causal, q.dtype, configs[1])
     _bwd_dq_kernel[(triton.cdiv(m, c.block_m), b * h)](
@@ -606,7 +580,7 @@ def _backward(do, q, k, v, o, lse, causal, scale, configs=(None, None), ieee=Non
         dq.stride(0), dq.stride(1), dq.stride(2),
         h, m, n, GROUP=h // hk, CAUSAL=bool(causal), HEAD_DIM=d, D_PAD=d_pad,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_N=(n % c.block_n == 0), REVERSE=bool(causal),
-        IEEE=bool(ieee), num_warps=c.num_warps, num_stages=c.num_stages)
+        PRECISION=precision, num_warps=c.num_warps, num_stages=c.num_stages)
     return dq, dk, dv
 
 
@@ -637,25 +611,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     ``scale`` defaults to 1/sqrt(D). Causal masks are bottom-right aligned (see the module docstring).
     """
     return FlashAttention.apply(q, k, v, bool(causal), scale)
-
-
-def reference_attention(q, k, v, causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """The same function in plain PyTorch, in the inputs' dtype (or upcast them first for a float64
-    reference): builds the full score matrix, with the kernel's masking conventions."""
-    b, h, m, d = q.shape
-    hk, n = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    if hk != h:
-        k = k.repeat_interleave(h // hk, dim=1)
-        v = v.repeat_interleave(h // hk, dim=1)
-    s = (q @ k.transpose(-1, -2)) * scale
-    if causal:
-        i = torch.arange(m, device=q.device)[:, None]
-        j = torch.arange(n, device=q.device)[None, :]
-        s = s.masked_fill(j > i + (n - m), float("-inf"))
-    p = torch.softmax(s.float() if s.dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
-    p = torch.nan_to_num(p, nan=0.0).to(v.dtype)      # rows that see no key: 0, as the kernel
-    return p @ v
 
 
 def attention_flops(batch: int, heads: int, m: int, n: int, head_dim: int, causal: bool = False,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .attention import repeat_kv
 from .validate import ConfigError
 
 
@@ -27,14 +28,22 @@ def require(ok: bool, message: str) -> None:
 
 # ---- Algorithm 0 --------------------------------------------------------------------------
 def standard_attention(q, k, v, causal: bool = False, scale: float | None = None):
-    """The lecture's Algorithm 0: S = QK^T, P = softmax(S), O = PV, each written out in full."""
+    """The lecture's Algorithm 0: S = QK^T, P = softmax(S), O = PV, each written out in full.
+
+    q (B, H, M, d), k and v (B, H_kv, N, d) with H a multiple of H_kv (GQA). The conventions of
+    the flash kernel: a causal mask aligned to the bottom right (query i sees keys j <= i + N - M),
+    and a row that sees no key gives 0.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k, v = (repeat_kv(t, q.shape[-3] // k.shape[-3]) for t in (k, v))
     s = (q @ k.transpose(-1, -2)) * scale                        # step 1: S (N x N) to HBM
     if causal:
         m, n = s.shape[-2:]
         s = s.masked_fill(torch.ones(m, n, dtype=torch.bool, device=s.device).tril(n - m).logical_not(),
                           float("-inf"))
     p = torch.softmax(s, dim=-1)                                  # step 2: read S, write P
+    if causal and s.shape[-2] > s.shape[-1]:
+        p = torch.nan_to_num(p, nan=0.0)                          # rows that see no key
     return p @ v                                                  # step 3: read P and V, write O
 
 
