@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from llmsys_lab.benchmarking import save_results
 from llmsys_lab.configs import ModelConfig
@@ -49,24 +49,64 @@ def workload(n, seed, prompt_range, output_range, vocab):
 
 
 def sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def latency_stats(ttft: list[float], tpot: list[float]) -> dict:
+    return {"ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90),
+            "tpot_p50": percentile(tpot, 50), "tpot_p90": percentile(tpot, 90)}
+
+
+class StepClock(StoppingCriteria):
+    """Records when each decoding step of `generate` finishes (it never stops generation).
+    generate already synchronises every step to test its stopping condition, so the sync here
+    makes the clock exact at little extra cost."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        sync()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def hf_static(hf, prompts, limits, batch):
-    start, useful = time.perf_counter(), 0
+    """(a) Static batches in arrival order; the whole batch runs until its longest request is done.
+    Request i's token k counts as delivered when step k of its batch finishes (as if streamed)."""
+    warm = torch.tensor([prompts[0][:8]] * 2, device=hf.device)          # untimed warm-up, as for the kit
+    hf.generate(input_ids=warm, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    sync()
+    start, useful, ttft, tpot = time.perf_counter(), 0, [], []
     for i in range(0, len(prompts), batch):
         ps, ls = prompts[i:i + batch], limits[i:i + batch]
         width = max(map(len, ps))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device="cuda")
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device="cuda")
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=hf.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=hf.device)
+        clock = StepClock()
         hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(ls), do_sample=False,
-                    pad_token_id=0, eos_token_id=None)
+                    pad_token_id=0, eos_token_id=None, stopping_criteria=StoppingCriteriaList([clock]))
         useful += sum(ls)
+        for n in ls:
+            ttft.append(clock.times[0] - start)
+            if n > 1:
+                tpot.append((clock.times[n - 1] - clock.times[0]) / (n - 1))
     sync()
-    return {"seconds": time.perf_counter() - start, "tokens": useful}
+    return {"seconds": time.perf_counter() - start, "tokens": useful, **latency_stats(ttft, tpot)}
 
 
-def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens, timeout=60):
+def _finished(out) -> bool:
+    """transformers' request status is an IntEnum: str() gives its number, so ask by name."""
+    if hasattr(out, "is_finished"):
+        return out.is_finished()
+    return getattr(getattr(out, "status", None), "name", "") == "FINISHED"
+
+
+def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens, timeout=120):
+    """(b) transformers' continuous batching manager with the same number of KV blocks. Its own
+    warm-up (CUDA graph capture where it uses them) runs before the clock starts, as
+    `generate_batch` does by default."""
     gen = GenerationConfig(max_new_tokens=max(limits), do_sample=False, pad_token_id=0, eos_token_id=None)
     try:
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -76,7 +116,11 @@ def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens, timeout=60)
     except ImportError:                       # older 5.x: the sizes live on the generation config
         gen.num_blocks, gen.block_size, gen.max_batch_tokens = num_blocks, BLOCK, max_batch_tokens
         manager = hf.init_continuous_batching(generation_config=gen)
+    if hasattr(manager, "warmup") and not getattr(manager, "warmed_up", True):
+        manager.warmup()
     manager.start()
+    attention = getattr(hf.config, "_attn_implementation", None)      # what it switched to for paged KV
+    sync()
     start = time.perf_counter()
     for i, (p, n) in enumerate(zip(prompts, limits)):
         manager.add_request(p, request_id=f"r{i}", max_new_tokens=n, record_timestamps=True)
@@ -86,13 +130,22 @@ def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens, timeout=60)
         if out is None:
             raise RuntimeError(f"transformers' continuous batching returned no result within {timeout} s "
                                f"({len(results)} of {len(prompts)} finished)")
-        if str(getattr(out, "status", "")).lower().endswith("finished"):
+        if getattr(out, "error", None):
+            raise RuntimeError(f"transformers' continuous batching failed request {out.request_id}: {out.error}")
+        if _finished(out):
             results[out.request_id] = out
     seconds = time.perf_counter() - start
     manager.stop(block=True)
-    ttft = [o.timestamps[0] - o.created_time for o in results.values() if getattr(o, "timestamps", None)]
+    if hasattr(hf, "destroy_cached_continuous_batching_manager"):
+        hf.destroy_cached_continuous_batching_manager()
+    # timestamps are time.perf_counter() values of each generated token; created_time is on the same clock
+    outs = [o for o in results.values() if getattr(o, "timestamps", None)]
+    ttft = [o.timestamps[0] - start for o in outs]
+    tpot = [(o.timestamps[-1] - o.timestamps[0]) / (len(o.timestamps) - 1) for o in outs if len(o.timestamps) > 1]
     tokens = sum(len(o.generated_tokens) for o in results.values())
-    return {"seconds": seconds, "tokens": tokens, "ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90)}
+    if tokens != sum(limits):
+        raise RuntimeError(f"transformers' continuous batching produced {tokens} tokens, expected {sum(limits)}")
+    return {"seconds": seconds, "tokens": tokens, "attention": attention, **latency_stats(ttft, tpot)}
 
 
 def kit(model, prompts, limits, num_blocks, policy, max_batch, token_budget):
@@ -116,7 +169,9 @@ def run_suite(name, hf, kit_model, prompts, limits, max_len, seqs_in_budget):
     systems = [
         ("(a) HF generate, static batches", lambda: hf_static(hf, prompts, limits, seqs_in_budget)),
         ("(b) HF continuous batching", lambda: hf_continuous(hf, prompts, limits, num_blocks, 4096)),
-        ("(c) kit engine, static", lambda: kit(kit_model, prompts, limits, num_blocks, "static", seqs_in_budget, 4096)),
+        # static: a batch is admitted at once, so its whole prefill must fit one iteration (as in generate)
+        ("(c) kit engine, static", lambda: kit(kit_model, prompts, limits, num_blocks, "static", seqs_in_budget,
+                                               seqs_in_budget * max(map(len, prompts)))),
         ("(d) kit engine, continuous", lambda: kit(kit_model, prompts, limits, num_blocks, "continuous", 256, 4096)),
     ]
     for label, fn in systems:
@@ -159,22 +214,5 @@ def main(out=Path(__file__).parent / "results" / "serving.json") -> int:
     return 0
 
 
-def probe_hf_continuous(n: int = 32, timeout: float = 240, attempts: int = 2) -> int:
-    """Only baseline (b), on a few requests, with a long timeout: is it slow to start, or stuck?"""
-    hf = random_hf_model()
-    prompts, limits = workload(n, 0, (32, 512), (16, 512), SERVING_MODEL.vocab_size)
-    for attempt in range(attempts):
-        t0 = time.perf_counter()
-        try:
-            r = hf_continuous(hf, prompts, limits, 4096, 4096, timeout=timeout)
-            print(f"attempt {attempt}: {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens'] / r['seconds']:.0f} tok/s "
-                  f"(setup + run {time.perf_counter() - t0:.1f} s)", flush=True)
-        except Exception as exc:  # noqa: BLE001
-            print(f"attempt {attempt}: {type(exc).__name__}: {exc}", flush=True)
-    return 0
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--probe-hf-cb"]:        # --probe-hf-cb [requests timeout attempts]
-        sys.exit(probe_hf_continuous(*(int(a) for a in sys.argv[2:5])))
     sys.exit(main(*(Path(a) for a in sys.argv[1:])))

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # The same function in plain PyTorch (the full score matrix, the kernel's conventions): upcast the
 # inputs to float64 for a reference, or keep their dtype for Algorithm 0 in that precision.
@@ -69,25 +70,26 @@ def _load_rows(ptrs, rows, n_rows, d_ok, MASKED: tl.constexpr, D_MASK: tl.conste
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stride_vn,
+def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kvh, stride_kn, stride_vn,
                offs_m, offs_n, offs_d, lo, hi, n_ctx_k, diag, qk_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D_MASK: tl.constexpr,
-               HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Fold the K/V tiles [lo, hi) into (acc, l, m) with the online softmax.
 
     MASKED=False is the fast path for tiles every row of the block sees completely: no mask,
     no bounds checks. MASKED=True handles the causal diagonal and the ragged last tile.
     """
-    k_ptrs += lo * stride_kn
-    v_ptrs += lo * stride_vn
+    if not USE_TMA:
+        k_ptrs += lo * stride_kn
+        v_ptrs += lo * stride_vn
     d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if USE_TMA:
             # Hopper's copy engine (TMA) moves the whole tile to shared memory asynchronously;
             # rows past the end of the keys (and columns past HEAD_DIM) arrive as zeros
-            k = k_desc.load([start_n, 0])
-            v = v_desc.load([start_n, 0])
+            k = k_desc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, D_PAD)
+            v = v_desc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, D_PAD)
         else:
             k = _load_rows(k_ptrs, cols, n_ctx_k, d_ok, MASKED, D_MASK)
             v = _load_rows(v_ptrs, cols, n_ctx_k, d_ok, MASKED, D_MASK)
@@ -112,18 +114,20 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stri
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
+        if not USE_TMA:
+            # (with descriptors no pointer tiles exist: they would cost registers in every iteration)
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale,
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, q_desc, k_desc, v_desc, o_desc, lse_ptr, qk_scale,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
                 n_heads, n_ctx_q, n_ctx_k,
                 GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 REVERSE: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     num_m = tl.num_programs(0)
     pid_m = tl.program_id(0)
@@ -145,17 +149,18 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale,
     k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
     q_ok = (offs_m[:, None] < n_ctx_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
-    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
     if USE_TMA:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[n_ctx_k, HEAD_DIM], strides=[stride_kn, 1],
-                                           block_shape=[BLOCK_N, D_PAD])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[n_ctx_k, HEAD_DIM], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, D_PAD])
+        # the descriptors (built once on the host) cover the whole (batch, heads, seq, head_dim)
+        # tensors; a tile is addressed by its (b, h, row, 0) corner, out-of-range rows read as 0
+        q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, D_PAD)
     else:
-        k_desc = k_ptrs
-        v_desc = v_ptrs
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)
+    if USE_TMA:
+        k_ptrs = k_base                     # unused: tiles come through k_desc / v_desc
+        v_ptrs = v_base
+    else:
+        k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -170,25 +175,28 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qk_scale,
         full = tl.maximum(tl.minimum(start_m + diag + 1, hi), 0)
         full = (full // BLOCK_N) * BLOCK_N
     else:
+        # (written as a multiple of BLOCK_N even when n_ctx_k is one: measured on an H200, the
+        # software pipeliner then schedules the loop better, 5-8% at head dim 128)
         hi = n_ctx_k
-        if EVEN_N:
-            full = n_ctx_k
-        else:
-            full = (n_ctx_k // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stride_vn,
+        full = (n_ctx_k // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kvh, stride_kn, stride_vn,
                                offs_m, offs_n, offs_d, 0, full, n_ctx_k, diag, qk_scale,
-                               False, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, PRECISION, USE_TMA)
+                               False, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, D_PAD, PRECISION, USE_TMA)
     # tiles crossing the diagonal (causal) or the ragged end of the keys: masked
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, stride_kn, stride_vn,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_desc, v_desc, b, kvh, stride_kn, stride_vn,
                                offs_m, offs_n, offs_d, full, hi, n_ctx_k, diag, qk_scale,
-                               True, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, PRECISION, USE_TMA)
+                               True, CAUSAL, BLOCK_N, D_MASK, HEAD_DIM, D_PAD, PRECISION, USE_TMA)
 
     # rows that saw no key: l = 0 -> output 0, and L = +inf so the backward's exp2(s - L) is 0
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=q_ok)
+    if USE_TMA:
+        # a TMA store drops the rows and columns that fall outside the tensor
+        o_desc.store([b, h, start_m, 0], out.to(o_desc.dtype).reshape(1, 1, BLOCK_M, D_PAD))
+    else:
+        o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=q_ok)
     tl.store(lse_ptr + bh.to(tl.int64) * n_ctx_q + offs_m, lse, mask=offs_m < n_ctx_q)
 
 
@@ -429,7 +437,11 @@ def _table(by_dim: dict) -> dict:
 FWD_CONFIGS = _table({16: KernelConfig(128, 64, 4, 3), 32: KernelConfig(128, 64, 4, 3),
                       64: KernelConfig(128, 64, 8, 3), 128: KernelConfig(128, 128, 8, 3),
                       256: KernelConfig(64, 32, 4, 2)})
-FWD_CONFIGS[(64, True)] = FWD_CONFIGS[(128, True)] = KernelConfig(64, 64, 4, 3)
+FWD_CONFIGS[(64, True)] = KernelConfig(128, 64, 8, 4)
+# Causal attention over short sequences (up to SHORT_SEQ queries): few key tiles per query block and
+# a large share of them on the masked diagonal; small tiles keep the GPU busy and waste less.
+SHORT_SEQ = 2048
+SHORT_FWD_CONFIGS = {(64, True): KernelConfig(64, 64, 4, 3), (128, True): KernelConfig(64, 64, 4, 3)}
 DKDV_CONFIGS = _table({16: KernelConfig(64, 64, 4, 3), 32: KernelConfig(64, 64, 4, 3),
                        64: KernelConfig(64, 64, 4, 3), 128: KernelConfig(32, 64, 4, 3),
                        256: KernelConfig(32, 64, 8, 1)})
@@ -507,19 +519,23 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _tma_allocator(size: int, alignment: int, stream):
-    # device-side tensor descriptors need a little global scratch memory per program
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+def _can_use_tma(*tensors: torch.Tensor) -> bool:
+    """Hopper or newer, compiled (not interpreted), and every tensor 16-byte aligned in its base and
+    in every stride but the last, as the copy engine (TMA) requires."""
+    if _interpreting() or tensors[0].device.type != "cuda" or os.environ.get("LLMSYS_FLASH_TMA", "1") == "0":
+        return False
+    if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    es = tensors[0].element_size()
+    return all(t.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
 
 
-def _can_use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Hopper or newer, compiled (not interpreted), and K/V rows 16-byte aligned, as TMA requires."""
-    if _interpreting() or k.device.type != "cuda" or os.environ.get("LLMSYS_FLASH_TMA", "1") == "0":
-        return False
-    if torch.cuda.get_device_capability(k.device)[0] < 9:
-        return False
-    es = k.element_size()
-    return all(t.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in t.stride()[:-1]) for t in (k, v))
+def _descriptor(t: torch.Tensor, rows: int, d_pad: int):
+    """A TMA descriptor for a whole (batch, heads, seq, head_dim) tensor, built on the host once per
+    call and passed by value: programs then load (rows x d_pad) tiles with no address arithmetic.
+    Tiles may overhang the tensor (a ragged last block, a padded head dim): those parts read as
+    zeros and are not written."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d_pad])
 
 
 def _forward(q, k, v, causal, scale, config=None, tma=None):
@@ -529,20 +545,22 @@ def _forward(q, k, v, causal, scale, config=None, tma=None):
     hk, n = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     d_pad = max(16, triton.next_power_of_2(d))
-    cfg = _config(FWD_CONFIGS, d_pad, causal, q.dtype, config)
+    table = SHORT_FWD_CONFIGS if m <= SHORT_SEQ and (d_pad, bool(causal)) in SHORT_FWD_CONFIGS else FWD_CONFIGS
+    cfg = _config(table, d_pad, causal, q.dtype, config)
     precision = _precision(q.dtype)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, m), device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg.block_m), b * h)
-    use_tma = _can_use_tma(k, v) if tma is None else tma
-    if use_tma:
-        triton.set_allocator(_tma_allocator)
-    _fwd_kernel[grid](q, k, v, o, lse, scale * LOG2E,
+    use_tma = _can_use_tma(q, k, v, o) if tma is None else tma
+    descs = ((_descriptor(q, cfg.block_m, d_pad), _descriptor(k, cfg.block_n, d_pad),
+              _descriptor(v, cfg.block_n, d_pad), _descriptor(o, cfg.block_m, d_pad)) if use_tma
+             else (None, None, None, None))
+    _fwd_kernel[grid](q, k, v, o, *descs, lse, scale * LOG2E,
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
                       h, m, n,
                       GROUP=h // hk, CAUSAL=bool(causal), HEAD_DIM=d, D_PAD=d_pad,
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, EVEN_N=(n % cfg.block_n == 0),
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       REVERSE=bool(causal), PRECISION=precision, USE_TMA=use_tma,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return o, lse

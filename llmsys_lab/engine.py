@@ -3,8 +3,10 @@
 Every iteration runs the requests the scheduler picked, prefill chunks and decodes together, in
 one forward pass with **selective batching** (Orca): the tokens of all requests are packed into
 one (total tokens, hidden) matrix for everything that does not mix positions (embedding, norms,
-Q/K/V and output projections, MLP, LM head), and only attention is run per request, against
-that request's own K/V read through its block table. There is no padding anywhere.
+Q/K/V and output projections, MLP, LM head), and only attention is per request: each request's
+queries attend to its own K/V, read through its block table. Decode rows go through the paged
+attention kernel (one launch for all of them); prefill chunks are laid side by side in one padded,
+masked attention call. Only that attention call sees padding; the matmuls never do.
 
 Finished requests (EOS or max_new_tokens) leave after the iteration and are returned at once
 (streaming); their blocks go back to the pool for the next admission.
@@ -59,15 +61,15 @@ class Engine:
         if not chunks:
             return []
         logits = self._forward(chunks)
+        next_tokens = logits.argmax(-1).tolist()             # one device-to-host copy per iteration
         now = time.perf_counter() - self.start
         done = []
-        for (r, start, n), row in zip(chunks, logits):
+        for (r, start, n), tok in zip(chunks, next_tokens):
             if r not in self.scheduler.running:
                 continue                          # preempted earlier in this iteration: recomputed later
             r.prefilled = start + n
             if r.to_prefill > 0:                   # a chunk of a longer prompt: no token yet
                 continue
-            tok = int(row.argmax())
             r.token_times.append(now)
             if r.first_token_at is None:
                 r.first_token_at = now
@@ -81,7 +83,7 @@ class Engine:
                 continue                          # r itself was preempted: it will be recomputed
             self.cache.copy_block(self.blocks.append(r.id, tok))
         self.log.append({"iteration": self.iteration, "requests": len(chunks), "tokens": sum(n for *_, n in chunks),
-                         "kv_used": sum(len(r.tokens) for r in self.scheduler.running),
+                         "kv_used": sum(r.num_tokens for r in self.scheduler.running),
                          "kv_reserved": (self.blocks.num_blocks - self.blocks.num_free) * self.blocks.block_size,
                          "seconds": now})
         return done
@@ -94,28 +96,30 @@ class Engine:
     # ---- the packed forward pass (selective batching) --------------------------------------
     def _forward(self, chunks) -> torch.Tensor:
         m, device = self.model, self.model.lm_head.weight.device
-        ids = torch.tensor([t for r, s, n in chunks for t in r.tokens[s:s + n]], device=device)
-        pos = torch.cat([torch.arange(s, s + n) for _, s, n in chunks]).to(device)
+        ids = torch.tensor([t for r, s, n in chunks for t in r.token_slice(s, s + n)], device=device)
+        pos = torch.tensor([p for _, s, n in chunks for p in range(s, s + n)], device=device)
         bounds = torch.tensor([0] + [n for *_, n in chunks]).cumsum(0).tolist()
         # where this step's new K/V go, computed once for all layers
         write = torch.tensor([x for r, s, n in chunks for x in self.blocks.slots(r.id, s, s + n)], device=device)
         # decode rows (one new token) read K/V through the block table with the Triton kernel on a
-        # GPU; prefill chunks, and every row on a CPU, gather their K/V (slots computed once)
-        kernel = self.use_kernel
-        dec = [j for j, (_, s, n) in enumerate(chunks) if kernel and n == 1]
-        gathered = {j: torch.tensor(self.blocks.slots(r.id, 0, s + n), device=device)
-                    for j, (r, s, n) in enumerate(chunks) if j not in dec}
+        # GPU; prefill chunks (and every row on a CPU) go through one padded attention call
+        dec = [j for j, (_, s, n) in enumerate(chunks) if self.use_kernel and n == 1]
+        pre = sorted(set(range(len(chunks))) - set(dec))
         if dec:
             bt, lens = self.cache.block_tables([chunks[j][0].id for j in dec])
             dec_rows = torch.tensor([bounds[j] for j in dec], device=device)
+        if pre:
+            padded = self._padded_batch([chunks[j] for j in pre], [bounds[j] for j in pre], device)
         x = m.model.embed_tokens(ids)                                           # (N, hidden)
+        rope = m.model.layers[0].self_attn.rope
+        cos, sin = rope.cos_sin(pos)                         # the same rotation in every layer
         for li, layer in enumerate(m.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q = attn.q_proj(h).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)[None]     # (1, H, N, D)
             k = attn.k_proj(h).view(-1, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None]
             v = attn.v_proj(h).view(-1, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None]
-            q, k = attn.rope(q, pos), attn.rope(k, pos)
+            q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
             kc, vc = self.cache.k[li], self.cache.v[li]                         # (blocks, block_size, H_kv, D)
             kc.view(-1, *kc.shape[2:])[write] = k[0].transpose(0, 1)
             vc.view(-1, *vc.shape[2:])[write] = v[0].transpose(0, 1)
@@ -124,15 +128,40 @@ class Engine:
                 from .kernels.paged_attention import paged_attention_decode
 
                 o[dec_rows] = paged_attention_decode(q[0, :, dec_rows].transpose(0, 1), kc, vc, bt, lens)
-            for j, slots in gathered.items():                                   # attention: per request
-                a, b = bounds[j], bounds[j + 1]
-                ks = kc.view(-1, *kc.shape[2:])[slots].transpose(0, 1)[None]     # (1, H_kv, context, D)
-                vs = vc.view(-1, *vc.shape[2:])[slots].transpose(0, 1)[None]
-                o[a:b] = scaled_dot_product_attention(q[:, :, a:b], ks, vs, causal=True)[0].transpose(0, 1)
+            if pre:
+                q_rows, key_slots, mask, valid = padded
+                ks = kc.view(-1, *kc.shape[2:])[key_slots].permute(0, 2, 1, 3)     # (P, H_kv, keys, D)
+                vs = vc.view(-1, *vc.shape[2:])[key_slots].permute(0, 2, 1, 3)
+                qs = q[0][:, q_rows].transpose(0, 1)                                # (P, H, queries, D)
+                out = scaled_dot_product_attention(qs, ks, vs, mask=mask).transpose(1, 2)   # (P, queries, H, D)
+                o[q_rows[valid]] = out[valid]
             x = x + attn.o_proj(o.reshape(len(ids), -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
         return m.lm_head(m.model.norm(x[last]))                                # (requests, vocab)
+
+    def _padded_batch(self, chunks, offsets, device):
+        """Index tensors that put P chunks side by side, padded to the longest, for one attention call.
+
+        Chunk p has n_p new tokens at positions s_p .. s_p + n_p - 1 (rows offsets[p] .. of the packed
+        batch) and attends to its keys 0 .. s_p + n_p - 1, read from the cache through its slots.
+        Returns q_rows (P, Lq) packed-row indices, key_slots (P, Lk) cache slots, mask (P, 1, Lq, Lk)
+        (query i of chunk p sees key j iff j <= s_p + i), and valid (P, Lq): real query rows. Padding
+        points at row/slot 0 and is masked out (a padded query row sees no key; its output is dropped).
+        """
+        lq = max(n for *_, n in chunks)
+        lk = max(s + n for _, s, n in chunks)
+        q_rows = torch.zeros(len(chunks), lq, dtype=torch.long)
+        key_slots = torch.zeros(len(chunks), lk, dtype=torch.long)
+        for p, ((r, s, n), off) in enumerate(zip(chunks, offsets)):
+            q_rows[p, :n] = torch.arange(off, off + n)
+            key_slots[p, :s + n] = torch.tensor(self.blocks.slots(r.id, 0, s + n))
+        starts = torch.tensor([s for _, s, _ in chunks])[:, None, None]
+        counts = torch.tensor([n for *_, n in chunks])[:, None]
+        i, j = torch.arange(lq)[None, :, None], torch.arange(lk)[None, None, :]
+        valid = torch.arange(lq)[None, :] < counts                              # (P, Lq)
+        mask = (j <= starts + i) & valid[:, :, None]                            # (P, Lq, Lk)
+        return q_rows.to(device), key_slots.to(device), mask[:, None].to(device), valid.to(device)
 
 
 def serve(model, prompts: list[list[int]], max_new_tokens, num_blocks: int, **engine_kw) -> tuple[Engine, dict]:

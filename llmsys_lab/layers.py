@@ -68,7 +68,11 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (B, H, T, D), positions: (T,) or (B, T)."""
-        cos, sin = self.cos_sin(positions)
+        return self.rotate(x, *self.cos_sin(positions))
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Apply precomputed cos/sin (from cos_sin) to x: reuse them across layers."""
         if cos.dim() == 3:                      # per-sequence positions (B, T, D)
             cos, sin = cos[:, None], sin[:, None]
         return (x * cos.to(x.dtype)) + (rotate_half(x) * sin.to(x.dtype))

@@ -51,9 +51,7 @@ class PagedKVCache:
         """(B, max blocks) int32 block tables (padded with 0) and (B,) int32 context lengths."""
         tables = [self.manager.table(s) for s in seq_ids]
         width = max(len(t.blocks) for t in tables)
-        bt = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            bt[i, :len(t.blocks)] = torch.tensor(t.blocks, dtype=torch.int32)
+        bt = torch.tensor([t.blocks + [0] * (width - len(t.blocks)) for t in tables], dtype=torch.int32)
         lens = torch.tensor([t.num_tokens for t in tables], dtype=torch.int32)
         return bt.to(self.k.device), lens.to(self.k.device)
 

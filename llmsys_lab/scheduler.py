@@ -25,7 +25,7 @@ class RequestError(ValueError):
     """A request cannot be accepted (and is never silently dropped)."""
 
 
-@dataclass
+@dataclass(eq=False)                           # requests are compared by identity (fast `in` / remove)
 class Request:
     id: object
     prompt: list[int]
@@ -45,9 +45,22 @@ class Request:
         return self.prompt + self.output
 
     @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """tokens[start:stop] without building the whole list."""
+        p = len(self.prompt)
+        if stop <= p:
+            return self.prompt[start:stop]
+        if start >= p:
+            return self.output[start - p:stop - p]
+        return self.prompt[start:] + self.output[:stop - p]
+
+    @property
     def to_prefill(self) -> int:
         """Tokens whose K/V must still be computed before this request can decode."""
-        return len(self.tokens) - self.prefilled
+        return self.num_tokens - self.prefilled
 
 
 @dataclass
@@ -130,7 +143,7 @@ class Scheduler:
             r = self.waiting[0]
             if r.arrival > now:
                 break
-            need = len(r.tokens)
+            need = r.num_tokens
             if not self.chunked_prefill and need > budget:
                 break
             if not self.blocks.can_allocate(need):

@@ -94,7 +94,7 @@ def simulate(requests: list[SimRequest], policy: str = "continuous", max_batch: 
         for r in work.decode:
             r.prefilled += 1                             # its newest token's K/V are now cached
         producing += work.decode
-        kv_tokens = sum(len(r.tokens) for r in work.decode)
+        kv_tokens = sum(r.num_tokens for r in work.decode)
         clock += cost.time(sum(n for _, n in work.prefill), len(work.decode), kv_tokens)
         for r in producing:
             if r.finished or r not in sched.running:
@@ -118,7 +118,7 @@ def simulate(requests: list[SimRequest], policy: str = "continuous", max_batch: 
             r.output.append(0)
         result.timeline.append(cells)
         result.iteration_end.append(clock)
-        result.kv_used.append(sum(len(r.tokens) for r in sched.running))
+        result.kv_used.append(sum(r.num_tokens for r in sched.running))
         result.kv_reserved.append((blocks.num_blocks - blocks.num_free) * block_size)
         result.waiting.append([r.id for r in sched.waiting if r.arrival <= it])
     return result
