@@ -191,3 +191,13 @@ def test_engine_decode_through_the_triton_kernel(device):
     ref = [generate(model, [p], 12).new_tokens[0] for p in prompts]
     _, done = serve(model, prompts, 12, num_blocks=60, block_size=16, max_batch=3, use_kernel=True)
     assert [done[i].output for i in range(3)] == ref
+
+
+def test_request_token_slice_matches_the_full_token_list():
+    r = Request("t", [5, 6, 7], 10)
+    r.output = [8, 9]
+    for start in range(6):
+        for stop in range(start, 6):
+            assert r.token_slice(start, stop) == r.tokens[start:stop]
+    assert r.num_tokens == 5 and r.to_prefill == 5
+    assert r != Request("t", [5, 6, 7], 10)          # identity, not field equality
