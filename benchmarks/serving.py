@@ -96,13 +96,6 @@ def hf_static(hf, prompts, limits, batch):
     return {"seconds": time.perf_counter() - start, "tokens": useful, **latency_stats(ttft, tpot)}
 
 
-def _finished(out) -> bool:
-    """transformers' request status is an IntEnum: str() gives its number, so ask by name."""
-    if hasattr(out, "is_finished"):
-        return out.is_finished()
-    return getattr(getattr(out, "status", None), "name", "") == "FINISHED"
-
-
 def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens, timeout=120):
     """(b) transformers' continuous batching manager with the same number of KV blocks. Its own
     warm-up (CUDA graph capture where it uses them) runs before the clock starts, as
@@ -132,13 +125,13 @@ def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens, timeout=120
                                f"({len(results)} of {len(prompts)} finished)")
         if getattr(out, "error", None):
             raise RuntimeError(f"transformers' continuous batching failed request {out.request_id}: {out.error}")
-        if _finished(out):
+        if out.is_finished():                 # (its status is an IntEnum: str(status) is a number)
             results[out.request_id] = out
     seconds = time.perf_counter() - start
     manager.stop(block=True)
     if hasattr(hf, "destroy_cached_continuous_batching_manager"):
         hf.destroy_cached_continuous_batching_manager()
-    # timestamps are time.perf_counter() values of each generated token; created_time is on the same clock
+    # timestamps are the time.perf_counter() values at which each token was generated
     outs = [o for o in results.values() if getattr(o, "timestamps", None)]
     ttft = [o.timestamps[0] - start for o in outs]
     tpot = [(o.timestamps[-1] - o.timestamps[0]) / (len(o.timestamps) - 1) for o in outs if len(o.timestamps) > 1]

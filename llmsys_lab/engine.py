@@ -104,7 +104,7 @@ class Engine:
         # decode rows (one new token) read K/V through the block table with the Triton kernel on a
         # GPU; prefill chunks (and every row on a CPU) go through one padded attention call
         dec = [j for j, (_, s, n) in enumerate(chunks) if self.use_kernel and n == 1]
-        pre = sorted(set(range(len(chunks))) - set(dec))
+        pre = [j for j in range(len(chunks)) if j not in dec]
         if dec:
             bt, lens = self.cache.block_tables([chunks[j][0].id for j in dec])
             dec_rows = torch.tensor([bounds[j] for j in dec], device=device)
