@@ -30,6 +30,15 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_note(what: str) -> None:
+    """Print the one line a lesson shows instead of a Triton result on a machine without Triton.
+
+    `what` says what the cell would have shown, e.g. "the Triton paged decode kernel's output and
+    timing"; the line starts with "Triton unavailable:" (tests look for it).
+    """
+    print(f"Triton unavailable: this cell would show {what}; {TRITON_HOWTO}.")
+
+
 def require_triton(what: str) -> None:
     """Raise TritonUnavailable naming `what` (e.g. "the paged decode kernel") if Triton is missing."""
     if not triton_available():

@@ -56,4 +56,7 @@ def get(name: str) -> Example:
 # ---- serving: KV cache, continuous batching, PagedAttention, goodput, Orca (000, 002, 004) ----
 
 
+# ---- estimators: parameters, FLOPs, training memory, Chinchilla (000, 003) ----
+
+
 # ---- compute: attention, FLOPs, memory, scaling laws, FlashAttention, latency (000, 001, 003, 004) ----

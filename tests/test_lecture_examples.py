@@ -10,4 +10,7 @@ def test_examples_have_sources():
 # ---- serving: KV cache, continuous batching, PagedAttention, goodput, Orca ----
 
 
+# ---- estimators: parameters, FLOPs, training memory, Chinchilla ----
+
+
 # ---- compute: attention, FLOPs, memory, scaling laws, FlashAttention, latency ----
