@@ -55,6 +55,114 @@ def get(name: str) -> Example:
 
 # ---- serving: KV cache, continuous batching, PagedAttention, goodput, Orca (000, 002, 004) ----
 
+PAGED_PROMPT_A = "Alan Turing is a computer scientist"
+PAGED_COMPLETION_A = "and mathematician renowned"
+PAGED_PROMPT_B = "Artificial Intelligence is the future of technology"
+
+example(
+    "paged_single_request", "002",
+    "Logical & physical token blocks. Prompt: \"Alan Turing is a computer scientist\", Completion: \"and "
+    "mathematician renowned\". Block table: physical block number / # filled = 7 / 4, 1 / 4, 5 / 1. "
+    "block 5: renowned (\"Allocated on demand\").",
+    data={"block_size": 4, "num_blocks": 8, "prompt": PAGED_PROMPT_A, "completion": PAGED_COMPLETION_A,
+          # (physical block, # filled) per logical block, after each step of the slide sequence
+          "steps": {"prompt": [(7, 4), (1, 2)], "and": [(7, 4), (1, 3)], "mathematician": [(7, 4), (1, 4)],
+                    "renowned": [(7, 4), (1, 4), (5, 1)]},
+          "allocation_order": [7, 1, 5]},
+    note="One request alone. The slide allocates 7, 1, then 5 for 'renowned'; the two-request figure "
+         "(paged_two_requests) is a different figure, taken from the vLLM paper, where 'renowned' is in block 3.",
+)
+
+example(
+    "paged_two_requests", "002 (the vLLM paper's Figure 7)",
+    "Serving multiple requests: request A \"Alan Turing is a computer scientist and mathematician renowned\" and "
+    "request B \"Artificial Intelligence is the future of technology\" share the physical blocks (KV cache).",
+    data={"block_size": 4, "num_blocks": 8,
+          "A": [(7, 4), (1, 4), (3, 1)], "B": [(2, 4), (5, 3)],
+          # physical blocks from low to high, as the slide lists them
+          "physical": {1: "computer scientist and mathematician", 2: "Artificial Intelligence is the",
+                       3: "renowned", 5: "future of technology", 7: "Alan Turing is a"},
+          "allocation_order": [7, 1, 3, 2, 5]},
+    note="The transcript keeps the physical blocks' contents in order but loses their numbers; A's table 7, 1, 3 "
+         "and B's 2, 5 are the paper's, and they list the blocks in the slide's order. A's third block differs from "
+         "the single-request slide (5 there): two figures, two allocation orders.",
+)
+
+STATIC_002 = {"S1": "S1 S1 S1 S1 S1 END . .", "S2": "S2 S2 S2 S2 S2 S2 S2 END",
+              "S3": "S3 S3 S3 S3 END . . .", "S4": "S4 S4 S4 S4 S4 S4 END ."}
+example(
+    "static_batching_T1_T8", "002 (also 000)",
+    "Static batching, T1..T8: S1 ends at T6, S2 at T8, S3 at T5, S4 at T7. \"Issues with static batching: requests "
+    "may complete at different iterations; idle GPU cycles; new requests cannot start immediately.\"",
+    data={"rows": STATIC_002,
+          # per request: tokens generated including END (the simulator's output_len)
+          "lengths": {"S1": 6, "S2": 8, "S3": 5, "S4": 7}},
+    note="Lecture 000's transcript of the same slide lost cells: there S2 and S4 end at T2. Lecture 002's table is "
+         "self-consistent, so the kit follows 002.",
+)
+
+example(
+    "continuous_batching_T1_T8", "002 (also 000)",
+    "Continuous batching, T1..T8: S5 takes S3's slot at T6, S6 takes S1's at T7, S7 takes S4's at T8. \"Benefits: "
+    "higher GPU utilization; new requests can start immediately.\"",
+    data={"rows": {"S1": "S1 S1 S1 S1 S1 END S6 S6", "S2": "S2 S2 S2 S2 S2 S2 S2 END",
+                   "S3": "S3 S3 S3 S3 END S5 S5 S5", "S4": "S4 S4 S4 S4 S4 S4 END S7"},
+          "arrivals": {"S5": 6, "S6": 7, "S7": 8}},
+    note="Lecture 000's copy of this slide, with S2 and S4 ending at T2, leaves slots 2 and 4 idle from T3 to T8 "
+         "although no request is waiting; 002's table (every slot busy) is the one the kit reproduces.",
+)
+
+example(
+    "orca_walkthrough_R1_R5", "002, 004",
+    "Continuous Batching Step-by-Step, maximum serving batch size = 3. Receives two new requests R1 and R2; "
+    "Iteration 1: decode R1 and R2; receive a new request R3; finish decoding R1 and R2; Iteration 2: decode R1, R2, "
+    "R3; receive R4, R5; R2 completes; Iteration 3: decode R1, R3, R4.",
+    data={"max_batch": 3, "batches": {1: ["R1", "R2"], 2: ["R1", "R2", "R3"], 3: ["R1", "R3", "R4"]},
+          "waiting_after_3": ["R5"], "words": {"R1": "optimizing ML systems | requires ML",
+                                               "R2": "LLM serving is | critical."}},
+)
+
+example(
+    "orca_selective_batching", "004",
+    "Solution 2: Selective Batching. Only Attention operation does not work with batching tensors with diff. L_i. "
+    "Batch for other ops. (Layer Norm, GeLU, etc.) Coalesce [L_i, H] tensor to [sum L_i, H] for batching. "
+    "x1: [1,H], x2: [1,H], x3: [2,H], x4: [3,H] -> [7,H] tensor.",
+    data={"lengths": {"x1": 1, "x2": 1, "x3": 2, "x4": 3}, "packed_rows": 7},
+)
+
+example(
+    "orca_scheduling", "004",
+    "Enforces iteration-level first-come-first-served (FCFS) property. Maximum batch size -> throughput vs. latency "
+    "control knob. Keep track of number of reserved slots to avoid deadlock. Slot := memory required for storing an "
+    "Attention key and value for a single token. Reserves max_tokens memory slots per request.",
+    data={"reserve": "prompt + max_tokens slots per request at admission"},
+    note="The kit's scheduler is FCFS per iteration too, but it reserves only the blocks a request fills (vLLM) and "
+         "resolves a dry pool by preempting the newest request, instead of Orca's up-front max_tokens reservation.",
+)
+
+example(
+    "goodput_vs_throughput", "002",
+    "High Throughput != High Goodput. Throughput = 10 rps = completed request / time. Goodput = 3 rps = completed "
+    "request within SLO / time. A high throughput system can have low goodput! TPOT SLOs: human reading speed "
+    "(P99 latency = 250ms), data output generation (P99 latency = 35ms).",
+    data={"throughput_rps": 10, "goodput_rps": 3, "tpot_p99_slo_s": {"chatbot (reading speed)": 0.250,
+                                                                       "data output generation": 0.035}},
+)
+
+example(
+    "disaggregation_goodput", "002 (DistServe)",
+    "Colocate: 1 GPU for both prefill and decode. Max system goodput = Min(Prefill, Decode) = 1.6 rps / GPU. "
+    "Disaggregate (2P1D): 2 GPU for prefill + 1 GPU for decode; goodput = Min(5.6 x 2, 10) rps / 3 GPU = 3.3 rps / "
+    "GPU. Simple disaggregation achieves 2x goodput (per GPU).",
+    data={"prefill_rps_per_gpu": 5.6, "decode_rps_per_gpu": 10.0, "colocated_rps_per_gpu": 1.6,
+          "2P1D_rps_per_gpu": 3.3, "gain": 2},
+    note="5.6 and 10 rps are what one GPU sustains under the SLO doing only prefill or only decode. A colocated GPU "
+         "that split its time between them without interference would reach 1 / (1/5.6 + 1/10) = 3.6 rps; the "
+         "slide's 1.6 rps is DistServe's measurement, lower because each phase slows the other (its Min is over "
+         "the two phases' rates *while colocated*, which the slide does not give). 3.3 / 1.6 = 2.1, the slide's 2x.",
+)
+
+
 
 # ---- estimators: parameters, FLOPs, training memory, Chinchilla (000, 003) ----
 

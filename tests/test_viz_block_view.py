@@ -1,11 +1,11 @@
 import pytest
 
 from llmsys_lab.kv_utilisation import Request, max_batch, sample_requests, utilisation
-from llmsys_lab.viz.block_view import LECTURE_ORDER, BlockTableView, lecture_events
+from llmsys_lab.viz.block_view import TWO_REQUEST_ORDER, BlockTableView, lecture_events
 
 
 def test_lecture_state_as_text():
-    view = BlockTableView(lecture_events(), order=LECTURE_ORDER)
+    view = BlockTableView(lecture_events(), order=TWO_REQUEST_ORDER)
     text = view.text()
     assert "block 1  A  computer      scientist     and           mathematician" in text
     assert "block 7  A  Alan          Turing        is            a" in text
@@ -15,7 +15,7 @@ def test_lecture_state_as_text():
 
 def test_widget_buttons_and_slider_step_through_events():
     events = lecture_events() + [("free", "A"), ("add", "C", "to be or not".split())]
-    view = BlockTableView(events, order=LECTURE_ORDER, step=0)
+    view = BlockTableView(events, order=TWO_REQUEST_ORDER, step=0)
     box = view.widget()
     (prev, slider, nxt), html = box.children[0].children, box.children[1]
     assert "every block is free" in html.value

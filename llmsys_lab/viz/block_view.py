@@ -128,12 +128,20 @@ class BlockTableView(View):
             self._html.value = self.html()
 
 
-def lecture_events() -> list[tuple]:
-    """The lecture's example: request A "Alan Turing is a computer scientist" generates "and",
-    "mathematician", "renowned"; request B "Artificial Intelligence is the future of technology"."""
+def single_request_events() -> list[tuple]:
+    """Lecture 002's single-request slides: "Alan Turing is a computer scientist" generates "and",
+    "mathematician", "renowned" (block table 7/4, 1/4, 5/1 at the end; ``llmsys_lab.lecture``)."""
     return [("add", "A", "Alan Turing is a computer scientist".split()),
-            ("append", "A", "and"), ("append", "A", "mathematician"), ("append", "A", "renowned"),
-            ("add", "B", "Artificial Intelligence is the future of technology".split())]
+            ("append", "A", "and"), ("append", "A", "mathematician"), ("append", "A", "renowned")]
 
 
-LECTURE_ORDER = [7, 1, 3, 2, 5, 0, 4, 6]     # free-list order that reproduces the lecture's block numbers
+def lecture_events() -> list[tuple]:
+    """The two-request figure (lecture 002, from the vLLM paper): request A as in
+    `single_request_events`, then request B "Artificial Intelligence is the future of technology"."""
+    return single_request_events() + [("add", "B", "Artificial Intelligence is the future of technology".split())]
+
+
+# Free-list orders that reproduce the slides' physical block numbers. They are two figures with two
+# allocation orders: alone, request A's third block is 5; in the two-request figure it is 3 and B gets 2 and 5.
+SINGLE_REQUEST_ORDER = [7, 1, 5, 0, 2, 3, 4, 6]
+TWO_REQUEST_ORDER = [7, 1, 3, 2, 5, 0, 4, 6]
