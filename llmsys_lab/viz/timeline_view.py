@@ -71,9 +71,11 @@ class TimelineView(View):
         ax.set_yticks(slots, [f"slot {s + 1}" for s in slots])
         ax.set_xticks(range(1, len(r.timeline) + 1), [f"T{t}" for t in range(1, len(r.timeline) + 1)], fontsize=7)
         ax.axvline(self.iteration + 0.5, color="k", lw=1)
+        ax.set_xlabel("iteration (one decoding step of the batch)", fontsize=8)
+        ax.set_ylabel("batch slot", fontsize=8)
         ax.set_title(f"{self.policy} batching (faded, hatched = prefill chunk)")
         ax.legend(handles=[Patch(color=color[i], label=i) for i in ids], fontsize=7, ncol=min(len(ids), 8),
-                  loc="upper center", bbox_to_anchor=(0.5, -0.25))
+                  loc="upper center", bbox_to_anchor=(0.5, -0.35), title="request", title_fontsize=7)
         fig.tight_layout()
         return fig
 
