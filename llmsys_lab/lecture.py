@@ -107,7 +107,9 @@ example(
     "higher GPU utilization; new requests can start immediately.\"",
     data={"rows": {"S1": "S1 S1 S1 S1 S1 END S6 S6", "S2": "S2 S2 S2 S2 S2 S2 S2 END",
                    "S3": "S3 S3 S3 S3 END S5 S5 S5", "S4": "S4 S4 S4 S4 S4 S4 END S7"},
-          "arrivals": {"S5": 6, "S6": 7, "S7": 8}},
+          "arrivals": {"S5": 6, "S6": 7, "S7": 8},
+          # tokens including END for the late arrivals: the slide cuts at T8, any length that runs past it fits
+          "lengths": {"S5": 4, "S6": 3, "S7": 3}},
     note="Lecture 000's copy of this slide, with S2 and S4 ending at T2, leaves slots 2 and 4 idle from T3 to T8 "
          "although no request is waiting; 002's table (every slot busy) is the one the kit reproduces.",
 )

@@ -55,9 +55,9 @@ def test_paged_two_request_figure():
 
 def _requests_002():
     static = lecture.get("static_batching_T1_T8").data["lengths"]
-    later = lecture.get("continuous_batching_T1_T8").data["arrivals"]
+    later = lecture.get("continuous_batching_T1_T8").data
     return ([SimRequest(rid, 4, n) for rid, n in static.items()]
-            + [SimRequest(rid, 3, 4, arrival=t) for rid, t in later.items()])
+            + [SimRequest(rid, 3, later["lengths"][rid], arrival=t) for rid, t in later["arrivals"].items()])
 
 
 def _rows(table: str) -> dict[str, str]:
