@@ -25,18 +25,12 @@ Saves benchmarks/results/numeric_deviation.json (GPU run) with a hardware finger
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 import torch
 
-from llmsys_lab.flash import flash_attention_torch, standard_attention
-
-
-def attention_fp32_intermediates(q, k, v, causal: bool):
-    """The paper's baseline: inputs in low precision, S, softmax and PV in fp32, output rounded back."""
-    return standard_attention(q.float(), k.float(), v.float(), causal=causal).to(q.dtype)
+from llmsys_lab.flash import attention_fp32_intermediates, flash_attention_torch, standard_attention
 
 
 def deviations(shape, dtype=torch.bfloat16, causal: bool = True, device="cpu", seeds=(0, 1, 2)) -> dict:
