@@ -1,6 +1,7 @@
 """FlashAttention in plain PyTorch, for lesson 06: the ideas before the kernel.
 
-* ``standard_attention``: Algorithm 0 of the lecture, three steps that each write an N x N matrix.
+* ``standard_attention``: Algorithm 0 of the lecture, three steps that each write an N x N matrix;
+  ``attention_fp32_intermediates``: the same with fp32 intermediates (Golden et al.'s baseline).
 * ``hbm_traffic``: the bytes each approach moves through GPU memory.
 * ``block_stats``, ``merge_stats``, ``online_softmax``: the safe and the online softmax, the
   two-block merge exactly as derived in the lecture, then any number of blocks.
@@ -45,6 +46,16 @@ def standard_attention(q, k, v, causal: bool = False, scale: float | None = None
     if causal and s.shape[-2] > s.shape[-1]:
         p = torch.nan_to_num(p, nan=0.0)                          # rows that see no key
     return p @ v                                                  # step 3: read P and V, write O
+
+
+def attention_fp32_intermediates(q, k, v, causal: bool = False, scale: float | None = None):
+    """Attention on low-precision inputs with S, the softmax and PV in fp32, the output rounded back.
+
+    The "baseline attention" of Golden et al. (lecture 004): its intermediates are more precise than
+    both the flash kernel's (P rounded to the input dtype for the PV matmul) and Algorithm 0 run in
+    bf16 (S and P rounded to bf16 in HBM), which is why the paper finds flash deviating more.
+    """
+    return standard_attention(q.float(), k.float(), v.float(), causal=causal, scale=scale).to(q.dtype)
 
 
 @dataclass
