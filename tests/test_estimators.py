@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from llmsys_lab.configs import ModelConfig
 from llmsys_lab.estimators.flop_counter import count_model_flops
-from llmsys_lab.estimators import (chinchilla_loss, compute_optimal, decode_cost, flop_distribution,
+from llmsys_lab.estimators import (model_attention_path, sdpa_backend, chinchilla_loss, compute_optimal, decode_cost, flop_distribution,
                                    forward_flops, forward_flops_table, get_gpu, korthikanti_activation_bytes,
                                    kv_bytes_per_token, max_batch, param_breakdown, param_count, prefill_cost,
                                    total_flops, training_flops, training_memory)
@@ -120,8 +120,11 @@ def test_max_batch_fits_weights_plus_kv():
         max_batch(get_preset("llama-2-13b"), 16 * 2**30, 1024, "fp16")
 
 
-def saved_activation_bytes(cfg, batch, seq, amp):
-    """What autograd really keeps for backward, measured with saved-tensor hooks."""
+def saved_activation_bytes(cfg, batch, seq, amp, math=False):
+    """What autograd really keeps for backward, measured with saved-tensor hooks (math=True:
+    SDPA restricted to its math backend, as on a GPU for fp32 with grouped-query attention)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg.to_hf(), attn_implementation="sdpa")
     ids = torch.randint(0, cfg.vocab_size, (batch, seq))
@@ -135,7 +138,8 @@ def saved_activation_bytes(cfg, batch, seq, amp):
             seen[st.data_ptr()] = st.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    backends = [SDPBackend.MATH] if math else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), sdpa_kernel(backends):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             model(input_ids=ids, labels=ids)
     return sum(seen.values())
@@ -149,7 +153,29 @@ def saved_activation_bytes(cfg, batch, seq, amp):
 def test_activation_formula_equals_saved_tensors(cfg, batch, seq, precision):
     from llmsys_lab.estimators.memory import activation_bytes
 
-    assert activation_bytes(cfg, batch, seq, precision) == saved_activation_bytes(cfg, batch, seq, precision == "mixed")
+    path = model_attention_path(cfg, precision, device="cpu")
+    assert path.backend == "flash"
+    assert activation_bytes(cfg, batch, seq, precision, device="cpu") == saved_activation_bytes(cfg, batch, seq, precision == "mixed")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])
+@pytest.mark.parametrize("cfg,batch,seq", [
+    (ModelConfig(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=160, vocab_size=50), 3, 7),
+    (ModelConfig(hidden_size=128, num_layers=2, num_heads=8, intermediate_size=344, vocab_size=300), 2, 40),
+])
+def test_math_backend_activation_formula_equals_saved_tensors(cfg, batch, seq, precision):
+    """The math fallback keeps the (b, n, s, s) probabilities of every layer: the estimate for the
+    math path equals what autograd saves when SDPA is restricted to math, and exceeds the fused
+    path's by the quadratic term."""
+    from llmsys_lab.estimators.memory import activation_bytes
+
+    math_path = sdpa_backend(precision, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, device="cpu", priority=("math",))
+    assert math_path.backend == "math" and math_path.stores_scores
+    est = activation_bytes(cfg, batch, seq, precision, device="cpu", path=math_path)
+    assert est == saved_activation_bytes(cfg, batch, seq, precision == "mixed", math=True)
+    fused = activation_bytes(cfg, batch, seq, precision, device="cpu")
+    c = 4 if precision == "fp32" else 2
+    assert est - fused >= cfg.num_layers * c * batch * cfg.num_heads * seq * seq - cfg.num_layers * 4 * batch * cfg.num_heads * seq
 
 
 def test_training_memory_within_15_percent_of_gpu_measurement():

@@ -9,8 +9,10 @@ Training (per device, AdamW):
 | ``mixed-zero`` (16-bit weights/grads + fp32 master, m, v; Rajbhandari et al., ZeRO, 2020) | 2 | 2 | 4 + 8 | | 16 |
 
 Activations (what autograd saves for the backward pass) of a LLaMA block are counted tensor by
-tensor for the way PyTorch/transformers run it (SDPA attention, which keeps only a log-sum-exp
-per query and head instead of the s x s matrix); ``activation_bytes`` lists them. The GPT-style
+tensor for the way PyTorch/transformers run it; ``activation_bytes`` lists them. Attention depends
+on the SDPA backend PyTorch picks (``attention_path``): the fused kernels keep only a log-sum-exp
+per query and head, the math fallback (e.g. fp32 with grouped-query attention on a GPU) keeps the
+(b, n, s, s) probabilities of every layer, a term quadratic in the sequence length. The GPT-style
 formula of Korthikanti et al., *Reducing Activation Recomputation in Large Transformer Models*
 (2022), s b h (34 + 5 a s / h) bytes per layer with 16-bit activations (2 s b h with full
 recomputation), is available as ``korthikanti_activation_bytes`` for comparison.
@@ -63,23 +65,64 @@ def max_batch(cfg: ModelConfig, gpu_bytes: float, seq_len: int, dtype: str = "fp
 
 
 # ---- activations ----------------------------------------------------------------------------
-def layer_activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed") -> float:
-    """Bytes one LLaMA block saves for backward (SDPA attention), tensor by tensor."""
+def _path(cfg: ModelConfig, precision: str, device: str, path):
+    from .attention_path import model_attention_path
+
+    return path if path is not None else model_attention_path(cfg, precision, device)
+
+
+def attention_saved_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed",
+                          device: str = "cuda", path=None) -> dict[str, float]:
+    """What the SDPA call of one layer keeps for backward, by tensor, for the backend that runs.
+
+    Fused backends (flash, memory-efficient, cuDNN, CPU flash): Q, K, V as SDPA received them
+    (K/V with the model's K/V heads under enable_gqa, else repeated to the query heads) and one
+    fp32 log-sum-exp per query and head (memory-efficient pads the sequence to a multiple of 32).
+    Math: the scaled Q and K^T, V (K and V repeated to the query heads when GQA is asked for) and
+    the (b, n, s, s) softmax probabilities, in the kernel's dtype; no log-sum-exp.
+    """
+    p = _path(cfg, precision, device, path)
+    c = 4 if p.dtype == "fp32" else 2                  # the kernel's dtype (CPU math upcasts 16-bit to fp32)
+    b, s, n, d = batch, seq, cfg.num_heads, cfg.head_dim
+    kv = n if p.backend == "math" else p.kv_heads
+    out = {"q": c * b * s * n * d, "k": c * b * s * kv * d, "v": c * b * s * kv * d}
+    if p.backend == "math":
+        out["probabilities"] = c * b * n * s * s
+    else:
+        s_lse = -(-s // 32) * 32 if p.backend == "efficient" else s
+        out["log_sum_exp"] = 4 * b * n * s_lse
+    return out
+
+
+def attention_transient_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed",
+                              device: str = "cuda", path=None) -> float:
+    """Short-lived memory of one layer's attention backward beyond what is saved: for math, the
+    gradients of the probabilities and of the scores, two more (b, n, s, s) tensors; for the
+    fused kernels nothing of size s^2 (they recompute the scores tile by tile)."""
+    p = _path(cfg, precision, device, path)
+    c = 4 if p.dtype == "fp32" else 2
+    return 2 * c * batch * cfg.num_heads * seq * seq if p.backend == "math" else 0.0
+
+
+def layer_activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed",
+                           device: str = "cuda", path=None) -> float:
+    """Bytes one LLaMA block saves for backward, tensor by tensor, for the attention backend
+    that runs (``attention_path``: fused kernels keep O(s), the math fallback O(s^2))."""
     _check_precision(precision)
     b, s, h, i = batch, seq, cfg.hidden_size, cfg.intermediate_size
     E, I = b * s * h, b * s * i                       # elements of a (b, s, h) / (b, s, i) tensor
-    Eq, Ekv = b * s * cfg.num_heads * cfg.head_dim, b * s * cfg.num_kv_heads * cfg.head_dim
-    lse = 4 * b * cfg.num_heads * s                   # fp32 log-sum-exp per query and head
+    Eq = b * s * cfg.num_heads * cfg.head_dim
+    sdpa = sum(attention_saved_bytes(cfg, batch, seq, precision, device, path).values())
     rsqrt = 2 * 4 * b * s                             # fp32 1/RMS per token, two norms
     if precision == "fp32":
         norms = 2 * 3 * 4 * E        # per norm: input x, x / rms, gamma * (x / rms) (= next matmul's input)
-        attn = 4 * (Eq + 2 * Ekv + Eq)                # q, k, v after RoPE (SDPA inputs), SDPA output
+        attn = sdpa + 4 * Eq                          # SDPA's saved tensors; its output (o_proj's input)
         mlp = 4 * 4 * I                               # gate out, up out, silu(gate), product
     else:  # autocast: norms run in fp32, each matmul saves its own bf16 copy of its input
         norms = 2 * 2 * 4 * E                         # per norm: input x, x / rms (fp32)
-        attn = 2 * 3 * E + 2 * (Eq + 2 * Ekv) + 2 * Eq     # bf16 inputs of q/k/v proj; SDPA q, k, v; output
+        attn = 2 * 3 * E + sdpa + 2 * Eq              # bf16 inputs of q/k/v proj; SDPA's saved tensors; output
         mlp = 2 * 2 * E + 2 * 4 * I                   # bf16 inputs of gate/up; gate, up, silu, product
-    return norms + attn + mlp + lse + rsqrt
+    return norms + attn + mlp + rsqrt
 
 
 def head_activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed") -> float:
@@ -92,11 +135,11 @@ def head_activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str
 
 
 def activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed",
-                     recompute: bool = False) -> float:
+                     recompute: bool = False, device: str = "cuda", path=None) -> float:
     """All saved activations of a forward pass. With full recomputation (activation
     checkpointing) only each block's input is kept (fp32 residual stream), plus one block's
     activations while it is recomputed during backward."""
-    layer = layer_activation_bytes(cfg, batch, seq, precision)
+    layer = layer_activation_bytes(cfg, batch, seq, precision, device, path)
     if recompute:
         body = cfg.num_layers * 4 * batch * seq * cfg.hidden_size + layer
     else:
@@ -120,10 +163,36 @@ class TrainingMemory:
     weight_copies: float          # bf16 copies of matmul weights kept by autocast for backward
     activations: float
     logits_transient: float       # logits (and their fp32 copy) while the loss is computed
-    peak: float                   # the larger of the two peaks below
+    attention_transient: float    # math attention only: one layer's (b, n, s, s) gradients in backward
+    peak: float                   # the larger of the two moments below
+    attention_backend: str = ""   # the SDPA backend assumed (attention_path.model_attention_path)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def end_of_forward(self) -> float:
+        """Weights, optimizer states, bf16 weight copies, every saved activation and the larger
+        transient (the logits while the loss is computed, or one math-attention backward)."""
+        return (self.weights + self.optimizer + self.weight_copies + self.activations
+                + max(self.logits_transient, self.attention_transient))
+
+    @property
+    def optimizer_step(self) -> float:
+        """Weights, gradients and optimizer states (the activations are gone)."""
+        return self.weights + self.gradients + self.optimizer
+
+    def alive_at_peak(self) -> dict[str, float]:
+        """The tensors alive at the peak moment (they sum to ``peak``)."""
+        if self.end_of_forward >= self.optimizer_step:
+            parts = {"weights": self.weights, "optimizer": self.optimizer, "weight_copies": self.weight_copies,
+                     "activations": self.activations}
+            if self.attention_transient > self.logits_transient:
+                parts["attention_transient"] = self.attention_transient
+            else:
+                parts["logits_transient"] = self.logits_transient
+            return parts
+        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer}
 
 
 def _check_precision(precision: str) -> None:
@@ -132,13 +201,19 @@ def _check_precision(precision: str) -> None:
 
 
 def training_memory(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed",
-                    optimizer: str = "adamw", recompute: bool = False, devices: int = 1) -> TrainingMemory:
+                    optimizer: str = "adamw", recompute: bool = False, devices: int = 1,
+                    device: str = "cuda", path=None) -> TrainingMemory:
     """Peak memory of one training step on each of `devices` GPUs.
 
     Weights, gradients and optimizer states are sharded over `devices` (ZeRO stage 3);
     activations are per device for its `batch` sequences. Two moments compete for the peak:
     the end of the forward pass (weights, optimizer states, weight copies, every activation
-    and the logits) and the optimizer step (weights, gradients and optimizer states).
+    and the logits) and the optimizer step (weights, gradients and optimizer states). The peak is
+    the larger of the two, *not* the sum of all rows: gradients and activations are never alive
+    together in full (``TrainingMemory.alive_at_peak`` lists what is).
+
+    device, path: the attention path (``attention_path.model_attention_path``) decides whether
+    each layer keeps its (b, n, s, s) probabilities (math fallback) or not (fused kernels).
     """
     _check_precision(precision)
     if optimizer not in OPTIMIZER_BYTES:
@@ -152,10 +227,12 @@ def training_memory(cfg: ModelConfig, batch: int, seq: int, precision: str = "mi
     matmul_params = parts["attention"] + parts["mlp"] + (parts["lm_head"] or parts["embedding"])
     weights, grads, opt = n * w_b / devices, n * g_b / devices, n * opt_b / devices
     copies = 2 * matmul_params / devices if precision == "mixed" else 0.0
-    acts = activation_bytes(cfg, batch, seq, precision, recompute)
+    p = _path(cfg, precision, device, path)
+    acts = activation_bytes(cfg, batch, seq, precision, recompute, device, p)
+    attn_t = attention_transient_bytes(cfg, batch, seq, precision, device, p)
     # the logits and, under autocast, their fp32 copy for the loss (the log-softmax output is
     # already counted with the activations)
     logits = (2 + 4 if precision != "fp32" else 4) * batch * seq * cfg.vocab_size
-    end_of_forward = weights + opt + copies + acts + logits
-    optimizer_step = weights + grads + opt
-    return TrainingMemory(weights, grads, opt, copies, acts, logits, max(end_of_forward, optimizer_step))
+    m = TrainingMemory(weights, grads, opt, copies, acts, logits, attn_t, 0.0, p.backend)
+    m.peak = max(m.end_of_forward, m.optimizer_step)
+    return m
