@@ -275,3 +275,101 @@ def test_cli_bad_input_exits_2_with_a_message():
     assert out.returncode == 2 and "Did you mean 'llama-2-7b'" in out.stderr
     assert "unknown dtype 'fp7'" in run_cli("gpt2", "--dtype", "fp7").stderr
     assert "batch must be a positive int, got -1" in run_cli("gpt2", "--batch", "-1").stderr
+
+
+# ---- the attention path: which SDPA backend runs ----------------------------------------------
+
+@pytest.mark.parametrize("dtype,n,kv,d,kw,backend,why", [
+    ("bf16", 32, 32, 128, {}, "flash", "first in the priority"),
+    ("mixed", 32, 8, 128, {}, "flash", "first in the priority"),                  # GQA via enable_gqa
+    ("fp16", 16, 1, 64, {}, "flash", "first in the priority"),                    # MQA
+    ("fp32", 12, 12, 64, {}, "efficient", "flash: needs fp16/bf16"),
+    ("fp32", 10, 5, 64, {}, "math", "efficient: does not take fewer K/V heads"),  # the issue's configuration
+    ("fp32", 16, 1, 64, {}, "math", "efficient: does not take fewer K/V heads"),
+    ("fp16", 8, 8, 64, {"capability": (7, 5)}, "efficient", "flash: needs compute capability >= 8.0"),
+    ("bf16", 8, 2, 64, {"capability": (7, 5)}, "math", "bf16 needs compute capability"),
+    ("bf16", 8, 8, 64, {"attn_mask": True}, "efficient", "flash: takes no explicit mask"),
+    ("bf16", 8, 8, 320, {}, "efficient", "head_dim 320 > 256"),
+    ("fp32", 8, 8, 30, {}, "math", "not a multiple of 4"),
+    ("bf16", 8, 8, 36, {"priority": ("flash", "cudnn", "math")}, "flash", "first in the priority"),
+    ("bf16", 8, 8, 64, {"priority": ("cudnn", "math")}, "cudnn", "first in the priority"),
+    ("bf16", 8, 8, 160, {"priority": ("cudnn", "math")}, "math", "cudnn: head_dim 160"),
+    ("fp32", 8, 8, 64, {"priority": ("cudnn", "math")}, "math", "cudnn: needs fp16/bf16"),
+    ("fp32", 8, 2, 64, {"device": "cpu"}, "flash", "CPU flash kernel"),
+    ("mixed", 8, 8, 64, {"device": "cpu", "dropout": 0.1}, "math", "CPU flash takes no dropout"),
+])
+def test_sdpa_backend_every_branch(dtype, n, kv, d, kw, backend, why):
+    path = sdpa_backend(dtype, n, kv, d, **kw)
+    assert path.backend == backend and why in path.reason, path
+    assert path.stores_scores == (backend == "math")
+    assert backend in path.describe()
+
+
+def test_transformers_gqa_choice_decides_the_kv_heads_sdpa_sees():
+    # GQA, no mask: K/V unrepeated with enable_gqa=True (fp32: no fused backend takes it -> math)
+    p = sdpa_backend("fp32", 10, 5, 64)
+    assert (p.enable_gqa, p.kv_heads, p.backend) == (True, 5, "math")
+    # with a padding mask transformers repeats K/V: plain MHA for SDPA, memory-efficient takes it
+    p = sdpa_backend("fp32", 10, 5, 64, attn_mask=True)
+    assert (p.enable_gqa, p.kv_heads, p.backend) == (False, 10, "efficient")
+    # forcing the choice
+    assert sdpa_backend("fp32", 10, 5, 64, enable_gqa=False).backend == "efficient"
+    assert sdpa_backend("bf16", 10, 5, 64, enable_gqa=True).kv_heads == 5
+    # CPU math computes bf16 in fp32
+    assert sdpa_backend("mixed", 8, 8, 64, device="cpu", priority=("math",)).dtype == "fp32"
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda: sdpa_backend("fp8", 8, 8, 64), "unknown attention dtype or precision 'fp8'"),
+    (lambda: sdpa_backend("bf16", 8, 3, 64), "num_kv_heads = 3 must be positive and divide num_heads = 8"),
+    (lambda: sdpa_backend("bf16", 8, 8, 0), "head_dim must be positive"),
+    (lambda: sdpa_backend("bf16", 8, 8, 64, device="tpu"), "unknown device kind 'tpu'"),
+    (lambda: sdpa_backend("bf16", 8, 8, 64, priority=("fast",)), "unknown SDPA backend 'fast'"),
+    (lambda: sdpa_backend("fp32", 8, 8, 64, priority=("flash", "cudnn")), "no SDPA backend accepts this call"),
+])
+def test_sdpa_backend_bad_input(call, msg):
+    with pytest.raises(ConfigError, match=msg):
+        call()
+
+
+def test_backend_from_profiler_op_names():
+    from llmsys_lab.estimators.attention_path import backend_from_ops
+
+    assert backend_from_ops(["aten::_scaled_dot_product_flash_attention"]) == "flash"
+    assert backend_from_ops(["aten::_scaled_dot_product_efficient_attention_backward"]) == "efficient"
+    assert backend_from_ops(["aten::scaled_dot_product_attention", "aten::_safe_softmax"]) == "math"
+    with pytest.raises(ValueError, match="no scaled_dot_product_attention"):
+        backend_from_ops(["aten::mm"])
+
+
+def test_issue_configuration_gets_the_quadratic_term():
+    """fp32 + GQA on a GPU: the estimate grows with s^2 like the measurement (4.44 / 9.62 / 24.85 GiB
+    at s = 512 / 1024 / 2048 on an H200 for this shape); the fused-path estimate does not."""
+    cfg = ModelConfig(hidden_size=640, num_layers=10, num_heads=10, num_kv_heads=5, intermediate_size=1728,
+                      vocab_size=32000)
+    m = {s: training_memory(cfg, 8, s, "fp32") for s in (1024, 2048)}
+    assert m[1024].attention_backend == "math"
+    probs = 10 * 4 * 8 * 10 * 2048**2
+    fused = training_memory(cfg, 8, 2048, "fp32", path=sdpa_backend("fp32", 10, 10, 64))
+    lse = 10 * 4 * 8 * 10 * 2048
+    assert m[2048].activations - fused.activations >= probs - lse
+    assert training_memory(cfg, 8, 2048, "mixed").attention_backend == "flash"
+
+
+def test_peak_is_what_is_alive_at_the_peak_moment():
+    m = training_memory(get_preset("llama-2-7b"), 1, 4096)
+    assert sum(m.alive_at_peak().values()) == pytest.approx(m.peak)
+    rows = m.weights + m.gradients + m.optimizer + m.weight_copies + m.activations + m.logits_transient
+    assert m.peak < rows            # gradients and activations are never alive together in full
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="asks PyTorch's CUDA SDPA selection")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("n,kv,d", [(16, 16, 64), (16, 4, 64), (16, 1, 64), (8, 8, 128), (8, 2, 256), (4, 4, 36)])
+@pytest.mark.parametrize("mask", [False, True])
+def test_table_agrees_with_pytorch_selection_on_this_gpu(dtype, n, kv, d, mask):
+    from llmsys_lab.estimators.attention_path import query_torch_backend
+
+    cap = torch.cuda.get_device_capability()
+    assert sdpa_backend(dtype, n, kv, d, capability=cap, attn_mask=mask).backend == \
+        query_torch_backend(dtype, n, kv, d, attn_mask=mask)
