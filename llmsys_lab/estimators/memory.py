@@ -236,3 +236,99 @@ def training_memory(cfg: ModelConfig, batch: int, seq: int, precision: str = "mi
     m = TrainingMemory(weights, grads, opt, copies, acts, logits, attn_t, 0.0, p.backend)
     m.peak = max(m.end_of_forward, m.optimizer_step)
     return m
+
+
+# ---- inference: generation with a contiguous or a paged KV cache -----------------------------
+CUBLAS_WORKSPACE = 32 * 2**20     # cuBLAS/cuBLASLt workspaces PyTorch allocates on Hopper (counted as allocated)
+CACHES = ("contiguous", "paged")
+
+
+@dataclass
+class InferenceMemory:
+    weights: float
+    kv_cache: float               # contiguous: every token's K/V at the end; paged: the whole block pool
+    activations: float            # the largest short-lived tensors of the prefill forward pass
+    workspace: float
+    peak: float
+    cache: str
+    phase: str                    # "prefill" or "decode": which moment sets the peak
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _prefill_activation_bytes(cfg: ModelConfig, batch: int, prompt: int, c: float, cache: str) -> float:
+    """Largest working set of one block's forward over `batch` prompts of `prompt` tokens, no grad.
+
+    MLP: the residual stream and its normed copy (b, s, h), and three (b, s, i) tensors at once
+    (silu(gate), up, their product). Attention: transformers' SDPA path (flash, bf16) keeps no
+    s x s matrix; the kit's engine (paged) runs its prefill chunks through the explicit
+    softmax(QK^T)V of ``llmsys_lab.attention`` on K/V gathered from the blocks: two (b, n, s, s)
+    score tensors alive at once (each op's input and output), the additive mask, and the gathered
+    and repeated K/V.
+    """
+    b, s, h, i, n, d = batch, prompt, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
+    mlp = c * b * s * (2 * h + 3 * i)
+    if cache == "contiguous":
+        attn = c * b * s * (2 * h + 3 * n * d)
+    else:
+        attn = (c * b * s * (2 * h + n * d)                    # residual, normed input, queries
+                + 2 * c * b * n * s * s                        # scores: one op's input and output
+                + (c + 1) * b * s * s                          # the additive mask and the boolean one
+                + 2 * c * b * s * (cfg.num_kv_heads + n) * d)  # K/V gathered from blocks, repeated to n heads
+    return max(mlp, attn)
+
+
+def inference_memory(cfg: ModelConfig, batch: int, prompt: int, new_tokens: int, dtype: str = "bf16",
+                     cache: str = "contiguous", block_size: int = 16, num_blocks: int | None = None,
+                     workspace: float = CUBLAS_WORKSPACE) -> InferenceMemory:
+    """Peak memory of generating `new_tokens` after `batch` prompts of `prompt` tokens.
+
+    contiguous: transformers ``generate`` with its dynamic cache: K/V of every token kept (b, kv, t, d)
+    per layer, grown by concatenation (one layer's old and new copy alive for a moment).
+    paged: the kit's engine, whose block pool (``num_blocks`` x ``block_size`` tokens, default: just
+    enough blocks for every request's whole length) is allocated once up front.
+    Two moments compete: the prefill (the prompt's K/V plus the prefill's working set) and the last
+    decode step (every token's K/V).
+    """
+    for name, v in (("batch", batch), ("prompt", prompt), ("new_tokens", new_tokens)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{name} must be a positive int, got {v!r}")
+    if cache not in CACHES:
+        raise ConfigError(f"unknown cache {cache!r}; known: {', '.join(CACHES)}")
+    c = dtype_bytes(dtype)
+    weights = weight_bytes(cfg, dtype)
+    per_token = kv_bytes_per_token(cfg, dtype)
+    total = prompt + new_tokens - 1          # the last token is sampled, never written to the cache
+    acts = _prefill_activation_bytes(cfg, batch, prompt, c, cache)
+    logits = (c + 4) * batch * cfg.vocab_size          # last position's logits and their fp32 copy
+    if cache == "contiguous":
+        kv_end = batch * total * per_token
+        layer_copy = batch * total * per_token / cfg.num_layers        # concatenation: old + new of one layer
+        prefill = batch * prompt * per_token + acts + logits
+        decode = kv_end + layer_copy + logits
+        kv = kv_end
+    else:
+        blocks = num_blocks if num_blocks is not None else batch * -(-(prompt + new_tokens) // block_size)
+        kv = blocks * block_size * per_token
+        prefill = kv + acts + logits
+        decode = kv + logits
+    phase = "prefill" if prefill >= decode else "decode"
+    return InferenceMemory(weights, kv, acts, workspace, weights + workspace + max(prefill, decode), cache, phase)
+
+
+def max_batch_inference(cfg: ModelConfig, gpu_bytes: float, prompt: int, new_tokens: int, dtype: str = "bf16",
+                        cache: str = "contiguous", block_size: int = 16) -> int:
+    """Largest batch whose ``inference_memory`` peak fits in `gpu_bytes` (0 if not even one)."""
+    if inference_memory(cfg, 1, prompt, new_tokens, dtype, cache, block_size).peak > gpu_bytes:
+        return 0
+    lo, hi = 1, 2
+    while inference_memory(cfg, hi, prompt, new_tokens, dtype, cache, block_size).peak <= gpu_bytes:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if inference_memory(cfg, mid, prompt, new_tokens, dtype, cache, block_size).peak <= gpu_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo
