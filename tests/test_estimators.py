@@ -373,3 +373,24 @@ def test_table_agrees_with_pytorch_selection_on_this_gpu(dtype, n, kv, d, mask):
     cap = torch.cuda.get_device_capability()
     assert sdpa_backend(dtype, n, kv, d, capability=cap, attn_mask=mask).backend == \
         query_torch_backend(dtype, n, kv, d, attn_mask=mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlopCounterMode on the GPU's fused SDPA kernels")
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_matmul_flops_equal_flop_counter_mode_on_gpu(name):
+    """On a GPU transformers' sdpa attention runs a fused kernel (flash in bf16), which
+    FlopCounterMode counts as QK^T + PV over all s^2 pairs: the kit's table must agree for one layer of
+    every preset's shape; the test also states (asserts) which backend was measured."""
+    from llmsys_lab.estimators.measure import sdpa_backend_ran
+
+    cfg = get_preset(name).replace(num_layers=1)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg.to_hf(), attn_implementation="sdpa", dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
+    counted = count_model_flops(model, ids)
+    with torch.no_grad():
+        ran = sdpa_backend_ran(lambda: model(input_ids=ids))
+    expected = model_attention_path(cfg, "bf16", capability=torch.cuda.get_device_capability()).backend
+    assert ran == expected == "flash", (ran, expected)
+    assert counted["model"] == total_flops(forward_flops_table(cfg, 2, 256), cfg, matmul_only=True)
