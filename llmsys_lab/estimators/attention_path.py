@@ -75,8 +75,8 @@ class AttentionPath:
         return self.backend == "math"
 
     def describe(self) -> str:
-        how = "K/V unrepeated, enable_gqa=True" if self.enable_gqa else (
-            "K/V repeated to the query heads" if self.kv_heads == self.num_heads else "")
+        how = ("grouped K/V heads unrepeated, enable_gqa=True" if self.enable_gqa else
+               f"{self.kv_heads} K/V heads as SDPA sees them")
         keeps = "keeps the (b, n, s, s) probabilities: O(s^2)" if self.stores_scores else "keeps O and log-sum-exp: O(s)"
         return f"SDPA {self.backend} on {self.device} ({self.dtype}; {how}); {keeps}. {self.reason}"
 
