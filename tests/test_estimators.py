@@ -396,15 +396,25 @@ def test_matmul_flops_equal_flop_counter_mode_on_gpu(name):
     assert counted["model"] == total_flops(forward_flops_table(cfg, 2, 256), cfg, matmul_only=True)
 
 
-def test_cli_list_and_context_warning_and_backend():
-    out = run_cli("--list")
-    assert out.returncode == 0 and "llama-2-7b" in out.stdout and "H200" in out.stdout and "context 4096" in out.stdout
-    out = run_cli("gpt2", "--seq", "2048")
-    assert "WARNING: sequence 2048 exceeds gpt2's context of 1024 tokens" in out.stdout
-    assert "attention: SDPA flash" in out.stdout
-    data = json.loads(run_cli("gpt2", "--seq", "2048", "--json").stdout)
+def test_cli_list_and_context_warning_and_backend(capsys):
+    from llmsys_lab.__main__ import main
+
+    def cli(*args):
+        code = main(["estimate", *args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, _ = cli("--list")
+    assert code == 0 and "llama-2-7b" in out and "H200" in out and "context 4096" in out
+    _, out, _ = cli("gpt2", "--seq", "2048")
+    assert "WARNING: sequence 2048 exceeds gpt2's context of 1024 tokens" in out
+    assert "attention: SDPA flash" in out
+    data = json.loads(cli("gpt2", "--seq", "2048", "--json")[1])
     assert any("exceeds gpt2's context" in w for w in data["warnings"])
-    assert json.loads(run_cli("gpt2", "--seq", "1024", "--json").stdout)["warnings"] == []
-    fp32 = json.loads(run_cli("llama-2-70b", "--seq", "1024", "--precision", "fp32", "--json").stdout)
+    assert json.loads(cli("gpt2", "--seq", "1024", "--json")[1])["warnings"] == []
+    fp32 = json.loads(cli("llama-2-70b", "--seq", "1024", "--precision", "fp32", "--json")[1])
     assert fp32["attention_backend"]["backend"] == "math" and fp32["attention_backend"]["stores_scores"]
-    assert run_cli().returncode == 2 and "--list" in run_cli().stderr
+    code, _, err = cli()
+    assert code == 2 and "--list" in err
+
+
