@@ -218,7 +218,9 @@ def query_torch_backend(dtype: str, num_heads: int, num_kv_heads: int, head_dim:
     order = DEFAULT_PRIORITY
     get_order = getattr(torch._C, "_get_sdp_priority_order", None)
     if get_order is not None:
-        names = {int(b): b.name for b in torch.nn.attention.SDPBackend if b.name != "ERROR"}
+        # SDPBackend values (torch 2.11: MATH 0, FLASH_ATTENTION 1, EFFICIENT_ATTENTION 2, CUDNN_ATTENTION 3,
+        # OVERRIDEABLE 4); the default order there is [1, 2, 0, 3, 4]: flash, efficient, math, cuDNN
+        names = {int(v): k for k, v in torch.nn.attention.SDPBackend.__members__.items()}
         order = tuple({"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient", "CUDNN_ATTENTION": "cudnn",
                        "MATH": "math"}.get(names.get(int(i), ""), "?") for i in get_order())
         order = tuple(b for b in order if b in BACKENDS) or DEFAULT_PRIORITY
