@@ -1,7 +1,7 @@
 """Estimators: parameters, FLOPs, memory, roofline and scaling laws (lesson 02)."""
 from .attention_path import AttentionPath, model_attention_path, sdpa_backend
 from .flops import (FlopRow, flop_distribution, format_flops_table, forward_flops, forward_flops_table,
-                    total_flops, training_flops)
+                    slide_training_breakdown, total_flops, training_flops)
 from .memory import (InferenceMemory, TrainingMemory, inference_memory, max_batch_inference, activation_bytes, dtype_bytes, kv_bytes, kv_bytes_per_token,
                      korthikanti_activation_bytes, max_batch,
                      attention_saved_bytes, training_memory, weight_bytes)
