@@ -429,3 +429,43 @@ def test_cli_list_and_context_warning_and_backend(capsys):
     assert code == 2 and "--list" in err
 
 
+
+
+INFERENCE_RESULTS = ROOT / "benchmarks/results/inference_memory.json"
+
+
+@pytest.mark.skipif(not INFERENCE_RESULTS.exists(), reason="benchmarks/inference_memory.py has not been run on a GPU yet")
+def test_inference_memory_against_stored_gpu_measurement():
+    """benchmarks/inference_memory.py measured generation peaks (contiguous and paged caches) and the
+    max-batch boundary on a GPU; the estimate computed now must stay within 15% of every point, and
+    at the boundary the predicted batch ran."""
+    from llmsys_lab.estimators import inference_memory
+
+    data = json.loads(INFERENCE_RESULTS.read_text())
+    assert {r["cache"] for r in data["rows"]} == {"contiguous", "paged"}
+    for r in data["rows"]:
+        est = inference_memory(ModelConfig(**r["config"]), r["batch"], r["prompt"], r["new_tokens"], "bf16", r["cache"])
+        assert abs(est.peak / r["measured"] - 1) < 0.15, r
+    for check in data["boundary"]:
+        assert check["predicted_runs"], check
+
+
+def test_inference_memory_parts_and_max_batch():
+    from llmsys_lab.estimators import inference_memory, max_batch_inference
+
+    cfg = get_preset("llama-2-7b")
+    m = inference_memory(cfg, 8, 1024, 128)
+    assert m.kv_cache == 8 * (1024 + 127) * kv_bytes_per_token(cfg, "bf16")
+    assert m.peak > m.weights + m.kv_cache and m.phase in ("prefill", "decode")
+    paged = inference_memory(cfg, 8, 1024, 128, cache="paged")
+    assert paged.kv_cache == 8 * math.ceil(1152 / 16) * 16 * kv_bytes_per_token(cfg, "bf16")
+    budget = 40 * 2**30
+    b = max_batch_inference(cfg, budget, 1024, 128)
+    assert inference_memory(cfg, b, 1024, 128).peak <= budget < inference_memory(cfg, b + 1, 1024, 128).peak
+    # fewer than max_batch's KV-only count: activations and workspace take room too
+    assert b < max_batch(cfg, budget, 1024 + 128, "bf16")
+    assert max_batch_inference(cfg, 10 * 2**30, 1024, 128) == 0          # the weights alone do not fit
+    with pytest.raises(ConfigError, match="unknown cache 'ring'"):
+        inference_memory(cfg, 1, 8, 8, cache="ring")
+    with pytest.raises(ConfigError, match="prompt must be a positive int"):
+        inference_memory(cfg, 1, 0, 8)
