@@ -376,7 +376,7 @@ def test_peak_is_what_is_alive_at_the_peak_moment():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="asks PyTorch's CUDA SDPA selection")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("n,kv,d", [(16, 16, 64), (16, 4, 64), (16, 1, 64), (8, 8, 128), (8, 2, 256), (4, 4, 36)])
+@pytest.mark.parametrize("n,kv,d", [(16, 16, 64), (16, 4, 64), (16, 1, 64), (8, 8, 128), (8, 2, 256), (4, 4, 80)])
 @pytest.mark.parametrize("mask", [False, True])
 def test_table_agrees_with_pytorch_selection_on_this_gpu(dtype, n, kv, d, mask):
     from llmsys_lab.estimators.attention_path import query_torch_backend
