@@ -22,6 +22,7 @@ import torch
 
 from llmsys_lab.benchmarking import save_results
 from llmsys_lab.configs import ModelConfig
+from llmsys_lab.estimators.attention_path import model_attention_path
 from llmsys_lab.estimators.measure import measure_training_step
 from llmsys_lab.estimators.memory import training_memory
 from llmsys_lab.estimators.params import param_count
@@ -69,7 +70,8 @@ def main(out: Path = Path(__file__).parent / "results" / "training_memory.json",
     start = time.perf_counter()
     for name, att, b, s, precision, recompute in grid(("llama-60m",) if quick else tuple(SIZES)):
         cfg = MODELS[name]
-        est = training_memory(cfg, b, s, precision=precision, recompute=recompute)
+        path = model_attention_path(cfg, precision, capability=cap)      # PyTorch's order on this GPU
+        est = training_memory(cfg, b, s, precision=precision, recompute=recompute, path=path)
         free, _ = torch.cuda.mem_get_info()
         if est.peak > 0.9 * free:
             skipped.append({"model": name, "batch": b, "seq": s, "precision": precision, "recompute": recompute,

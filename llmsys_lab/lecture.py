@@ -99,9 +99,10 @@ example(
     "Memory for training: weights, gradients, optimizer states (AdamW: momentum and variance) and activations",
     data={"batch": 1, "seq": 4096, "precision": "mixed"},
     note="The peak of a step is not the sum of all parts: the activations are freed during the backward pass while "
-         "the gradients are being written, so two moments compete (end of forward: weights, optimizer states, bf16 "
-         "weight copies, activations, logits; optimizer step: weights, gradients, optimizer states). For Llama-2-7B "
-         "at b=1, s=4096 with AMP the printed rows add up to 141.8 GiB (141.9 unrounded); the peak is 116.8 GiB, at the end of the forward pass, without the 25.1 GiB of gradients.",
+         "the gradients are being written, so the estimate takes the largest of three moments (end of forward: weights, optimizer states, bf16 "
+         "weight copies, activations, the loss's backward; the last layer's backward; the optimizer step: weights, "
+         "gradients, optimizer states). For Llama-2-7B "
+         "at b=1, s=4096 with AMP the kit's rows add up to 142.1 GiB; the peak is 117.0 GiB, at the end of the forward pass (where the loss's backward holds 1.0 GiB of fp32 gradients of the log-probabilities and logits), without the 25.1 GiB of gradients. (Before the estimator counted the loss's backward the table read 141.8 and 116.8.)",
 )
 
 

@@ -187,18 +187,25 @@ def stored_training_rows():
     return [(ModelConfig(**r["config"]) if "config" in r else MODELS[r["model"]], r) for r in data["rows"]]
 
 
-def test_training_memory_within_15_percent_of_gpu_measurement():
+def test_training_memory_within_10_percent_of_gpu_measurement():
     """benchmarks/training_memory.py measured real training steps on a GPU (a grid of precisions,
     attention kinds, sequence lengths and recomputation); the estimate computed now, by this code,
-    must stay within 15% of every stored measurement (the benchmark's target is 10%; it prints the
-    largest error), and must predict the SDPA backend each run used where the run recorded it."""
+    must stay within 10% of every stored measurement, and must predict the SDPA backend each run
+    used where the run recorded it."""
     rows = stored_training_rows()
+    data = json.loads((ROOT / "benchmarks/results/training_memory.json").read_text())
+    cap = tuple(data.get("capability", (9, 0)))        # the GPU the grid ran on (H200: 9.0)
     assert len({r["model"] for _, r in rows}) >= 3
     for cfg, r in rows:
-        est = training_memory(cfg, r["batch"], r["seq"], r["precision"], recompute=r["recompute"])
-        assert abs(est.peak / r["measured"] - 1) < 0.15, r
+        path = model_attention_path(cfg, r["precision"], capability=cap)
+        est = training_memory(cfg, r["batch"], r["seq"], r["precision"], recompute=r["recompute"], path=path)
+        assert abs(est.peak / r["measured"] - 1) < 0.10, r
         if "backend_measured" in r:
             assert est.attention_backend == r["backend_measured"], r
+    if "backend_measured" in rows[0][1]:     # the grid: every precision, attention kind and recompute setting
+        assert {(r["precision"], r["attention"], r["recompute"]) for _, r in rows} >= {
+            (p, a, rc) for p in ("fp32", "mixed") for a in ("MHA", "GQA", "MQA") for rc in (False, True)}
+        assert {r["backend_measured"] for _, r in rows} >= {"math", "efficient"}
 
 
 def test_training_memory_parts():
@@ -290,18 +297,27 @@ def test_cli_bad_input_exits_2_with_a_message():
 
 # ---- the attention path: which SDPA backend runs ----------------------------------------------
 
+A100 = {"capability": (8, 0)}      # PyTorch's default order: flash, memory-efficient, math, cuDNN
+
+
 @pytest.mark.parametrize("dtype,n,kv,d,kw,backend,why", [
-    ("bf16", 32, 32, 128, {}, "flash", "first in the priority"),
-    ("mixed", 32, 8, 128, {}, "flash", "first in the priority"),                  # GQA via enable_gqa
-    ("fp16", 16, 1, 64, {}, "flash", "first in the priority"),                    # MQA
-    ("fp32", 12, 12, 64, {}, "efficient", "flash: needs fp16/bf16"),
-    ("fp32", 10, 5, 64, {}, "math", "efficient: does not take fewer K/V heads"),  # the issue's configuration
-    ("fp32", 16, 1, 64, {}, "math", "efficient: does not take fewer K/V heads"),
+    ("bf16", 32, 32, 128, A100, "flash", "first in the priority"),
+    ("mixed", 32, 8, 128, A100, "flash", "first in the priority"),                 # GQA via enable_gqa
+    ("fp16", 16, 1, 64, A100, "flash", "first in the priority"),                   # MQA
+    ("fp32", 12, 12, 64, A100, "efficient", "flash: needs fp16/bf16"),
+    ("fp32", 10, 5, 64, A100, "math", "efficient: does not take fewer K/V heads"),  # the issue's configuration
+    ("fp32", 16, 1, 64, A100, "math", "efficient: does not take fewer K/V heads"),
     ("fp16", 8, 8, 64, {"capability": (7, 5)}, "efficient", "flash: needs compute capability >= 8.0"),
     ("bf16", 8, 2, 64, {"capability": (7, 5)}, "math", "bf16 needs compute capability"),
-    ("bf16", 8, 8, 64, {"attn_mask": True}, "efficient", "flash: takes no explicit mask"),
-    ("bf16", 8, 8, 320, {}, "efficient", "head_dim 320 > 256"),
-    ("fp32", 8, 8, 30, {}, "math", "not a multiple of 4"),
+    ("bf16", 8, 8, 64, {**A100, "attn_mask": True}, "efficient", "flash: takes no explicit mask"),
+    ("bf16", 8, 8, 320, A100, "efficient", "head_dim 320 > 256"),
+    ("fp32", 8, 8, 30, A100, "math", "not a multiple of 4"),
+    # Hopper / Blackwell: cuDNN first (measured on an H200: bf16 training ran cuDNN attention)
+    ("mixed", 32, 8, 128, {}, "cudnn", "first in the priority"),
+    ("bf16", 8, 8, 64, {"capability": (10, 0), "attn_mask": True}, "cudnn", "first in the priority"),
+    ("bf16", 8, 8, 160, {}, "flash", "cudnn: head_dim 160"),
+    ("fp32", 12, 12, 64, {}, "efficient", "cudnn: needs fp16/bf16"),
+    ("fp32", 10, 5, 64, {}, "math", "efficient: does not take fewer K/V heads"),
     ("bf16", 8, 8, 36, {"priority": ("flash", "cudnn", "math")}, "flash", "first in the priority"),
     ("bf16", 8, 8, 64, {"priority": ("cudnn", "math")}, "cudnn", "first in the priority"),
     ("bf16", 8, 8, 160, {"priority": ("cudnn", "math")}, "math", "cudnn: head_dim 160"),
@@ -321,7 +337,7 @@ def test_transformers_gqa_choice_decides_the_kv_heads_sdpa_sees():
     p = sdpa_backend("fp32", 10, 5, 64)
     assert (p.enable_gqa, p.kv_heads, p.backend) == (True, 5, "math")
     # with a padding mask transformers repeats K/V: plain MHA for SDPA, memory-efficient takes it
-    p = sdpa_backend("fp32", 10, 5, 64, attn_mask=True)
+    p = sdpa_backend("fp32", 10, 5, 64, attn_mask=True, capability=(8, 0))
     assert (p.enable_gqa, p.kv_heads, p.backend) == (False, 10, "efficient")
     # forcing the choice
     assert sdpa_backend("fp32", 10, 5, 64, enable_gqa=False).backend == "efficient"
@@ -364,7 +380,11 @@ def test_issue_configuration_gets_the_quadratic_term():
     fused = training_memory(cfg, 8, 2048, "fp32", path=sdpa_backend("fp32", 10, 10, 64))
     lse = 10 * 4 * 8 * 10 * 2048
     assert m[2048].activations - fused.activations >= probs - lse
-    assert training_memory(cfg, 8, 2048, "mixed").attention_backend == "flash"
+    assert training_memory(cfg, 8, 2048, "mixed").attention_backend == "cudnn"      # H100/H200: cuDNN first
+    from llmsys_lab.estimators.attention_path import default_priority
+
+    assert default_priority((9, 0))[0] == default_priority((10, 0))[0] == "cudnn"
+    assert default_priority((8, 0))[0] == default_priority((8, 9))[0] == default_priority((12, 0))[0] == "flash"
 
 
 def test_peak_is_what_is_alive_at_the_peak_moment():
@@ -376,11 +396,13 @@ def test_peak_is_what_is_alive_at_the_peak_moment():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="asks PyTorch's CUDA SDPA selection")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("n,kv,d", [(16, 16, 64), (16, 4, 64), (16, 1, 64), (8, 8, 128), (8, 2, 256), (4, 4, 80)])
+@pytest.mark.parametrize("n,kv,d", [(16, 16, 64), (16, 4, 64), (16, 1, 64), (8, 8, 128), (4, 4, 80)])
 @pytest.mark.parametrize("mask", [False, True])
 def test_table_agrees_with_pytorch_selection_on_this_gpu(dtype, n, kv, d, mask):
     from llmsys_lab.estimators.attention_path import query_torch_backend
 
+    if mask and dtype != "fp32":
+        pytest.skip("16-bit with an explicit mask: cuDNN's mask support depends on the cuDNN version")
     cap = torch.cuda.get_device_capability()
     assert sdpa_backend(dtype, n, kv, d, capability=cap, attn_mask=mask).backend == \
         query_torch_backend(dtype, n, kv, d, attn_mask=mask)
@@ -405,7 +427,7 @@ def test_matmul_flops_equal_flop_counter_mode_on_gpu(name):
     assert ran in ("flash", "efficient", "cudnn"), ran        # a fused kernel, which FlopCounterMode counts
     if cfg.arch in ("llama", "mistral"):                       # no mask: the path the estimator predicts
         expected = model_attention_path(cfg, "bf16", capability=torch.cuda.get_device_capability()).backend
-        assert ran == expected == "flash", (ran, expected)
+        assert ran == expected, (ran, expected)
     assert counted["model"] == total_flops(forward_flops_table(cfg, 2, 256), cfg, matmul_only=True)
 
 
@@ -421,7 +443,8 @@ def test_cli_list_and_context_warning_and_backend(capsys):
     assert code == 0 and "llama-2-7b" in out and "H200" in out and "context 4096" in out
     _, out, _ = cli("gpt2", "--seq", "2048")
     assert "WARNING: sequence 2048 exceeds gpt2's context of 1024 tokens" in out
-    assert "attention: SDPA flash" in out
+    assert "attention: SDPA flash" in out                    # the default GPU, an A100 (8.0): flash first
+    assert "attention: SDPA cudnn" in cli("gpt2", "--gpu", "H200")[1]     # Hopper: cuDNN first
     data = json.loads(cli("gpt2", "--seq", "2048", "--json")[1])
     assert any("exceeds gpt2's context" in w for w in data["warnings"])
     assert json.loads(cli("gpt2", "--seq", "1024", "--json")[1])["warnings"] == []
@@ -441,15 +464,21 @@ def test_inference_memory_against_stored_gpu_measurement():
     """benchmarks/inference_memory.py measured generation peaks (contiguous and paged caches) and the
     max-batch boundary on a GPU; the estimate computed now must stay within 15% of every point, and
     at the boundary the predicted batch ran."""
-    from llmsys_lab.estimators import inference_memory
+    from llmsys_lab.estimators import inference_memory, max_batch_inference
 
     data = json.loads(INFERENCE_RESULTS.read_text())
     assert {r["cache"] for r in data["rows"]} == {"contiguous", "paged"}
     for r in data["rows"]:
         est = inference_memory(ModelConfig(**r["config"]), r["batch"], r["prompt"], r["new_tokens"], "bf16", r["cache"])
-        assert abs(est.peak / r["measured"] - 1) < 0.15, r
+        assert abs(est.peak / r["measured"] - 1) < 0.10, r
     for check in data["boundary"]:
-        assert check["predicted_runs"], check
+        # the batch this code predicts for the stored budget, against the largest that really ran
+        # there (recorded when the run's own prediction was off) or the run's prediction that ran
+        cfg = ModelConfig(**next(r["config"] for r in data["rows"] if r["model"] == check["model"]))
+        predicted = max_batch_inference(cfg, check["budget_bytes"], check["prompt"], check["new_tokens"], "bf16",
+                                        check["cache"])
+        ran = check["largest_batch_that_ran"] if check["largest_batch_that_ran"] is not None else check["predicted_max_batch"]
+        assert isinstance(ran, int) and abs(predicted / ran - 1) <= 0.10, (predicted, check)
 
 
 def test_inference_memory_parts_and_max_batch():

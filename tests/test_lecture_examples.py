@@ -51,9 +51,9 @@ def test_training_memory_peak_is_not_the_sum_of_rows():
 
     m = training_memory(get_preset("llama-2-7b"), 1, 4096)
     rows = m.weights + m.gradients + m.optimizer + m.weight_copies + m.activations + m.logits_transient
-    assert (round(rows / 2**30, 1), round(m.peak / 2**30, 1)) == (141.9, 116.8)
+    assert (round(rows / 2**30, 1), round(m.peak / 2**30, 1)) == (142.1, 117.0)
     assert round(rows / 2**30 - m.peak / 2**30, 1) == round(m.gradients / 2**30, 1) == 25.1
-    assert "141.8" in lecture.get("llama2_7b_training_memory").note and "116.8" in lecture.get("llama2_7b_training_memory").note
+    assert "142.1" in lecture.get("llama2_7b_training_memory").note and "117.0" in lecture.get("llama2_7b_training_memory").note
     assert sum(m.alive_at_peak().values()) == m.peak
 
 

@@ -17,11 +17,15 @@ The rules for CUDA (PyTorch 2.5 - 2.13, GPUs of compute capability 8.0 and newer
 | --- | --- | --- | --- | --- |
 | flash | fp16, bf16 | fewer than Q heads allowed (``enable_gqa``) | none (``is_causal`` only) | <= 256 |
 | memory-efficient | fp32, fp16, bf16 | must equal Q heads | allowed | multiple of 8 (16-bit) / 4 (fp32) |
-| cuDNN | fp16, bf16 | | | after math in the default order: used only when asked for |
+| cuDNN | fp16, bf16 | fewer allowed | allowed | multiple of 8, <= 128 |
 | math | any | any | any | any |
 
-Default priority: flash, memory-efficient, math, cuDNN. So fp32 with grouped-query attention
-*and* ``enable_gqa=True`` lands on math: flash refuses fp32, memory-efficient refuses GQA.
+Priority: flash, memory-efficient, math, cuDNN, except on Hopper and Blackwell GPUs (compute
+capability 9.0, 10.0, 10.3) with cuDNN >= 9.9, where PyTorch puts cuDNN first (``priority_order`` in
+``sdp_utils.cpp``, unless ``TORCH_CUDNN_SDPA_PREFERRED=0``): cuDNN, flash, memory-efficient, math.
+Measured on an H200 with PyTorch 2.11: every bf16 training step ran cuDNN attention. Either way
+fp32 with grouped-query attention *and* ``enable_gqa=True`` lands on math: flash and cuDNN refuse
+fp32, memory-efficient refuses GQA.
 
 On CPU (PyTorch 2.13) the CPU flash kernel takes fp32/fp64/bf16/fp16, masks and GQA, without
 dropout; anything else runs math, which computes 16-bit inputs in fp32.
@@ -47,6 +51,13 @@ DEVICES = ("cuda", "cpu")
 _DTYPES = {"fp32": "fp32", "float32": "fp32", "mixed": "bf16", "mixed-zero": "bf16", "bf16": "bf16",
            "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "fp64": "fp64"}
 DEFAULT_PRIORITY = ("flash", "efficient", "math", "cudnn")
+CUDNN_FIRST = ("cudnn", "flash", "efficient", "math")
+
+
+def default_priority(capability: tuple[int, int]) -> tuple[str, ...]:
+    """PyTorch's order on a GPU of this compute capability: cuDNN first on 9.0, 10.0 and 10.3."""
+    major, minor = capability
+    return CUDNN_FIRST if major in (9, 10) and minor in (0, 3) else DEFAULT_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -95,12 +106,13 @@ def transformers_uses_enable_gqa(num_heads: int, num_kv_heads: int, head_dim: in
 
 def sdpa_backend(dtype: str, num_heads: int, num_kv_heads: int, head_dim: int, device: str = "cuda",
                  capability: tuple[int, int] = (9, 0), attn_mask: bool = False, dropout: float = 0.0,
-                 enable_gqa: bool | None = None, priority: tuple[str, ...] = DEFAULT_PRIORITY) -> AttentionPath:
+                 enable_gqa: bool | None = None, priority: tuple[str, ...] | None = None) -> AttentionPath:
     """The backend PyTorch picks for one SDPA call, from the documented rules (module docstring).
 
     dtype: fp32 / bf16 / fp16, or a training precision (fp32, mixed, mixed-zero).
     enable_gqa: None means "as transformers' sdpa attention decides"; True/False force it.
     capability: the CUDA GPU's compute capability (8.0 A100, 9.0 H100/H200).
+    priority: the backends in the order PyTorch tries them; None: PyTorch's order for `capability`.
     """
     dt = kernel_dtype(dtype)
     if device not in DEVICES:
@@ -109,6 +121,8 @@ def sdpa_backend(dtype: str, num_heads: int, num_kv_heads: int, head_dim: int, d
         raise ConfigError(f"num_kv_heads = {num_kv_heads} must be positive and divide num_heads = {num_heads}")
     if head_dim <= 0:
         raise ConfigError(f"head_dim must be positive, got {head_dim}")
+    if priority is None:
+        priority = default_priority(capability) if device == "cuda" else ("flash", "math")
     for b in priority:
         if b not in BACKENDS:
             raise ConfigError(f"unknown SDPA backend {b!r} in priority; known: {', '.join(BACKENDS)}")
@@ -175,7 +189,7 @@ def _cuda_refusal(backend, dt, gqa, head_dim, attn_mask, capability) -> str | No
             return "needs compute capability >= 8.0"
         if head_dim > 128 or head_dim % 8:
             return f"head_dim {head_dim} must be a multiple of 8 and <= 128"
-        return None
+        return None       # takes GQA and masks
     raise ConfigError(f"unknown SDPA backend {backend!r}")
 
 
@@ -207,6 +221,8 @@ def query_torch_backend(dtype: str, num_heads: int, num_kv_heads: int, head_dim:
     k = torch.zeros(1, kv, 64, head_dim, device="cuda", dtype=tdt, requires_grad=True)
     v = torch.zeros_like(k, requires_grad=True)
     mask = torch.ones(64, 64, device="cuda", dtype=torch.bool).tril() if attn_mask else None
+    # PyTorch settles its priority order at the first SDPA call (cuDNN first on Hopper/Blackwell)
+    torch.nn.functional.scaled_dot_product_attention(q.detach()[:, :1], q.detach()[:, :1], q.detach()[:, :1])
     params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, not attn_mask, bool(enable_gqa and kv != num_heads))
     checks = {"flash": torch.backends.cuda.can_use_flash_attention,
               "efficient": torch.backends.cuda.can_use_efficient_attention,

@@ -19,7 +19,7 @@ recomputation), is available as ``korthikanti_activation_bytes`` for comparison.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..configs import ModelConfig
 from ..validate import ConfigError
@@ -96,12 +96,13 @@ def attention_saved_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str
 
 def attention_transient_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed",
                               device: str = "cuda", path=None) -> float:
-    """Short-lived memory of one layer's attention backward beyond what is saved: for math, the
-    gradients of the probabilities and of the scores, two more (b, n, s, s) tensors; for the
-    fused kernels nothing of size s^2 (they recompute the scores tile by tile)."""
+    """Short-lived memory of one layer's attention backward beyond what is saved: for math, three
+    more (b, n, s, s) tensors at once (the gradient of the probabilities, the softmax backward's
+    product of it with the probabilities, and the gradient of the scores; measured on an H200);
+    for the fused kernels nothing of size s^2 (they recompute the scores tile by tile)."""
     p = _path(cfg, precision, device, path)
     c = 4 if p.dtype == "fp32" else 2
-    return 2 * c * batch * cfg.num_heads * seq * seq if p.backend == "math" else 0.0
+    return 3 * c * batch * cfg.num_heads * seq * seq if p.backend == "math" else 0.0
 
 
 def layer_activation_bytes(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed",
@@ -161,38 +162,35 @@ class TrainingMemory:
     gradients: float
     optimizer: float
     weight_copies: float          # bf16 copies of matmul weights kept by autocast for backward
-    activations: float
-    logits_transient: float       # logits (and their fp32 copy) while the loss is computed
+    activations: float            # every tensor saved for backward (with recomputation: block inputs + one block)
+    logits_transient: float       # the loss's backward: fp32 gradients of the log-probabilities and of the logits
     attention_transient: float    # math attention only: one layer's (b, n, s, s) gradients in backward
-    peak: float                   # the larger of the two moments below
+    peak: float                   # the largest of the moments below
     attention_backend: str = ""   # the SDPA backend assumed (attention_path.model_attention_path)
+    moments: dict = field(default_factory=dict)    # moment -> {tensor: bytes} alive then
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("moments")
+        return d
 
     @property
     def end_of_forward(self) -> float:
-        """Weights, optimizer states, bf16 weight copies, every saved activation and the larger
-        transient (the logits while the loss is computed, or one math-attention backward)."""
-        return (self.weights + self.optimizer + self.weight_copies + self.activations
-                + max(self.logits_transient, self.attention_transient))
+        """Weights, optimizer states, bf16 weight copies, the saved activations and the loss's
+        backward (the moment the forward pass ends and the backward begins)."""
+        return sum(self.moments["end of forward"].values())
 
     @property
     def optimizer_step(self) -> float:
         """Weights, gradients and optimizer states (the activations are gone)."""
-        return self.weights + self.gradients + self.optimizer
+        return sum(self.moments["optimizer step"].values())
 
     def alive_at_peak(self) -> dict[str, float]:
         """The tensors alive at the peak moment (they sum to ``peak``)."""
-        if self.end_of_forward >= self.optimizer_step:
-            parts = {"weights": self.weights, "optimizer": self.optimizer, "weight_copies": self.weight_copies,
-                     "activations": self.activations}
-            if self.attention_transient > self.logits_transient:
-                parts["attention_transient"] = self.attention_transient
-            else:
-                parts["logits_transient"] = self.logits_transient
-            return parts
-        return {"weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer}
+        return dict(max(self.moments.values(), key=lambda parts: sum(parts.values())))
+
+    def peak_moment(self) -> str:
+        return max(self.moments, key=lambda k: sum(self.moments[k].values()))
 
 
 def _check_precision(precision: str) -> None:
@@ -229,12 +227,25 @@ def training_memory(cfg: ModelConfig, batch: int, seq: int, precision: str = "mi
     copies = 2 * matmul_params / devices if precision == "mixed" else 0.0
     p = _path(cfg, precision, device, path)
     acts = activation_bytes(cfg, batch, seq, precision, recompute, device, p)
+    layer = layer_activation_bytes(cfg, batch, seq, precision, device, p)
+    head = head_activation_bytes(cfg, batch, seq, precision)
     attn_t = attention_transient_bytes(cfg, batch, seq, precision, device, p)
-    # the logits and, under autocast, their fp32 copy for the loss (the log-softmax output is
-    # already counted with the activations)
-    logits = (2 + 4 if precision != "fp32" else 4) * batch * seq * cfg.vocab_size
-    m = TrainingMemory(weights, grads, opt, copies, acts, logits, attn_t, 0.0, p.backend)
-    m.peak = max(m.end_of_forward, m.optimizer_step)
+    # The loss's backward: next to the saved fp32 log-probabilities (counted with the activations),
+    # the fp32 gradient of the log-probabilities and the fp32 gradient of the logits, (b, s, v) each.
+    logits = 2 * 4 * batch * seq * cfg.vocab_size
+    head_grad = 4 * (parts["lm_head"] or parts["embedding"]) / devices      # the first gradient written
+    states = {"weights": weights, "optimizer": opt, "weight_copies": copies}
+    moments = {
+        # with recomputation, no block is being recomputed yet when the loss's backward runs
+        "end of forward": {**states, "activations": acts - (layer if recompute else 0.0), "logits_transient": logits},
+        # the first block's backward (the last layer): the head's tensors are freed, the block's own
+        # activations (recomputed, with recomputation) and, for math attention, its (b, n, s, s) gradients
+        "last layer's backward": {**states, "activations": acts - head, "attention_transient": attn_t,
+                                  "lm_head_gradient": head_grad},
+        "optimizer step": {"weights": weights, "gradients": grads, "optimizer": opt},
+    }
+    m = TrainingMemory(weights, grads, opt, copies, acts, logits, attn_t, 0.0, p.backend, moments)
+    m.peak = max(sum(parts.values()) for parts in moments.values())
     return m
 
 
@@ -260,22 +271,30 @@ class InferenceMemory:
 def _prefill_activation_bytes(cfg: ModelConfig, batch: int, prompt: int, c: float, cache: str) -> float:
     """Largest working set of one block's forward over `batch` prompts of `prompt` tokens, no grad.
 
-    MLP: the residual stream and its normed copy (b, s, h), and three (b, s, i) tensors at once
-    (silu(gate), up, their product). Attention: transformers' SDPA path (flash, bf16) keeps no
-    s x s matrix; the kit's engine (paged) runs its prefill chunks through the explicit
-    softmax(QK^T)V of ``llmsys_lab.attention`` on K/V gathered from the blocks: two (b, n, s, s)
-    score tensors alive at once (each op's input and output), the additive mask, and the gathered
-    and repeated K/V.
+    MLP: (b, s, h) tensors the code keeps referenced, and three (b, s, i) tensors at once
+    (silu(gate), up, their product). Attention: transformers' SDPA path (a fused kernel in bf16)
+    keeps no s x s matrix; the kit's engine (paged) runs its prefill chunks through the explicit
+    softmax(QK^T)V of ``llmsys_lab.attention`` on K/V gathered from the blocks: three (b, n, s, s)
+    tensors alive at once (the scores stay referenced while softmax and nan_to_num make new ones),
+    the additive mask, and the gathered and repeated K/V. Checked on an H200
+    (``benchmarks/inference_memory.py``).
     """
-    b, s, h, i, n, d = batch, prompt, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim
-    mlp = c * b * s * (2 * h + 3 * i)
+    b, s, h, i, n, d, kv = (batch, prompt, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.head_dim,
+                            cfg.num_kv_heads)
     if cache == "contiguous":
-        attn = c * b * s * (2 * h + 3 * n * d)
+        # the embeddings and the block's input stay referenced by the caller, the residual and
+        # the normed input by the block: four (b, s, h) tensors next to the MLP's three (b, s, i)
+        mlp = c * b * s * (4 * h + 3 * i)
+        attn = c * b * s * (4 * h + 3 * n * d)
     else:
-        attn = (c * b * s * (2 * h + n * d)                    # residual, normed input, queries
-                + 2 * c * b * n * s * s                        # scores: one op's input and output
+        # the engine's loop keeps x, the normed input, q, k, v and the attention output alive
+        # through the block; the MLP adds its normed input and three (N, i) tensors
+        base = c * b * s * (3 * h + 2 * n * d + 2 * kv * d)
+        mlp = base + c * b * s * (h + 3 * i)
+        attn = (base
+                + 3 * c * b * n * s * s                        # scores, softmax, nan_to_num: three alive at once
                 + (c + 1) * b * s * s                          # the additive mask and the boolean one
-                + 2 * c * b * s * (cfg.num_kv_heads + n) * d)  # K/V gathered from blocks, repeated to n heads
+                + 2 * c * b * s * (kv + n) * d)                # K/V gathered from blocks, repeated to n heads
     return max(mlp, attn)
 
 

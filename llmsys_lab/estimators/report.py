@@ -41,8 +41,8 @@ def estimate(cfg: ModelConfig, batch: int = 1, seq: int = 4096, dtype: str = "bf
     dtype_bytes(dtype)
     g = get_gpu(gpu)
     rows = forward_flops_table(cfg, batch, seq, causal)
-    mem = training_memory(cfg, batch, seq, precision)
-    path = model_attention_path(cfg, precision)
+    path = model_attention_path(cfg, precision, capability=g.capability)      # PyTorch's order on that GPU
+    mem = training_memory(cfg, batch, seq, precision, path=path)
     pre, dec = prefill_cost(cfg, batch, seq, dtype), decode_cost(cfg, batch, seq, dtype)
     try:
         fit = max_batch(cfg, g.memory, seq, dtype)

@@ -43,7 +43,8 @@ class EstimatorView(View):
         s = self.state
         cfg, gpu = get_preset(s["model"]), get_gpu(s["gpu"])
         rows = forward_flops_table(cfg, s["batch"], s["seq"])
-        mem = training_memory(cfg, s["batch"], s["seq"])        # AdamW, bf16 autocast, on a GPU
+        attention = model_attention_path(cfg, "mixed", capability=gpu.capability)
+        mem = training_memory(cfg, s["batch"], s["seq"], path=attention)     # AdamW, bf16 autocast, this GPU
         try:
             fit = max_batch(cfg, gpu.memory, s["seq"], s["dtype"])
         except ValueError:
@@ -54,7 +55,7 @@ class EstimatorView(View):
                 "kv_kib_per_token": kv_bytes_per_token(cfg, s["dtype"]) / 1024, "max_batch": fit,
                 "prefill": prefill_cost(cfg, s["batch"], s["seq"], s["dtype"]),
                 "decode": decode_cost(cfg, s["batch"], s["seq"], s["dtype"]), "gpu": gpu,
-                "attention": model_attention_path(cfg, "mixed"),
+                "attention": attention,
                 "context_warning": (f"seq {s['seq']} > the model's context {cfg.max_position_embeddings}"
                                     if s["seq"] > cfg.max_position_embeddings else "")}
 
@@ -63,7 +64,7 @@ class EstimatorView(View):
         m, g = n["memory"], n["gpu"]
         shares = ", ".join(f"{k} {v:.1f}%" for k, v in n["shares"].items())
         alive = " + ".join(f"{k.replace('_', ' ')} {v / GiB:.1f}" for k, v in m.alive_at_peak().items())
-        moment = "end of forward" if m.end_of_forward >= m.optimizer_step else "optimizer step"
+        moment = m.peak_moment()
         a = n["attention"]
         return "\n".join([
             f"{s['model']}: batch {s['batch']}, seq {s['seq']}, {s['dtype']}, {s['gpu']}"
