@@ -9,8 +9,8 @@ backend that really ran (flash / memory-efficient / cuDNN / math). A point whose
 not fit in 90% of the free GPU memory is skipped and listed with the reason.
 
 Saves benchmarks/results/training_memory.json (rows: estimate, measured, error, the estimated
-and the measured backend, the model's config) with a hardware fingerprint. About 3 minutes on
-an H200. `--quick` runs the smaller model only.
+and the measured backend, the model's config) with a hardware fingerprint. 133 s on an H200
+(all 72 points fit there). `--quick` runs the smaller model only.
 """
 from __future__ import annotations
 
