@@ -10,12 +10,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="check versions, device and Triton mode; list fixes")
     est = sub.add_parser("estimate", help="parameters, FLOPs, memory and roofline of a model preset")
-    est.add_argument("model", help="preset name, e.g. llama-2-7b (see --list)")
+    est.add_argument("model", nargs="?", help="preset name, e.g. llama-2-7b (see --list)")
+    est.add_argument("--list", action="store_true", help="list the model presets and GPUs, then exit")
     est.add_argument("--batch", type=int, default=1)
     est.add_argument("--seq", type=int, default=4096)
     est.add_argument("--dtype", default="bf16")
     est.add_argument("--gpu", default="A100-80GB")
     est.add_argument("--causal", action="store_true", help="count only the causal half of attention")
+    est.add_argument("--precision", default="mixed", help="training precision: fp32, mixed (bf16 autocast), mixed-zero")
     est.add_argument("--json", action="store_true", help="print JSON instead of tables")
     gr = sub.add_parser("grade", help="autograde assignment notebooks (no nbgrader database needed)")
     gr.add_argument("submissions", nargs="+", metavar="SUBMISSION.ipynb")
@@ -43,16 +45,23 @@ def main(argv: list[str] | None = None) -> int:
 def _estimate(args) -> int:
     import json
 
-    from .estimators.report import estimate, format_report
+    from .estimators.report import estimate, format_listing, format_report
     from .presets import get_preset
     from .validate import ConfigError
 
+    if args.list:
+        print(format_listing())
+        return 0
+    if args.model is None:
+        print("error: name a model preset (python -m llmsys_lab estimate --list shows them)", file=sys.stderr)
+        return 2
     try:
         cfg = get_preset(args.model)
+        kw = dict(causal=args.causal, precision=args.precision)
         if args.json:
-            print(json.dumps(estimate(cfg, args.batch, args.seq, args.dtype, args.gpu, args.causal), indent=1))
+            print(json.dumps(estimate(cfg, args.batch, args.seq, args.dtype, args.gpu, **kw), indent=1))
         else:
-            print(format_report(cfg, args.batch, args.seq, args.dtype, args.gpu, args.causal))
+            print(format_report(cfg, args.batch, args.seq, args.dtype, args.gpu, **kw))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -76,7 +76,14 @@ class ModelConfig:
         model_type = get("model_type", "llama")
         if model_type in ("opt", "gpt2"):
             return from_opt_or_gpt2(cls, hf_config, name)
+        # Llama-family biases: attention_bias on q/k/v/o, mlp_bias on gate/up/down. ModelConfig has
+        # one switch for both, so a config with only one of them is refused rather than miscounted.
+        attention_bias, mlp_bias = bool(get("attention_bias", False)), bool(get("mlp_bias", False))
+        if attention_bias != mlp_bias:
+            raise ConfigError(f"{model_type} config has attention_bias={attention_bias} but mlp_bias={mlp_bias}; "
+                              "ModelConfig.bias covers both together, so this mix is not supported")
         return cls(
+            bias=attention_bias,
             arch="mistral" if model_type == "mistral" else "llama",
             hidden_size=get("hidden_size"),
             num_layers=get("num_hidden_layers"),
@@ -109,6 +116,7 @@ class ModelConfig:
             vocab_size=self.vocab_size, max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
             tie_word_embeddings=self.tie_word_embeddings,
+            attention_bias=self.bias, mlp_bias=self.bias,
         )
 
 

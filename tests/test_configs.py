@@ -28,3 +28,27 @@ def test_round_trip_through_transformers():
 def test_bad_fields_are_named(change, msg):
     with pytest.raises(ConfigError, match=msg):
         ModelConfig(**{**BASE, **change})
+
+
+def test_from_hf_keeps_llama_biases_and_refuses_a_mix():
+    """attention_bias / mlp_bias change the parameter count (0.48% for Llama-2-7B's shape): kept, or refused."""
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from llmsys_lab.configs import ModelConfig
+    from llmsys_lab.estimators import param_count
+    from llmsys_lab.validate import ConfigError
+
+    hf = LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=512, vocab_size=1000, attention_bias=True, mlp_bias=True)
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.bias
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    assert param_count(cfg) == sum(p.numel() for p in model.parameters())
+    back = cfg.to_hf()
+    assert back.attention_bias and back.mlp_bias
+    with pytest.raises(ConfigError, match="attention_bias=True but mlp_bias=False"):
+        ModelConfig.from_hf(LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=512, vocab_size=1000, attention_bias=True))

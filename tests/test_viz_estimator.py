@@ -39,3 +39,17 @@ def test_bad_input(change, err, msg):
     with pytest.raises(err, match=msg):
         view.update(**change)
     assert view.state["model"] == "llama-2-7b"      # the state is unchanged after a refused update
+
+
+def test_text_shows_the_peak_moment_backend_and_context_warning():
+    view = EstimatorView()
+    text = view.text()
+    # the peak is the end-of-forward moment, not the sum of every row; the parts add up to it
+    assert "peak 117.0 GiB at the end of forward = weights 25.1 + optimizer 50.2 + weight copies 12.3 + " \
+           "activations 28.4 + logits transient 1.0 GiB" in text
+    assert "SDPA flash (no s x s matrix kept)" in text            # an A100 (8.0): flash first
+    view.update(gpu="H200")
+    assert "SDPA cudnn (no s x s matrix kept)" in view.text()     # Hopper: cuDNN first
+    assert "forward only, embedding lookup not counted: attention 42.0%" in text
+    view.update(model="gpt2", seq=2048)
+    assert "WARNING: seq 2048 > the model's context 1024" in view.text()

@@ -11,12 +11,24 @@ from __future__ import annotations
 import torch
 
 
+def _sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T and PV of a fused SDPA kernel over all s_q x s_k pairs, with fewer K/V heads allowed
+    (enable_gqa: each K/V head serves n / n_kv query heads). PyTorch before 2.13 rejects GQA shapes."""
+    b, n, s_q, d = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * n * s_q * s_k * d + 2 * b * n * s_q * s_k * d_v
+
+
 def count_model_flops(model, input_ids: torch.Tensor) -> dict:
     """{'total': all counted FLOPs, 'rope_table': those inside rotary-embedding modules,
     'model': total - rope_table}, for one forward pass without gradients."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    aten = torch.ops.aten
+    fused = {aten._scaled_dot_product_flash_attention: _sdpa_forward_flops,
+             aten._scaled_dot_product_efficient_attention: _sdpa_forward_flops,
+             aten._scaled_dot_product_cudnn_attention: _sdpa_forward_flops}
+    counter = FlopCounterMode(display=False, custom_mapping=fused)
     with counter, torch.no_grad():
         model(input_ids=input_ids)
     counts = counter.get_flop_counts()

@@ -22,6 +22,25 @@ def _require_cuda():
 def measure_training_peak(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed",
                           recompute: bool = False, seed: int = 0) -> int:
     """Bytes: peak allocated memory during the second training step."""
+    return measure_training_step(cfg, batch, seq, precision, recompute, seed)["peak"]
+
+
+def sdpa_backend_ran(fn) -> str:
+    """Run `fn()` under the profiler and name the SDPA backend its attention used (from the aten
+    operator names: flash / memory-efficient / cuDNN each have their own op; math runs plain ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .attention_path import backend_from_ops
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return backend_from_ops({e.name for e in prof.events()})
+
+
+def measure_training_step(cfg: ModelConfig, batch: int, seq: int, precision: str = "mixed",
+                          recompute: bool = False, seed: int = 0) -> dict:
+    """{'peak': bytes allocated at the peak of the second training step, 'backend': the SDPA
+    backend the first step ran (profiler)}."""
     torch = _require_cuda()
     from transformers import AutoModelForCausalLM
 
@@ -43,7 +62,7 @@ def measure_training_peak(cfg: ModelConfig, batch: int, seq: int, precision: str
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
+    backend = sdpa_backend_ran(step)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     step()
@@ -51,7 +70,7 @@ def measure_training_peak(cfg: ModelConfig, batch: int, seq: int, precision: str
     peak = torch.cuda.max_memory_allocated()
     del model, opt, ids
     torch.cuda.empty_cache()
-    return peak
+    return {"peak": peak, "backend": backend}
 
 
 def measure_peaks(n: int = 8192, copy_bytes: int = 2 << 30) -> dict:

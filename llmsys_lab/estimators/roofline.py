@@ -26,6 +26,7 @@ class GPU:
     flops: float          # dense bf16/fp16 tensor-core FLOP/s (datasheet)
     bandwidth: float      # HBM bytes/s (datasheet)
     memory: float         # bytes
+    capability: tuple = (8, 0)   # CUDA compute capability: decides PyTorch's SDPA backend order
 
     @property
     def ridge(self) -> float:
@@ -35,11 +36,11 @@ class GPU:
 
 GB = 1e9
 GPUS = {g.name: g for g in [
-    GPU("T4", 65e12, 320 * GB, 16 * 2**30),
+    GPU("T4", 65e12, 320 * GB, 16 * 2**30, (7, 5)),
     GPU("A100-40GB", 312e12, 1555 * GB, 40 * 2**30),
     GPU("A100-80GB", 312e12, 2039 * GB, 80 * 2**30),
-    GPU("H100-SXM", 989e12, 3350 * GB, 80 * 2**30),
-    GPU("H200", 989e12, 4800 * GB, 141 * 2**30),
+    GPU("H100-SXM", 989e12, 3350 * GB, 80 * 2**30, (9, 0)),
+    GPU("H200", 989e12, 4800 * GB, 141 * 2**30, (9, 0)),
 ]}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 
+from ..estimators.attention_path import model_attention_path
 from ..estimators.flops import flop_distribution, forward_flops_table, total_flops
 from ..estimators.memory import kv_bytes_per_token, max_batch, training_memory, weight_bytes
 from ..estimators.params import param_count
@@ -42,7 +43,8 @@ class EstimatorView(View):
         s = self.state
         cfg, gpu = get_preset(s["model"]), get_gpu(s["gpu"])
         rows = forward_flops_table(cfg, s["batch"], s["seq"])
-        mem = training_memory(cfg, s["batch"], s["seq"])
+        attention = model_attention_path(cfg, "mixed", capability=gpu.capability)
+        mem = training_memory(cfg, s["batch"], s["seq"], path=attention)     # AdamW, bf16 autocast, this GPU
         try:
             fit = max_batch(cfg, gpu.memory, s["seq"], s["dtype"])
         except ValueError:
@@ -52,18 +54,26 @@ class EstimatorView(View):
                 "weights_gib": weight_bytes(cfg, s["dtype"]) / GiB,
                 "kv_kib_per_token": kv_bytes_per_token(cfg, s["dtype"]) / 1024, "max_batch": fit,
                 "prefill": prefill_cost(cfg, s["batch"], s["seq"], s["dtype"]),
-                "decode": decode_cost(cfg, s["batch"], s["seq"], s["dtype"]), "gpu": gpu}
+                "decode": decode_cost(cfg, s["batch"], s["seq"], s["dtype"]), "gpu": gpu,
+                "attention": attention,
+                "context_warning": (f"seq {s['seq']} > the model's context {cfg.max_position_embeddings}"
+                                    if s["seq"] > cfg.max_position_embeddings else "")}
 
     def text(self) -> str:
         s, n = self.state, self.numbers()
         m, g = n["memory"], n["gpu"]
         shares = ", ".join(f"{k} {v:.1f}%" for k, v in n["shares"].items())
+        alive = " + ".join(f"{k.replace('_', ' ')} {v / GiB:.1f}" for k, v in m.alive_at_peak().items())
+        moment = m.peak_moment()
+        a = n["attention"]
         return "\n".join([
-            f"{s['model']}: batch {s['batch']}, seq {s['seq']}, {s['dtype']}, {s['gpu']}",
+            f"{s['model']}: batch {s['batch']}, seq {s['seq']}, {s['dtype']}, {s['gpu']}"
+            + (f"   WARNING: {n['context_warning']}" if n["context_warning"] else ""),
             f"  parameters              {n['params']:>16,}",
-            f"  forward FLOPs           {n['forward_tflops']:>13.2f} TF   ({shares})",
-            f"  training memory (AdamW, mixed): weights+grads+optimizer {(m.weights + m.gradients + m.optimizer) / GiB:.1f} GiB, "
-            f"activations {m.activations / GiB:.1f} GiB, peak {m.peak / GiB:.1f} GiB",
+            f"  forward FLOPs           {n['forward_tflops']:>13.2f} TF   (forward only, embedding lookup not counted: {shares})",
+            f"  training memory (AdamW, mixed): peak {m.peak / GiB:.1f} GiB at the {moment} = {alive} GiB "
+            f"(gradients {m.gradients / GiB:.1f} GiB come later, when the activations are gone)",
+            f"  attention (training)    SDPA {a.backend} ({'keeps the s x s probabilities' if a.stores_scores else 'no s x s matrix kept'})",
             f"  inference weights       {n['weights_gib']:>13.2f} GiB",
             f"  KV cache per token      {n['kv_kib_per_token']:>13.1f} KiB",
             f"  max batch on {g.name:<10} {n['max_batch']:>10} sequences of {s['seq']} tokens",
@@ -79,15 +89,16 @@ class EstimatorView(View):
         ax1, ax2 = fig.subplots(1, 2)
         shares = n["shares"]
         ax1.barh(list(shares), list(shares.values()), color="tab:blue")
-        ax1.set_xlabel("% of forward FLOPs")
-        ax1.set_title(f"{n['forward_tflops']:.1f} TFLOPs forward")
+        ax1.set_xlabel("share of forward FLOPs (%)")
+        ax1.set_ylabel("layer type")
+        ax1.set_title(f"{n['forward_tflops']:.1f} TFLOPs forward (no embedding)")
         for y, v in enumerate(shares.values()):
             ax1.text(v, y, f" {v:.2f}%", va="center", fontsize=8)
         ax1.set_xlim(0, 118)
         m = n["memory"]
-        phases = {   # the two moments that compete for the peak
+        phases = {   # the two moments that compete for the peak (TrainingMemory.end_of_forward / optimizer_step)
             "end of\nforward": {"weights": m.weights, "optimizer": m.optimizer, "bf16 copies": m.weight_copies,
-                                 "activations": m.activations + m.logits_transient},
+                                 "activations": m.activations + max(m.logits_transient, m.attention_transient)},
             "optimizer\nstep": {"weights": m.weights, "optimizer": m.optimizer, "gradients": m.gradients},
         }
         colors = {"weights": "#4c72b0", "gradients": "#dd8452", "optimizer": "#55a868",
@@ -101,7 +112,8 @@ class EstimatorView(View):
                 seen.add(label)
                 left += value / GiB
         ax2.axvline(n["gpu"].memory / GiB, color="k", ls="--", lw=1, label=f"{n['gpu'].name} memory")
-        ax2.set_xlabel("GiB")
+        ax2.set_xlabel("memory (GiB)")
+        ax2.set_ylabel("moment of the step")
         ax2.set_title(f"training memory: peak {m.peak / GiB:.1f} GiB")
         ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         fig.tight_layout()
