@@ -1,0 +1,51 @@
+"""Ring all-reduce from point-to-point send/recv (the algorithm behind NCCL's ring).
+
+The tensor is cut into N chunks. Reduce-scatter: in N-1 steps every rank sends one chunk to its
+right neighbour and adds the chunk arriving from its left; afterwards rank r holds the full sum of
+chunk (r + 1) mod N. All-gather: N-1 more steps pass the finished chunks around the ring. Every
+rank sends 2(N-1) chunks of size S/N: 2(N-1)/N x S bytes, almost independent of N, and every link
+of the ring is busy at every step. A parameter server instead receives (N-1) x S bytes on one node.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .comm import Traffic, check_same_shape, nbytes
+
+
+def _exchange(send_buf: torch.Tensor, recv_buf: torch.Tensor, right: int, left: int) -> None:
+    """Send to the right neighbour while receiving from the left (non-blocking send: no deadlock)."""
+    req = dist.isend(send_buf.contiguous(), right)
+    dist.recv(recv_buf, left)
+    req.wait()
+
+
+def ring_all_reduce(t: torch.Tensor, traffic: Traffic | None = None, check: bool = True) -> torch.Tensor:
+    """Sum t over all ranks in place, with send/recv only; counts the bytes this rank sends."""
+    if check:
+        check_same_shape(t, "ring_all_reduce's tensor")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world == 1:
+        return t
+    right, left = (rank + 1) % world, (rank - 1) % world
+    flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
+    chunks = list(flat.tensor_split(world))                # N chunks, sizes differ by at most 1
+    buf = torch.empty_like(chunks[0])
+    for step in range(world - 1):                          # reduce-scatter
+        out_i, in_i = (rank - step) % world, (rank - step - 1) % world
+        incoming = buf[: chunks[in_i].numel()]
+        _exchange(chunks[out_i], incoming, right, left)
+        chunks[in_i].add_(incoming)
+        if traffic is not None:
+            traffic.add("ring_all_reduce", nbytes(chunks[out_i]))
+    for step in range(world - 1):                          # all-gather
+        out_i, in_i = (rank + 1 - step) % world, (rank - step) % world
+        incoming = buf[: chunks[in_i].numel()]
+        _exchange(chunks[out_i], incoming, right, left)
+        chunks[in_i].copy_(incoming)
+        if traffic is not None:
+            traffic.add("ring_all_reduce", nbytes(chunks[out_i]))
+    if not t.is_contiguous():
+        t.copy_(flat.view_as(t))
+    return t
