@@ -21,31 +21,49 @@ def _exchange(send_buf: torch.Tensor, recv_buf: torch.Tensor, right: int, left: 
     req.wait()
 
 
-def ring_all_reduce(t: torch.Tensor, traffic: Traffic | None = None, check: bool = True) -> torch.Tensor:
-    """Sum t over all ranks in place, with send/recv only; counts the bytes this rank sends."""
-    if check:
-        check_same_shape(t, "ring_all_reduce's tensor")
+def ring_reduce_scatter(chunks: list, traffic: Traffic | None = None) -> int:
+    """First half of the ring: N-1 steps; returns the index of the chunk this rank now holds summed.
+
+    chunks: this rank's tensor cut into N pieces (views; summed in place). Rank r ends with the
+    full sum of chunk (r + 1) mod N; the other chunks hold partial sums.
+    """
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world == 1:
-        return t
     right, left = (rank + 1) % world, (rank - 1) % world
-    flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
-    chunks = list(flat.tensor_split(world))                # N chunks, sizes differ by at most 1
     buf = torch.empty_like(chunks[0])
-    for step in range(world - 1):                          # reduce-scatter
+    for step in range(world - 1):
         out_i, in_i = (rank - step) % world, (rank - step - 1) % world
         incoming = buf[: chunks[in_i].numel()]
         _exchange(chunks[out_i], incoming, right, left)
         chunks[in_i].add_(incoming)
         if traffic is not None:
-            traffic.add("ring_all_reduce", nbytes(chunks[out_i]))
-    for step in range(world - 1):                          # all-gather
+            traffic.add("ring_reduce_scatter", nbytes(chunks[out_i]))
+    return (rank + 1) % world
+
+
+def ring_all_gather(chunks: list, traffic: Traffic | None = None) -> None:
+    """Second half: rank r starts with chunk (r + 1) mod N final; N-1 steps pass every chunk to every rank."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    right, left = (rank + 1) % world, (rank - 1) % world
+    buf = torch.empty_like(chunks[0])
+    for step in range(world - 1):
         out_i, in_i = (rank + 1 - step) % world, (rank - step) % world
         incoming = buf[: chunks[in_i].numel()]
         _exchange(chunks[out_i], incoming, right, left)
         chunks[in_i].copy_(incoming)
         if traffic is not None:
-            traffic.add("ring_all_reduce", nbytes(chunks[out_i]))
+            traffic.add("ring_all_gather", nbytes(chunks[out_i]))
+
+
+def ring_all_reduce(t: torch.Tensor, traffic: Traffic | None = None, check: bool = True) -> torch.Tensor:
+    """Sum t over all ranks in place, with send/recv only; counts the bytes this rank sends."""
+    if check:
+        check_same_shape(t, "ring_all_reduce's tensor")
+    if dist.get_world_size() == 1:
+        return t
+    flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
+    chunks = list(flat.tensor_split(dist.get_world_size()))     # N chunks, sizes differ by at most 1
+    ring_reduce_scatter(chunks, traffic)
+    ring_all_gather(chunks, traffic)
     if not t.is_contiguous():
         t.copy_(flat.view_as(t))
     return t
