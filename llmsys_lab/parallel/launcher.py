@@ -146,6 +146,7 @@ def _worker(rank: int, job: Job) -> None:
         store = dist.FileStore(os.path.join(job.folder, "store"), job.world_size)
         dist.init_process_group(job.backend, store=store, rank=rank, world_size=job.world_size,
                                 timeout=datetime.timedelta(seconds=job.timeout))
+        open(os.path.join(job.folder, f"ready{rank}"), "w").close()
         torch.set_num_threads(job.threads)     # N ranks share the cores: no oversubscription
         torch.manual_seed(0)
         result = _resolve(job.target)(*job.args, **job.kwargs)
@@ -178,11 +179,12 @@ def _stop(procs) -> None:
 
 
 def launch(fn, world_size: int = 2, args: tuple = (), kwargs: dict | None = None, backend: str = "auto",
-           timeout: float = 60.0, helpers: tuple = ()) -> list:
+           timeout: float = 60.0, helpers: tuple = (), startup_timeout: float = 120.0) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return the ranks' results, rank 0 first.
 
     Raises ``RankError`` (with the failing rank's traceback) if any rank raises or dies, and
-    ``RankTimeout`` if the job runs past ``timeout`` seconds; every rank is stopped either way.
+    ``RankTimeout`` if the job runs past ``timeout`` seconds after every rank joined the process
+    group (starting the interpreters has its own ``startup_timeout``); every rank is stopped either way.
     """
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ConfigError(f"world_size must be a positive int, got {world_size!r}")
@@ -204,8 +206,10 @@ def launch(fn, world_size: int = 2, args: tuple = (), kwargs: dict | None = None
             p = ctx.Process(target=_worker, args=(rank, job), daemon=True, name=f"rank{rank}")
             p.start()
             procs.append(p)
-        deadline = time.monotonic() + timeout + 10     # start-up of fresh interpreters on top
+        deadline, started = time.monotonic() + startup_timeout, False
         while True:
+            if not started and all(os.path.exists(os.path.join(folder, f"ready{r}")) for r in range(world_size)):
+                deadline, started = time.monotonic() + timeout, True
             codes = [p.exitcode for p in procs]
             failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
             if failed:
@@ -216,7 +220,10 @@ def launch(fn, world_size: int = 2, args: tuple = (), kwargs: dict | None = None
             if time.monotonic() > deadline:
                 waiting = [r for r, c in enumerate(codes) if c is None]
                 _stop(procs)
-                raise RankTimeout(f"ranks {waiting} of {world_size} did not finish within {timeout:.0f} s "
+                if not started:
+                    raise RankTimeout(f"the {world_size} ranks did not all start and join the process group "
+                                      f"within {startup_timeout:.0f} s; all ranks were stopped")
+                raise RankTimeout(f"ranks {waiting} of {world_size} did not finish within {timeout:g} s "
                                   f"(a rank waiting in a collective that another rank never joined?); "
                                   f"all ranks were stopped")
             time.sleep(0.02)
