@@ -102,3 +102,22 @@ def test_bad_input_fails_on_every_rank_with_a_clear_error(two, three):
             assert "ShapeError: x must have the same shape and dtype on every rank" in bad["shape_mismatch"]
             assert f"{n + 1} heads do not divide into {n} ranks" in bad["ulysses_heads"]
             assert "ShapeError: the local q shard must have the same shape" in bad["ring_attention_shards"]
+
+
+def test_estimators_count_what_the_implementations_send(two):
+    from llmsys_lab.estimators import param_count
+    from llmsys_lab.parallel.data_parallel import tiny_config
+    from llmsys_lab.parallel.estimate import ParallelPlan, estimate_parallel
+
+    cfg = tiny_config()                                          # the checks' model, fp32
+    dp = estimate_parallel(cfg, 4, 8, ParallelPlan(dp=2), "fp32")
+    assert dp.params_per_device == param_count(cfg)
+    assert dp.dp_bytes == two[0]["data_parallel"]["ring"]["bytes_sent"]
+    zero = estimate_parallel(cfg, 4, 8, ParallelPlan(dp=2, zero=1), "fp32")
+    assert zero.optimizer == two[0]["zero"]["state_bytes"]
+    # check_tensor_parallel: one block, batch 2, 6 tokens
+    tp = estimate_parallel(cfg.replace(num_layers=1), 2, 6, ParallelPlan(tp=2), "fp32")
+    assert tp.tp_bytes == two[0]["tensor_parallel"]["block_bytes_sent"]
+    # check_pipeline: batch 4 of 8 predicted tokens, 4 micro-batches, 2 stages: one boundary each
+    pp = estimate_parallel(cfg, 4, 8, ParallelPlan(pp=2, micro_batches=4), "fp32")
+    assert pp.pp_bytes == two[0]["pipeline"]["1f1b"]["bytes_sent"] == two[1]["pipeline"]["1f1b"]["bytes_sent"]
