@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import Traffic, check_same_shape
+from .launcher import device
 from .data_parallel import check_data_parallel
 from .pipeline import check_pipeline
 from .ring import ring_all_reduce
@@ -23,7 +24,7 @@ def check_ring(sizes=(1, 5, 1000, 4099), seed: int = 0) -> dict:
     out = {}
     for n in sizes:
         g = torch.Generator().manual_seed(seed + 100 * rank + n)
-        x = torch.randn(n, generator=g, dtype=torch.float64)
+        x = torch.randn(n, generator=g, dtype=torch.float64).to(device())
         ref = x.clone()
         dist.all_reduce(ref)
         traffic = Traffic()
@@ -46,12 +47,12 @@ def check_bad_input() -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
     # a tensor of a different shape on the last rank
-    out["ring_mismatch"] = _error_of(ring_all_reduce, torch.ones(4 + (rank == world - 1)))
-    out["shape_mismatch"] = _error_of(check_same_shape, torch.ones(2, 3 if rank else 2), "x")
+    out["ring_mismatch"] = _error_of(ring_all_reduce, torch.ones(4 + (rank == world - 1), device=device()))
+    out["shape_mismatch"] = _error_of(check_same_shape, torch.ones(2, 3 if rank else 2, device=device()), "x")
     # heads not divisible by the ranks (Ulysses), sequence shards of different lengths (Ring Attention)
-    q = torch.randn(1, world + 1, 4, 8)
+    q = torch.randn(1, world + 1, 4, 8, device=device())
     out["ulysses_heads"] = _error_of(ulysses_attention, q, q, q)
-    q = torch.randn(1, 2, 4 + rank, 8)
+    q = torch.randn(1, 2, 4 + rank, 8, device=device())
     out["ring_attention_shards"] = _error_of(ring_attention, q, q, q)
     dist.barrier()
     return out
@@ -75,7 +76,7 @@ def raise_on(rank_that_fails: int = 1) -> None:
     """For the launcher's tests: one rank raises while the others wait in a collective."""
     if dist.get_rank() == rank_that_fails:
         raise ValueError(f"rank {rank_that_fails} was told to fail")
-    dist.all_reduce(torch.ones(1))
+    dist.all_reduce(torch.ones(1, device=device()))
 
 
 def hang(seconds: float = 600.0) -> None:
@@ -89,4 +90,4 @@ def die_on(rank_that_dies: int = 1) -> None:
     import os
     if dist.get_rank() == rank_that_dies:
         os._exit(3)
-    dist.all_reduce(torch.ones(1))
+    dist.all_reduce(torch.ones(1, device=device()))

@@ -21,6 +21,7 @@ from ..configs import ModelConfig
 from ..model import LlamaLM
 from ..validate import ShapeError
 from .comm import Traffic, all_reduce, check_same_shape, nbytes
+from .launcher import device
 from .ring import ring_all_reduce
 
 
@@ -133,7 +134,7 @@ def parameter_server_step(model, batch: torch.Tensor, lr: float = 0.1, traffic: 
 def reference_step(cfg: ModelConfig, batch: torch.Tensor, lr: float = 0.1, seed: int = 0):
     """Single-process training on the whole batch: the result data parallelism must reproduce."""
     torch.manual_seed(seed)
-    model = LlamaLM(cfg)
+    model = LlamaLM(cfg).to(batch.device)
     loss = lm_loss(model, batch)
     loss.backward()
     sgd_update(list(model.parameters()), lr)
@@ -149,12 +150,12 @@ def check_data_parallel(batch_size: int = 4, seq: int = 9, lr: float = 0.1, seed
     """On every rank: DP (all-reduce), DP (ring) and parameter-server steps vs the single-process step."""
     cfg = tiny_config()
     g = torch.Generator().manual_seed(seed + 1)
-    batch = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g)
+    batch = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g).to(device())
     ref, ref_loss = reference_step(cfg, batch, lr, seed)
     out = {}
     for name in ("all_reduce", "ring", "parameter_server"):
         torch.manual_seed(seed)
-        model = LlamaLM(cfg)
+        model = LlamaLM(cfg).to(batch.device)
         traffic = Traffic()
         if name == "parameter_server":
             loss = parameter_server_step(model, batch, lr, traffic)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..validate import ConfigError, ShapeError
 from .comm import Traffic, check_same_shape, nbytes
+from .launcher import device
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -169,7 +170,7 @@ def run_pipeline(stage: Stage, batch: torch.Tensor, micro_batches: int, kind: st
     act_shape = (mbs[0].shape[0], batch.shape[1] - 1, hidden)
     dtype = next(stage.parameters()).dtype
     inputs, outputs, pending = {}, {}, []
-    total_loss = torch.zeros(())
+    total_loss = torch.zeros((), device=batch.device)
     events = []
     dist.barrier()
     t0 = time.time()
@@ -180,7 +181,7 @@ def run_pipeline(stage: Stage, batch: torch.Tensor, micro_batches: int, kind: st
             if stage.first:
                 x = ids[:, :-1]
             else:
-                x = torch.empty(act_shape, dtype=dtype)
+                x = torch.empty(act_shape, dtype=dtype, device=batch.device)
                 dist.recv(x, rank - 1)
                 x.requires_grad_()
             y = stage(x)
@@ -200,7 +201,7 @@ def run_pipeline(stage: Stage, batch: torch.Tensor, micro_batches: int, kind: st
             if stage.last:
                 out.backward()
             else:
-                grad = torch.empty(act_shape, dtype=dtype)
+                grad = torch.empty(act_shape, dtype=dtype, device=batch.device)
                 dist.recv(grad, rank + 1)
                 out.backward(grad)
             x = inputs.pop(op.mb)
@@ -236,16 +237,16 @@ def check_pipeline(batch_size: int = 4, seq: int = 9, micro_batches: int = 4, se
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_config()
     g = torch.Generator().manual_seed(seed + 1)
-    batch = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g)
+    batch = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g).to(device())
     torch.manual_seed(seed)
-    ref = LlamaLM(cfg)
+    ref = LlamaLM(cfg).to(batch.device)
     ref_loss = lm_loss(ref, batch)
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
     out = {}
     for kind in SCHEDULES:
         torch.manual_seed(seed)
-        model = LlamaLM(cfg)
+        model = LlamaLM(cfg).to(batch.device)
         stage = Stage(model, rank, world)
         traffic = Traffic()
         loss, events = run_pipeline(stage, batch, micro_batches, kind, traffic)

@@ -67,3 +67,30 @@ def ring_all_reduce(t: torch.Tensor, traffic: Traffic | None = None, check: bool
     if not t.is_contiguous():
         t.copy_(flat.view_as(t))
     return t
+
+
+def time_all_reduce(numels=(2**10, 2**16, 2**20), repeats: int = 5) -> dict:
+    """Run on ranks: median seconds of ring_all_reduce and dist.all_reduce per tensor size (fp32)."""
+    import statistics
+    import time
+
+    from .launcher import device
+
+    out = {}
+    for n in numels:
+        x = torch.ones(n, device=device())
+        row = {}
+        for name, fn in (("ring", lambda t: ring_all_reduce(t, check=False)), ("library", dist.all_reduce)):
+            times = []
+            for _ in range(repeats + 1):                      # the first call warms up
+                dist.barrier()
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn(x)
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            row[name] = statistics.median(times[1:])
+        out[n] = row
+    return out

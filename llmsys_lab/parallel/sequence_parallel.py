@@ -24,6 +24,7 @@ from ..attention import repeat_kv, scaled_dot_product_attention
 from ..flash import block_stats, merge_stats
 from ..validate import ConfigError, check_tensor
 from .comm import Traffic, all_to_all, check_same_shape, nbytes
+from .launcher import device
 
 
 class _AllToAll(torch.autograd.Function):
@@ -144,6 +145,7 @@ def check_sequence_parallel(batch: int = 2, heads: int = 4, kv_heads: int = 2, s
     k = torch.randn(batch, kv_heads, seq, dim, generator=g)
     v = torch.randn(batch, kv_heads, seq, dim, generator=g)
     r = torch.randn(batch, heads, seq, dim, generator=g)
+    q, k, v, r = (t.to(device()) for t in (q, k, v, r))
     out = {}
     for causal in (False, True):
         full = [t.clone().requires_grad_() for t in (q, k, v)]

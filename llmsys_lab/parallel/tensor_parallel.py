@@ -27,6 +27,7 @@ from ..attention import scaled_dot_product_attention
 from ..layers import LlamaBlock
 from ..validate import ConfigError, ShapeError, check_tensor
 from .comm import Traffic, nbytes, ring_factor
+from .launcher import device
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -207,9 +208,10 @@ def check_tensor_parallel(batch: int = 2, seq: int = 6, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     out = {}
     # the slide: Y = X W1 W2
-    w1, w2 = nn.Linear(cfg.hidden_size, 4 * cfg.hidden_size, bias=False), nn.Linear(4 * cfg.hidden_size,
-                                                                                     cfg.hidden_size, bias=False)
-    x = torch.randn(batch, seq, cfg.hidden_size, requires_grad=True)
+    dev = device()
+    w1 = nn.Linear(cfg.hidden_size, 4 * cfg.hidden_size, bias=False).to(dev)
+    w2 = nn.Linear(4 * cfg.hidden_size, cfg.hidden_size, bias=False).to(dev)
+    x = torch.randn(batch, seq, cfg.hidden_size).to(dev)
     traffic = Traffic()
     tp = TwoLayerTP(w1, w2, rank, world, traffic)
     y_tp = tp(x)
@@ -217,11 +219,11 @@ def check_tensor_parallel(batch: int = 2, seq: int = 6, seed: int = 0) -> dict:
     out["mlp_forward_err"] = (y_tp - y_ref).abs().max().item()
     out["mlp_forward_all_reduces"] = traffic.calls["tp_all_reduce_forward"]
     # the Llama block: outputs and gradients
-    block = LlamaBlock(cfg)
+    block = LlamaBlock(cfg).to(dev)
     traffic = Traffic()
     tpb = TensorParallelLlamaBlock(block, rank, world, traffic)
-    x = torch.randn(batch, seq, cfg.hidden_size)
-    r = torch.randn(batch, seq, cfg.hidden_size)
+    x = torch.randn(batch, seq, cfg.hidden_size).to(dev)
+    r = torch.randn(batch, seq, cfg.hidden_size).to(dev)
     x_ref, x_tp = x.clone().requires_grad_(), x.clone().requires_grad_()
     (block(x_ref) * r).sum().backward()
     y = tpb(x_tp)

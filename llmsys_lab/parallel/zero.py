@@ -29,6 +29,7 @@ from ..estimators.memory import OPTIMIZER_BYTES
 from ..estimators.params import param_count
 from ..validate import ConfigError
 from .comm import Traffic
+from .launcher import device
 from .ring import ring_all_gather, ring_reduce_scatter
 
 PRECISION_BYTES = {"fp32": (4, 4, 0), "mixed-zero": (2, 2, 4)}   # weight, gradient, fp32 master copy
@@ -131,9 +132,9 @@ def check_zero(batch_size: int = 4, seq: int = 9, lr: float = 1e-2, steps: int =
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = tiny_config()
     g = torch.Generator().manual_seed(seed + 1)
-    batches = [torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g) for _ in range(steps)]
+    batches = [torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g).to(device()) for _ in range(steps)]
     torch.manual_seed(seed)
-    ref = LlamaLM(cfg)
+    ref = LlamaLM(cfg).to(device())
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=lr)
     for b in batches:
         ref_opt.zero_grad()
@@ -142,7 +143,7 @@ def check_zero(batch_size: int = 4, seq: int = 9, lr: float = 1e-2, steps: int =
     full_state = sum(t.numel() * t.element_size() for st in ref_opt.state.values() for t in st.values()
                      if isinstance(t, torch.Tensor) and t.dim() > 0)
     torch.manual_seed(seed)
-    model = LlamaLM(cfg)
+    model = LlamaLM(cfg).to(device())
     traffic = Traffic()
     opt = ShardedAdamW(model, lr=lr, traffic=traffic)
     for b in batches:
