@@ -16,7 +16,8 @@ Why processes and files:
 * The processes are *spawned*, so ``fn`` must be importable (a function of a module). A function
   defined in a notebook cell cannot be pickled to a fresh process; for those, ``launch`` ships the
   function's source text instead (plus the sources of ``helpers``) and each rank executes it in a
-  namespace that already holds ``torch``, ``dist`` (torch.distributed), ``math`` and ``nn``.
+  namespace that already holds ``torch``, ``dist`` (torch.distributed), ``math`` and ``nn``; the
+  functions it calls go along as ``helpers``, and imports it needs as a ``preamble`` string.
 
 Under ``torchrun`` (the environment variables RANK, WORLD_SIZE, MASTER_ADDR are set) use
 ``python -m torch.distributed.run --nproc-per-node N -m llmsys_lab.parallel.launcher MODULE:FUNCTION``:
@@ -106,12 +107,12 @@ def _source_of(fn) -> str:
             f"inside another function) and its source is not available ({e}); define it in a module") from e
 
 
-def _target(fn, helpers) -> object:
+def _target(fn, helpers, preamble: str = "") -> object:
     if not callable(fn):
         raise TypeError(f"launch needs a function to run on every rank, got {type(fn).__name__}")
-    if _importable(fn) and not helpers:
+    if _importable(fn) and not helpers and not preamble:
         return fn
-    sources = [_source_of(h) for h in helpers] + [_source_of(fn)]
+    sources = [textwrap.dedent(preamble)] + [_source_of(h) for h in helpers] + [_source_of(fn)]
     return ("\n\n".join(sources), fn.__name__)
 
 
@@ -179,11 +180,13 @@ def _stop(procs) -> None:
 
 
 def launch(fn, world_size: int = 2, args: tuple = (), kwargs: dict | None = None, backend: str = "auto",
-           timeout: float = 60.0, helpers: tuple = (), startup_timeout: float = 120.0) -> list:
+           timeout: float = 60.0, helpers: tuple = (), preamble: str = "",
+           startup_timeout: float = 120.0) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return the ranks' results, rank 0 first.
 
     Raises ``RankError`` (with the failing rank's traceback) if any rank raises or dies, and
-    ``RankTimeout`` if the job runs past ``timeout`` seconds after every rank joined the process
+    helpers: more functions of the caller's (notebook) to ship with fn as source; preamble: code
+    (imports) the ranks run before them. ``RankTimeout`` if the job runs past ``timeout`` seconds after every rank joined the process
     group (starting the interpreters has its own ``startup_timeout``); every rank is stopped either way.
     """
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
@@ -191,7 +194,7 @@ def launch(fn, world_size: int = 2, args: tuple = (), kwargs: dict | None = None
     if timeout <= 0:
         raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
     backend = choose_backend(world_size, backend)
-    target = _target(fn, tuple(helpers))
+    target = _target(fn, tuple(helpers), preamble)
     try:
         pickle.dumps((args, kwargs or {}))
     except Exception as e:  # noqa: BLE001
