@@ -20,7 +20,8 @@ Why processes and files:
   functions it calls go along as ``helpers``, and imports it needs as a ``preamble`` string.
 
 Under ``torchrun`` (the environment variables RANK, WORLD_SIZE, MASTER_ADDR are set) use
-``python -m torch.distributed.run --nproc-per-node N -m llmsys_lab.parallel.launcher MODULE:FUNCTION``:
+``python -m torch.distributed.run --standalone --nproc-per-node N -m llmsys_lab.parallel.launcher MODULE:FUNCTION``
+(``--standalone`` lets torchrun pick a free port):
 the process group comes from the environment and rank 0 prints the results.
 """
 from __future__ import annotations
