@@ -102,6 +102,8 @@ def test_bad_input_fails_on_every_rank_with_a_clear_error(two, three):
             assert "ShapeError: x must have the same shape and dtype on every rank" in bad["shape_mismatch"]
             assert f"{n + 1} heads do not divide into {n} ranks" in bad["ulysses_heads"]
             assert "ShapeError: the local q shard must have the same shape" in bad["ring_attention_shards"]
+            assert f"num_heads = {n + 1} is not divisible by the tensor-parallel degree {n}" in bad["tp_heads"]
+            assert f"num_layers = {n + 1} is not divisible by the number of pipeline stages {n}" in bad["pp_layers"]
 
 
 def test_estimators_count_what_the_implementations_send(two):

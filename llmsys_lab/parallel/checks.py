@@ -54,6 +54,17 @@ def check_bad_input() -> dict:
     out["ulysses_heads"] = _error_of(ulysses_attention, q, q, q)
     q = torch.randn(1, 2, 4 + rank, 8, device=device())
     out["ring_attention_shards"] = _error_of(ring_attention, q, q, q)
+    # a model whose heads (tensor parallel) or layers (pipeline) do not divide by the ranks
+    from ..layers import LlamaBlock
+    from ..model import LlamaLM
+    from .data_parallel import tiny_config
+    from .pipeline import Stage
+    from .tensor_parallel import TensorParallelLlamaBlock
+
+    odd = tiny_config(hidden_size=8 * (world + 1), num_heads=world + 1, num_kv_heads=world + 1,
+                      num_layers=world + 1)
+    out["tp_heads"] = _error_of(TensorParallelLlamaBlock, LlamaBlock(odd), rank, world)
+    out["pp_layers"] = _error_of(Stage, LlamaLM(odd), rank, world)
     dist.barrier()
     return out
 
