@@ -156,7 +156,8 @@ def _worker(rank: int, job: Job) -> None:
         status = 0
     except BaseException as e:  # noqa: BLE001 - every failure is reported to the caller
         with open(os.path.join(job.folder, f"error{rank}.txt"), "w") as f:
-            f.write(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+            what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            f.write(f"{what}\n\n{traceback.format_exc()}")
     finally:
         if dist.is_initialized():
             if status == 0:
