@@ -16,7 +16,8 @@ Why processes and files:
 * The processes are *spawned*, so ``fn`` must be importable (a function of a module). A function
   defined in a notebook cell cannot be pickled to a fresh process; for those, ``launch`` ships the
   function's source text instead (plus the sources of ``helpers``) and each rank executes it in a
-  namespace that already holds ``torch``, ``dist`` (torch.distributed), ``math`` and ``nn``; the
+  namespace that already holds ``torch``, ``dist`` (torch.distributed), ``math``, ``nn`` and ``device``
+  (this rank's device: its GPU under NCCL, else the CPU); the
   functions it calls go along as ``helpers``, and imports it needs as a ``preamble`` string.
 
 Under ``torchrun`` (the environment variables RANK, WORLD_SIZE, MASTER_ADDR are set) use
@@ -134,7 +135,7 @@ def _resolve(target):
         return target
     source, name = target
     namespace = {"__name__": "__rank__", "torch": torch, "dist": dist, "math": __import__("math"),
-                 "nn": torch.nn}
+                 "nn": torch.nn, "device": device}
     exec(compile(source, f"<source of {name}>", "exec"), namespace)   # noqa: S102 - the caller's own code
     return namespace[name]
 
