@@ -17,7 +17,7 @@ def test_function_defined_here_runs_from_its_source():
     # a function local to a test (like one defined in a notebook cell) cannot be pickled by name:
     # the launcher ships its source, and the ranks run it with torch and dist in scope
     def rank_and_sum():
-        x = torch.tensor([float(dist.get_rank() + 1)])  # noqa: F821 - provided by the launcher
+        x = torch.tensor([float(dist.get_rank() + 1)], device=device())  # noqa: F821 - provided by the launcher
         dist.all_reduce(x)  # noqa: F821
         return dist.get_rank(), dist.get_world_size(), x.item()  # noqa: F821
 
