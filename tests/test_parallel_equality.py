@@ -85,7 +85,7 @@ def test_sequence_parallel_equals_full_attention(two, three):
             sp = rank["sequence_parallel"]
             for tag in ("full", "causal"):
                 assert sp[f"ulysses_{tag}_err"] < 1e-5 and sp[f"ulysses_{tag}_grad_err"] < 1e-5
-                assert sp[f"ring_{tag}_err"] < 1e-5
+                assert sp[f"ring_{tag}_err"] < 1e-5 and sp[f"ring_{tag}_grad_err"] < 1e-5
                 sent, expected = sp[f"ulysses_{tag}_bytes"]
                 assert sent == expected
                 sent, expected = sp[f"ring_{tag}_bytes"]

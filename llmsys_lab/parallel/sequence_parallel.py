@@ -11,7 +11,8 @@ mixes tokens, and there are two ways to give each rank what it needs:
   blocks travel around the ring, N-1 hops. Each rank attends its queries to the block it holds,
   keeping the running max m and sum l of the softmax, and merges the partial results with the
   log-sum-exp merge of FlashAttention (``flash.merge_stats``, lesson 06). Under a causal mask a
-  block of later tokens is skipped, but it must still be passed on.
+  block of later tokens is skipped, but it must still be passed on. In the backward pass the blocks
+  go around again, collecting the gradients of K and V, and one more hop brings those home.
 """
 from __future__ import annotations
 
@@ -80,13 +81,8 @@ def _partial(q, k, v, scale, mask):
     return p @ v, m, l
 
 
-def ring_attention(q, k, v, causal: bool = True, traffic: Traffic | None = None) -> torch.Tensor:
-    """Attention over the whole sequence from sequence shards, K/V passed around the ring.
-
-    Forward pass only (the backward pass would send the K/V blocks and their gradients around the
-    ring again). Rank r holds tokens [r T/N, (r+1) T/N).
-    """
-    _check_shards(q, k, v)
+def _ring_forward(q, k, v, causal, traffic):
+    """Output (B, H, T/N, D) and the log-sum-exp of every query row (kept for the backward pass)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     right, left = (rank + 1) % world, (rank - 1) % world
     n_rep = q.shape[1] // k.shape[1]
@@ -102,10 +98,8 @@ def ring_attention(q, k, v, causal: bool = True, traffic: Traffic | None = None)
             if traffic is not None:
                 traffic.add("ring_attention_kv", nbytes(kv))
         if not (causal and j > rank):                                     # later tokens: invisible
-            mask = None
-            if causal and j == rank:
-                mask = torch.ones(t_local, t_local, dtype=torch.bool, device=q.device).tril()
-            ob, mb, lb = _partial(q, repeat_kv(kv[0], n_rep), repeat_kv(kv[1], n_rep), scale, mask)
+            ob, mb, lb = _partial(q, repeat_kv(kv[0], n_rep), repeat_kv(kv[1], n_rep), scale,
+                                  _block_mask(causal, j, rank, t_local, q.device))
             if o is None:
                 o, m, l = ob, mb, lb
             else:
@@ -116,7 +110,74 @@ def ring_attention(q, k, v, causal: bool = True, traffic: Traffic | None = None)
             dist.recv(incoming, left)
             req.wait()
             kv = incoming
-    return o / l[..., None]
+    return o / l[..., None], m + torch.log(l)
+
+
+def _block_mask(causal, j, rank, t_local, dev):
+    """Causal mask between this rank's queries and rank j's keys (None: every key visible)."""
+    if causal and j == rank:
+        return torch.ones(t_local, t_local, dtype=torch.bool, device=dev).tril()
+    return None
+
+
+class _RingAttention(torch.autograd.Function):
+    """Backward: the K/V blocks go around the ring again, each carrying the gradient of its K and V
+    accumulated by every rank it visits; one more hop brings the gradients home. The softmax is
+    rebuilt from the saved log-sum-exp, as in FlashAttention's backward pass."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, traffic):
+        out, lse = _ring_forward(q, k, v, causal, traffic)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.traffic = causal, traffic
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        world, rank = dist.get_world_size(), dist.get_rank()
+        right, left = (rank + 1) % world, (rank - 1) % world
+        b, h_kv, t_local, d = k.shape
+        n_rep = q.shape[1] // h_kv
+        scale = 1.0 / math.sqrt(d)
+        delta = (dout * out).sum(-1, keepdim=True)                        # (B, H, T, 1)
+        dq = torch.zeros_like(q)
+        msg = torch.stack((k, v, torch.zeros_like(k), torch.zeros_like(v))).contiguous()   # k, v, dk, dv
+        for step in range(world):
+            j = (rank - step) % world
+            if not (ctx.causal and j > rank):
+                kk, vv = repeat_kv(msg[0], n_rep), repeat_kv(msg[1], n_rep)          # (B, H, T, D)
+                s = (q @ kk.transpose(-1, -2)) * scale
+                mask = _block_mask(ctx.causal, j, rank, t_local, q.device)
+                if mask is not None:
+                    s = s.masked_fill(~mask, float("-inf"))
+                p = torch.exp(s - lse[..., None])                                      # the softmax
+                dp = dout @ vv.transpose(-1, -2)
+                ds = p * (dp - delta)
+                dq += (ds @ kk) * scale
+                dk = (ds.transpose(-1, -2) @ q) * scale                                # (B, H, T, D)
+                dv = p.transpose(-1, -2) @ dout
+                msg[2] += dk.view(b, h_kv, n_rep, t_local, d).sum(2)                   # GQA: sum the group
+                msg[3] += dv.view(b, h_kv, n_rep, t_local, d).sum(2)
+            incoming = torch.empty_like(msg)                                           # N hops: back home
+            req = dist.isend(msg, right)
+            if ctx.traffic is not None:
+                ctx.traffic.add("ring_attention_backward", nbytes(msg))
+            dist.recv(incoming, left)
+            req.wait()
+            msg = incoming
+        return dq, msg[2], msg[3], None, None
+
+
+def ring_attention(q, k, v, causal: bool = True, traffic: Traffic | None = None) -> torch.Tensor:
+    """Attention over the whole sequence from sequence shards, K/V passed around the ring.
+
+    Rank r holds tokens [r T/N, (r+1) T/N) of q (B, H, T/N, D), k and v (B, H_kv, T/N, D).
+    Differentiable: the backward pass sends the K/V blocks around the ring once more with their
+    gradients.
+    """
+    _check_shards(q, k, v)
+    return _RingAttention.apply(q, k, v, causal, traffic)
 
 
 def shard_sequence(x: torch.Tensor, rank: int, world: int, dim: int = 2) -> torch.Tensor:
@@ -138,7 +199,7 @@ def ring_attention_bytes(local_kv_numel: int, world: int, bytes_per_el: int = 4)
 # ---- run on ranks --------------------------------------------------------------------------------
 def check_sequence_parallel(batch: int = 2, heads: int = 4, kv_heads: int = 2, seq: int = 12, dim: int = 8,
                             seed: int = 0) -> dict:
-    """On every rank: Ulysses (forward and gradients) and Ring Attention vs full attention."""
+    """On every rank: Ulysses and Ring Attention (outputs and gradients) vs full attention."""
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, seq, dim, generator=g)
@@ -156,14 +217,19 @@ def check_sequence_parallel(batch: int = 2, heads: int = 4, kv_heads: int = 2, s
         uly = ulysses_attention(*local, causal=causal, traffic=traffic)
         (uly * shard_sequence(r, rank, world)).sum().backward()
         ring_traffic = Traffic()
-        ring = ring_attention(*(t.detach() for t in local), causal=causal, traffic=ring_traffic)
+        ring_in = [t.detach().clone().requires_grad_() for t in local]
+        ring = ring_attention(*ring_in, causal=causal, traffic=ring_traffic)
+        forward_bytes = ring_traffic.total
+        (ring * shard_sequence(r, rank, world)).sum().backward()
         ref_local = shard_sequence(ref.detach(), rank, world)
         tag = "causal" if causal else "full"
         out[f"ulysses_{tag}_err"] = (uly - ref_local).abs().max().item()
         out[f"ulysses_{tag}_grad_err"] = max((shard_sequence(f.grad, rank, world) - t.grad).abs().max().item()
                                              for f, t in zip(full, local))
         out[f"ring_{tag}_err"] = (ring - ref_local).abs().max().item()
+        out[f"ring_{tag}_grad_err"] = max((shard_sequence(f.grad, rank, world) - t.grad).abs().max().item()
+                                          for f, t in zip(full, ring_in))
         out[f"ulysses_{tag}_bytes"] = (traffic.bytes["ulysses_all_to_all"], ulysses_bytes(
             (local[0].numel(), local[1].numel(), local[2].numel(), uly.numel()), world))
-        out[f"ring_{tag}_bytes"] = (ring_traffic.total, ring_attention_bytes(local[1].numel(), world))
+        out[f"ring_{tag}_bytes"] = (forward_bytes, ring_attention_bytes(local[1].numel(), world))
     return out
