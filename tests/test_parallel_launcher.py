@@ -1,0 +1,57 @@
+"""The launcher: results come back, a failing, dying or hanging rank gives a clear error and no orphans."""
+import multiprocessing
+import time
+
+import pytest
+
+from llmsys_lab.parallel import RankError, RankTimeout, launch
+from llmsys_lab.parallel.checks import die_on, hang, raise_on
+from llmsys_lab.validate import ConfigError
+
+
+def _no_children_left():
+    return multiprocessing.active_children() == []
+
+
+def test_function_defined_here_runs_from_its_source():
+    # a function local to a test (like one defined in a notebook cell) cannot be pickled by name:
+    # the launcher ships its source, and the ranks run it with torch and dist in scope
+    def rank_and_sum():
+        x = torch.tensor([float(dist.get_rank() + 1)], device=device())  # noqa: F821 - provided by the launcher
+        dist.all_reduce(x)  # noqa: F821
+        return dist.get_rank(), dist.get_world_size(), x.item()  # noqa: F821
+
+    assert launch(rank_and_sum, 2) == [(0, 2, 3.0), (1, 2, 3.0)]
+    assert _no_children_left()
+
+
+def test_a_rank_that_raises_stops_every_rank():
+    with pytest.raises(RankError, match="rank 1 raised ValueError: rank 1 was told to fail"):
+        launch(raise_on, 2, args=(1,), timeout=60)
+    assert _no_children_left()
+
+
+def test_a_rank_that_dies_stops_every_rank():
+    with pytest.raises(RankError, match="rank 1 died with exit code 3"):
+        launch(die_on, 2, args=(1,), timeout=60)
+    assert _no_children_left()
+
+
+def test_a_hanging_rank_times_out():
+    t0 = time.monotonic()
+    with pytest.raises(RankTimeout, match=r"ranks \[0, 1\] of 2 did not finish within 1 s"):
+        launch(hang, 2, timeout=1.0)
+    assert time.monotonic() - t0 < 100          # the job never ran its 600 s
+    assert _no_children_left()
+
+
+def test_bad_arguments_fail_before_any_process_starts():
+    with pytest.raises(ConfigError, match="world_size must be a positive int"):
+        launch(hang, 0)
+    with pytest.raises(ConfigError, match="backend must be"):
+        launch(hang, 2, backend="mpi")
+    with pytest.raises(ConfigError, match="its source is not available"):
+        launch(lambda: 1, 2) if False else launch(eval("lambda: 1"), 2)
+    with pytest.raises(TypeError, match="needs a function"):
+        launch(3, 2)
+    assert _no_children_left()
