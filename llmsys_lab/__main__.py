@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--causal", action="store_true", help="count only the causal half of attention")
     est.add_argument("--precision", default="mixed", help="training precision: fp32, mixed (bf16 autocast), mixed-zero")
     est.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    from .parallel.estimate import add_arguments as add_parallel_arguments
+    add_parallel_arguments(est)          # --tp --pp --dp --zero --micro-batches
     gr = sub.add_parser("grade", help="autograde assignment notebooks (no nbgrader database needed)")
     gr.add_argument("submissions", nargs="+", metavar="SUBMISSION.ipynb")
     gr.add_argument("--source", default="auto", help="instructor notebook, or a folder to search for it, whose "
@@ -47,6 +49,7 @@ def _estimate(args) -> int:
 
     from .estimators.report import estimate, format_listing, format_report
     from .presets import get_preset
+    from .parallel.estimate import ParallelPlan, estimate_parallel, report_from_args
     from .validate import ConfigError
 
     if args.list:
@@ -58,10 +61,19 @@ def _estimate(args) -> int:
     try:
         cfg = get_preset(args.model)
         kw = dict(causal=args.causal, precision=args.precision)
+        plan = ParallelPlan(args.tp, args.pp, args.dp, args.zero, args.micro_batches)
+        parallel = not (plan.devices == 1 and plan.zero == 0 and plan.micro_batches == 1)
         if args.json:
-            print(json.dumps(estimate(cfg, args.batch, args.seq, args.dtype, args.gpu, **kw), indent=1))
+            result = estimate(cfg, args.batch, args.seq, args.dtype, args.gpu, **kw)
+            if parallel:
+                batch = max(args.batch, plan.dp * plan.micro_batches)
+                result["parallel"] = estimate_parallel(cfg, batch, args.seq, plan).as_dict()
+            print(json.dumps(result, indent=1))
         else:
             print(format_report(cfg, args.batch, args.seq, args.dtype, args.gpu, **kw))
+            table = report_from_args(cfg, args)
+            if table:
+                print("\n" + table)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,26 @@
+"""`python -m llmsys_lab estimate ... --tp/--pp/--dp`: the parallel plan in the table and the JSON."""
+import json
+import subprocess
+import sys
+
+
+def _estimate(*args):
+    return subprocess.run([sys.executable, "-m", "llmsys_lab", "estimate", "llama-2-7b", *args],
+                          capture_output=True, text=True)
+
+
+def test_parallel_flags_reach_table_and_json():
+    out = _estimate("--tp", "2", "--pp", "2", "--dp", "2", "--micro-batches", "4")
+    assert out.returncode == 0, out.stderr
+    assert "tp2 pp2 dp2" in out.stdout
+    data = json.loads(_estimate("--tp", "2", "--json").stdout)
+    par = data["parallel"]
+    assert par["plan"]["tp"] == 2 and par["tp_bytes"] > 0 and par["dp_bytes"] == 0
+    # with tp=2 each device holds about half the layer weights (embeddings split too)
+    assert 0.45 < par["params_per_device"] / 6.74e9 < 0.55
+    assert "parallel" not in json.loads(_estimate("--json").stdout)
+
+
+def test_parallel_plan_that_does_not_divide_is_an_error():
+    out = _estimate("--tp", "3")
+    assert out.returncode == 2 and "error" in out.stderr and "3" in out.stderr
