@@ -14,8 +14,10 @@ IDS = [p.name for p in NOTEBOOKS]
 
 
 def test_lessons_exist_and_are_numbered_in_order():
+    # lessons 00-06 come first and in order; later lessons (07-10) may land in any order
     numbers = [int(p.name[:2]) for p in NOTEBOOKS]
-    assert numbers[:2] == [0, 1] and numbers == list(range(len(numbers)))
+    assert numbers[:7] == list(range(7)), numbers
+    assert numbers == sorted(set(numbers)) and numbers[-1] <= 10, numbers
 
 
 def test_ignored_output_cells_stay_under_budget(capsys):
