@@ -29,7 +29,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     seqs = Bundle("seqs")
 
-    @initialize(num_blocks=st.integers(1, 64), block_size=st.integers(1, 16), prefix_caching=st.booleans())
+    # pools of 1..64 blocks, mostly tiny ones (that is where they run dry) and small blocks
+    @initialize(num_blocks=st.one_of(st.integers(1, 6), st.integers(1, 64)),
+                block_size=st.one_of(st.integers(1, 4), st.integers(1, 16)), prefix_caching=st.booleans())
     def setup(self, num_blocks, block_size, prefix_caching):
         self.m = BlockManager(num_blocks, block_size, prefix_caching=prefix_caching)
         self.store = [None] * (num_blocks * block_size)
@@ -58,7 +60,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for pos, slot in enumerate(self.m.slots(sid, start, len(tokens)), start=start):
             self.store[slot] = tokens[pos]
 
-    @rule(target=seqs, tokens=st.lists(TOKENS, min_size=1, max_size=40))
+    @rule(target=seqs, tokens=st.lists(TOKENS, min_size=1, max_size=20))
     def add(self, tokens):
         sid = f"s{self.next_id}"
         self.next_id += 1
@@ -70,6 +72,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.known.add(sid)
         self._write(sid, 0)
         return sid
+
+    @rule(target=seqs, short=st.integers(0, 3), token=TOKENS)
+    def add_filling_the_pool(self, short, token):
+        """A sequence that takes every free block, its last one partly filled: the next copy on write
+        or new block finds the pool empty."""
+        n = self.m.num_free * self.m.block_size - min(short, self.m.block_size - 1)
+        return self.add([token] * n) if n > 0 else self.add([token])
 
     @rule(sid=seqs, token=TOKENS)
     def append(self, sid, token):
@@ -149,6 +158,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert [self.store[s] for s in self.m.slots(sid, 0, len(tokens))] == tokens, sid
 
 
+BlockManagerMachine.TestCase.settings = settings(max_examples=4 * settings.default.max_examples)   # cheap steps
 TestBlockManager = BlockManagerMachine.TestCase
 
 
@@ -168,12 +178,15 @@ def workloads(draw):
     block_size = draw(st.sampled_from([1, 2, 4]))
     need = max(-(-(r.prompt_len + r.output_len) // block_size) for r in reqs)
     max_batch = draw(st.integers(1, 5))
+    # tiny pools (preemption) and budgets just above the longest prompt (recomputation over budget)
     kw = dict(policy=draw(st.sampled_from(["static", "continuous"])), max_batch=max_batch, block_size=block_size,
-              num_blocks=draw(st.integers(max(1, need - 2), need + 6)),
-              token_budget=draw(st.integers(max_batch, 20)), chunked_prefill=draw(st.booleans()))
+              num_blocks=draw(st.one_of(st.integers(max(1, need - 1), need + 2), st.integers(1, need + 8))),
+              token_budget=draw(st.integers(max(max_batch, max(r.prompt_len for r in reqs)), 26)),
+              chunked_prefill=draw(st.booleans()))
     return reqs, kw
 
 
+@settings(max_examples=5 * settings.default.max_examples)        # cheap: no model, no tensors
 @given(workloads())
 def test_every_request_finishes_once_with_its_tokens_or_is_rejected(workload):
     reqs, kw = workload
