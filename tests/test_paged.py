@@ -309,3 +309,12 @@ def test_tokens_are_validated():
     with pytest.raises(BlockError, match="sequence 'b': token is '3', not an int"):
         m.append("b", "3")
     assert "a" not in m.tables and m.table("b").tokens == [1]
+
+
+def test_prefixes_with_equal_python_hashes_do_not_share_a_block():
+    """hash((5, 6)) == hash((5 + 2**61 - 1, 6)) in CPython: the old key, the prefix's hash, shared the block."""
+    big = 5 + 2**61 - 1
+    assert hash((5, 6)) == hash((big, 6))
+    m = BlockManager(num_blocks=4, block_size=2, prefix_caching=True)
+    a, b = m.add("a", [5, 6]), m.add("b", [big, 6])
+    assert a.blocks != b.blocks and m.hits == 0
