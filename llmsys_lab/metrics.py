@@ -2,9 +2,9 @@
 
 TTFT: arrival to first token. TPOT: mean time between later tokens. End-to-end latency: arrival to
 last token. All in seconds, from the request's own ``*_time`` fields (``arrival_time`` is when it
-arrived, not when the run started: a request that arrives late is not charged for the time before). Throughput: output tokens per second of the run. Goodput: requests per second that met
-the latency SLO (TTFT and TPOT limits); a fast system that misses the SLO has high throughput and
-low goodput.
+arrived, not when the run started: a request that arrives late is not charged for the time before).
+Throughput: output tokens per second of the run. Goodput: requests per second that met the latency
+SLO (TTFT and TPOT limits); a fast system that misses the SLO has high throughput and low goodput.
 """
 from __future__ import annotations
 

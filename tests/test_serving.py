@@ -261,6 +261,10 @@ def test_time_fields_have_one_unit_and_ttft_starts_at_arrival():
     m = request_metrics(late)
     assert m["ttft"] == pytest.approx(sim.iteration_end[9] - sim.iteration_end[8])   # one iteration, not 10
     assert m["e2e"] == pytest.approx(late.finished_time - late.arrival_time)
+    assert (late.arrival, late.admitted_at, late.first_token_at, late.finished_at) == (     # the older names
+        late.arrival_step, late.admitted_step, late.first_token_time, late.finished_time)
+    with pytest.raises(ValueError, match="request 'x' has not finished"):
+        request_metrics(Request("x", [1], 2))
 
 
 def test_engine_time_fields(tiny):
