@@ -19,11 +19,12 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 CHROMIUM ?= $(or $(LLMSYS_CHROMIUM),/usr/bin/chromium)
 REQUIRE_BROWSER = LLMSYS_REQUIRE_BROWSER=$$([ -x "$(CHROMIUM)" ] && echo 1 || echo 0)
 
-.PHONY: help setup lab kernel test test-unit test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments clean
+.PHONY: help setup lab kernel test test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments clean
 
 help:
 	@echo "make lab              set up .venv and open JupyterLab on notebooks/"
 	@echo "make test             set up .venv and run the whole suite on this machine"
+	@echo "make test-stress      the property-based tests with a long Hypothesis search (HYPOTHESIS_PROFILE=stress)"
 	@echo "make test-browser     run the lessons in JupyterLab and drive their widgets in headless Chromium"
 	@echo "make browser-deps     install Debian's Chromium for the browser tests (apt-get, as root or with sudo)"
 	@echo "make doctor           report versions, device and Triton mode"
@@ -57,6 +58,10 @@ test: setup browser-deps
 
 test-unit: setup
 	$(PY) -m pytest tests --ignore=tests/browser
+
+# The property-based tests (block manager, scheduler, engine) with a much longer search than CI's
+test-stress: setup
+	HYPOTHESIS_PROFILE=stress $(PY) -m pytest -p no:cacheprovider tests/test_properties.py
 
 test-browser: setup browser-deps
 	LLMSYS_REQUIRE_BROWSER=1 $(PY) -m pytest tests/browser

@@ -69,10 +69,43 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, scale,
              out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
+def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, num_blocks: int,
+                       block_size: int) -> None:
+    """Every block a sequence reads must be in the table and in the pool; the kernel does not check
+    (an id outside the pool reads another tensor's memory: garbage, NaN or a crash).
+
+    One vectorised pass and one device-to-host copy of a flag; only on failure is the culprit found.
+    Entries past a sequence's last block are padding: never read, so never checked.
+    """
+    width = block_tables.shape[1]
+    used = (context_lens.long() + block_size - 1).div(block_size, rounding_mode="floor")      # (B,) blocks read
+    cols = torch.arange(width, device=block_tables.device)
+    reads = cols[None, :] < used[:, None]                                              # (B, max_blocks)
+    bad_ids = reads & ((block_tables < 0) | (block_tables >= num_blocks))
+    bad_lens = (context_lens < 0) | (used > width)
+    if not bool(bad_ids.any() | bad_lens.any()):
+        return
+    if bool(bad_lens.any()):
+        i = int(bad_lens.nonzero()[0, 0])
+        n = int(context_lens[i])
+        if n < 0:
+            raise ValueError(f"context_lens[{i}] = {n} is negative")
+        raise ValueError(f"context_lens[{i}] = {n} needs {-(-n // block_size)} blocks of {block_size}, but "
+                         f"block_tables has {width} columns")
+    i, j = (int(x) for x in bad_ids.nonzero()[0])
+    raise ValueError(f"block_tables[{i}, {j}] = {int(block_tables[i, j])} is not a block of the pool "
+                     f"(0..{num_blocks - 1})")
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
-                           block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """softmax(q K^T * scale) V for each sequence's first context_lens[b] cached tokens."""
+                           block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
+                           check: bool = True) -> torch.Tensor:
+    """softmax(q K^T * scale) V for each sequence's first context_lens[b] cached tokens.
+
+    `check=False` skips check_block_tables (one small reduction and a device-to-host sync per call)
+    where the caller built the tables itself and knows they are valid (the serving engine does), and
+    in timing loops after one checked call."""
     if q.dim() != 3:
         raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -95,6 +128,12 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
     if block_n % block_size and block_size % block_n:
         raise ValueError(f"block_n = {block_n} and block_size = {block_size} must divide one another")
+    devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}
+    if len(devices) > 1:
+        raise ValueError(f"q, k_cache, v_cache, block_tables and context_lens must be on one device, got "
+                         f"{sorted(map(str, devices))}")
+    if check:
+        check_block_tables(block_tables, context_lens, k_cache.shape[0], block_size)
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     block_tables = block_tables.contiguous()
     out = torch.empty_like(q)

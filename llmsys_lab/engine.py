@@ -10,6 +10,10 @@ masked attention call. Only that attention call sees padding; the matmuls never 
 
 Finished requests (EOS or max_new_tokens) leave after the iteration and are returned at once
 (streaming); their blocks go back to the pool for the next admission.
+
+Clocks: a request's ``arrival_step`` / ``admitted_step`` are iterations; ``arrival_time``,
+``first_token_time``, ``finished_time`` and ``token_times`` are seconds since the engine's first
+iteration began (a request arrives at the start of iteration ``arrival_step``).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import time
 import torch
 
 from .attention import scaled_dot_product_attention
+from .generate import check_token_ids
 from .paged import BlockManager
 from .paged_cache import PagedKVCache
 from .scheduler import Request, Scheduler
@@ -41,11 +46,10 @@ class Engine:
         self.log: list[dict] = []            # per iteration: requests, tokens, KV used/reserved, seconds
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, request_id, prompt: list[int], max_new_tokens: int, arrival: int = 0) -> Request:
-        """Queue a request; `arrival` is the first iteration it may be admitted in."""
-        if not all(isinstance(t, int) and 0 <= t < self.cfg.vocab_size for t in prompt):
-            raise ValueError(f"request {request_id!r} has token ids outside 0..{self.cfg.vocab_size - 1}")
-        req = Request(request_id, list(prompt), max_new_tokens, arrival=arrival)
+    def add_request(self, request_id, prompt: list[int], max_new_tokens: int, arrival_step: int = 0) -> Request:
+        """Queue a request; `arrival_step` is the first iteration it may be admitted in."""
+        prompt = check_token_ids(prompt, self.cfg.vocab_size, f"request {request_id!r}")
+        req = Request(request_id, prompt, max_new_tokens, arrival_step=arrival_step)
         self.scheduler.add(req)
         return req
 
@@ -56,7 +60,11 @@ class Engine:
         if self.start is None:
             self.start = time.perf_counter()
         self.iteration += 1
-        work = self.scheduler.schedule(now=self.iteration)
+        began = time.perf_counter() - self.start
+        for r in self.scheduler.waiting:                 # arrived now: the clock of its latency starts
+            if r.arrival_time is None and r.arrival_step <= self.iteration:
+                r.arrival_time = began
+        work = self.scheduler.schedule(self.iteration)
         chunks = [(r, r.prefilled, n) for r, n in work.prefill] + [(r, r.prefilled, 1) for r in work.decode]
         if not chunks:
             return []
@@ -71,8 +79,8 @@ class Engine:
             if r.to_prefill > 0:                   # a chunk of a longer prompt: no token yet
                 continue
             r.token_times.append(now)
-            if r.first_token_at is None:
-                r.first_token_at = now
+            if r.first_token_time is None:
+                r.first_token_time = now
             r.output.append(tok)
             if tok == self.eos or len(r.output) == r.max_new_tokens:
                 self.scheduler.complete(r, now)
@@ -127,7 +135,8 @@ class Engine:
             if dec:
                 from .kernels.paged_attention import paged_attention_decode
 
-                o[dec_rows] = paged_attention_decode(q[0, :, dec_rows].transpose(0, 1), kc, vc, bt, lens)
+                # the tables come from the BlockManager: no need to check them again on every layer
+                o[dec_rows] = paged_attention_decode(q[0, :, dec_rows].transpose(0, 1), kc, vc, bt, lens, check=False)
             if pre:
                 q_rows, key_slots, mask, valid = padded
                 ks = kc.view(-1, *kc.shape[2:])[key_slots].permute(0, 2, 1, 3)     # (P, H_kv, keys, D)
@@ -165,10 +174,18 @@ class Engine:
 
 
 def serve(model, prompts: list[list[int]], max_new_tokens, num_blocks: int, **engine_kw) -> tuple[Engine, dict]:
-    """Run a list of prompts (all arriving at once) to completion; return the engine and {index: request}."""
+    """Run a list of prompts (all arriving at once) to completion; return the engine and {index: request}.
+    `max_new_tokens`: one limit for all, or a list with one per prompt."""
+    prompts = list(prompts)
+    if isinstance(max_new_tokens, (list, tuple)):
+        limits = list(max_new_tokens)
+        if len(limits) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(limits)} max_new_tokens: give one limit per prompt "
+                             f"(or a single int for all)")
+    else:
+        limits = [max_new_tokens] * len(prompts)
     engine = Engine(model, num_blocks, **engine_kw)
-    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
-    for i, (p, n) in enumerate(zip(prompts, limits)):
+    for i, (p, n) in enumerate(zip(prompts, limits, strict=True)):
         engine.add_request(i, p, n)
     finished = {r.id: r for r in engine.run()}
     return engine, finished

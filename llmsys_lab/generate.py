@@ -14,9 +14,11 @@ and throughput (generated tokens per second).
 """
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .kv_cache import KVCache
@@ -62,6 +64,35 @@ def pad_left(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
+def _is_int(x) -> bool:
+    """A Python or NumPy integer (not a bool, not a float that happens to be whole)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+    if not _is_int(max_new_tokens):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return int(max_new_tokens)
+
+
+def check_token_ids(ids, vocab: int, what: str) -> list[int]:
+    """A list of Python ints in 0..vocab-1 (NumPy integers are converted exactly); else a clear error."""
+    if isinstance(ids, torch.Tensor) or isinstance(ids, np.ndarray):
+        if ids.ndim != 1:
+            raise ShapeError(f"{what} must be one sequence of token ids, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    out = []
+    for i, t in enumerate(ids):
+        if not _is_int(t):
+            raise ValueError(f"{what}, token {i}: {t!r} is not an integer token id")
+        if not 0 <= t < vocab:
+            raise ValueError(f"{what}, token {i}: {int(t)} is outside 0..{vocab - 1} (the vocabulary)")
+        out.append(int(t))
+    return out
+
+
 def _check_prompts(prompts, vocab: int, context: int, max_new_tokens: int) -> list[list[int]]:
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2:
@@ -69,21 +100,33 @@ def _check_prompts(prompts, vocab: int, context: int, max_new_tokens: int) -> li
         if prompts.is_floating_point():
             raise TypeError(f"prompts must be integer token ids, got {prompts.dtype}")
         prompts = prompts.tolist()
-    if not prompts:
+    if isinstance(prompts, np.ndarray):
+        if prompts.ndim not in (1, 2):
+            raise ShapeError(f"a prompt array must be (tokens,) or (batch, tokens), got shape {prompts.shape}")
+        if prompts.ndim == 1:
+            prompts = [prompts]
+    if len(prompts) == 0:
         raise ValueError("no prompts given")
-    if isinstance(prompts[0], int):
+    if _is_int(prompts[0]):
         prompts = [prompts]
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
+    checked = []
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty: generation needs at least one token to condition on")
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in p):
-            raise ValueError(f"prompt {i} has token ids outside 0..{vocab - 1} (or not ints)")
+        p = check_token_ids(p, vocab, f"prompt {i}")
         if len(p) + max_new_tokens > context:
             raise ShapeError(f"prompt {i} has {len(p)} tokens; with max_new_tokens = {max_new_tokens} it would "
                              f"need {len(p) + max_new_tokens} positions, more than the model's context of {context}")
-    return [list(p) for p in prompts]
+        checked.append(p)
+    return checked
+
+
+def check_sampling(temperature, top_k) -> None:
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if not isinstance(temperature, numbers.Real) or not temperature > 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature!r}")
 
 
 def _sync(device) -> None:
@@ -96,11 +139,10 @@ def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
     """(B, vocab) logits of the last position -> (B,) token ids."""
     if not do_sample:
         return logits.argmax(-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    check_sampling(temperature, top_k)
     logits = logits.float() / temperature
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        kth = torch.topk(logits, min(int(top_k), logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
@@ -114,6 +156,9 @@ def generate(model, prompts, max_new_tokens: int = 32, use_cache: bool = True, d
     without padding). Sequences stop at `eos_token_id`; generation ends when all have."""
     cfg = model.config
     prompts = _check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings, max_new_tokens)
+    max_new_tokens = int(max_new_tokens)
+    if do_sample:
+        check_sampling(temperature, top_k)
     device = model.model.embed_tokens.weight.device
     ids, mask = pad_left(prompts, pad_token_id, device)
     b = len(prompts)

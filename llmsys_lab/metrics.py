@@ -1,9 +1,10 @@
 """Serving metrics from finished requests (lectures 002 and 004).
 
 TTFT: arrival to first token. TPOT: mean time between later tokens. End-to-end latency: arrival to
-last token. Throughput: output tokens per second of the run. Goodput: requests per second that met
-the latency SLO (TTFT and TPOT limits); a fast system that misses the SLO has high throughput and
-low goodput.
+last token. All in seconds, from the request's own ``*_time`` fields (``arrival_time`` is when it
+arrived, not when the run started: a request that arrives late is not charged for the time before).
+Throughput: output tokens per second of the run. Goodput: requests per second that met the latency
+SLO (TTFT and TPOT limits); a fast system that misses the SLO has high throughput and low goodput.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ def percentile(values: list[float], p: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def request_metrics(r: Request, start: float = 0.0) -> dict:
-    ttft = r.first_token_at - start
+def request_metrics(r: Request) -> dict:
+    """Seconds: ttft (arrival to first token), tpot (mean gap between later tokens), e2e (arrival to last)."""
+    if not r.finished or r.arrival_time is None or r.first_token_time is None or r.finished_time is None:
+        raise ValueError(f"request {r.id!r} has not finished (or has no arrival time): no latency to measure")
     gaps = [b - a for a, b in zip(r.token_times, r.token_times[1:])]
-    return {"ttft": ttft, "tpot": statistics.fmean(gaps) if gaps else 0.0, "e2e": r.finished_at - start,
-            "tokens": len(r.output)}
+    return {"ttft": r.first_token_time - r.arrival_time, "tpot": statistics.fmean(gaps) if gaps else 0.0,
+            "e2e": r.finished_time - r.arrival_time, "tokens": len(r.output)}
 
 
 def summarize(requests: list[Request], duration: float, slo_ttft: float | None = None,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .generate import _check_prompts
+from .generate import _check_prompts, check_sampling
 from .paged import BlockManager
 from .paged_cache import PagedBatch, PagedKVCache
 
@@ -77,6 +77,9 @@ def sample_parallel(model, prompt: list[int], generators: list[torch.Generator],
 
     cfg, n = model.config, len(generators)
     (prompt,) = _check_prompts([prompt], cfg.vocab_size, cfg.max_position_embeddings, max_new_tokens)
+    check_sampling(temperature, top_k)
+    if n == 0:
+        raise ValueError("sample_parallel needs at least one generator (one per sample)")
     device = model.lm_head.weight.device
     if num_blocks is None:
         num_blocks = -(-len(prompt) // block_size) + n * -(-max_new_tokens // block_size) + n

@@ -11,7 +11,14 @@ Every iteration the scheduler decides which requests run:
 
 When a running request needs a new block and none is free, the most recently admitted request
 is preempted by recomputation: its blocks are freed and it goes back to the front of the queue,
-to be prefilled again with its prompt plus what it had generated.
+to be prefilled again with its prompt plus what it had generated. Without chunked prefill that
+recomputation can be longer than the token budget (prompt + output > budget); such a request is
+recomputed in budget-sized chunks, so it can always come back.
+
+Clocks: fields ending in ``_step`` count iterations (1, 2, ...), fields ending in ``_time`` are
+seconds (wall clock in the engine, modelled seconds in the simulator). A watchdog raises
+``SchedulerStalled`` with the scheduler's state when an iteration can run nothing although
+requests have arrived: no configuration hangs.
 """
 from __future__ import annotations
 
@@ -25,20 +32,42 @@ class RequestError(ValueError):
     """A request cannot be accepted (and is never silently dropped)."""
 
 
+class SchedulerStalled(RuntimeError):
+    """No request can make progress: raised instead of looping forever."""
+
+
 @dataclass(eq=False)                           # requests are compared by identity (fast `in` / remove)
 class Request:
     id: object
     prompt: list[int]
     max_new_tokens: int
-    arrival: float = 0.0                       # iteration (simulator) or seconds (engine)
+    arrival_step: int = 0                      # first iteration in which it may be admitted
     output: list[int] = field(default_factory=list)
     prefilled: int = 0                         # tokens of prompt + output whose K/V are in the cache
     finished: bool = False
     preemptions: int = 0
-    admitted_at: float | None = None
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    token_times: list[float] = field(default_factory=list)
+    admitted_step: int | None = None           # iteration of its first admission
+    arrival_time: float | None = None          # seconds: when it arrived (the start of iteration arrival_step)
+    first_token_time: float | None = None      # seconds: when its first token was produced
+    finished_time: float | None = None         # seconds: when its last token was produced
+    token_times: list[float] = field(default_factory=list)   # seconds: when each token was produced
+
+    # the older names, read-only (lessons written before the fields were named by unit)
+    @property
+    def arrival(self) -> int:
+        return self.arrival_step
+
+    @property
+    def admitted_at(self) -> int | None:
+        return self.admitted_step
+
+    @property
+    def first_token_at(self) -> float | None:
+        return self.first_token_time
+
+    @property
+    def finished_at(self) -> float | None:
+        return self.finished_time
 
     @property
     def tokens(self) -> list[int]:
@@ -84,8 +113,12 @@ class Scheduler:
                  token_budget: int = 4096, max_context: int = 4096, chunked_prefill: bool = False):
         if policy not in ("static", "continuous"):
             raise RequestError(f"policy must be 'static' or 'continuous', got {policy!r}")
-        if max_batch < 1 or token_budget < 1:
-            raise RequestError(f"max_batch and token_budget must be >= 1, got {max_batch} and {token_budget}")
+        for name, v in (("max_batch", max_batch), ("token_budget", token_budget), ("max_context", max_context)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise RequestError(f"{name} must be an int >= 1, got {v!r}")
+        if token_budget < max_batch:
+            raise RequestError(f"token_budget = {token_budget} must be >= max_batch = {max_batch}: every running "
+                               f"request decodes one token per iteration")
         self.blocks, self.policy, self.max_batch = blocks, policy, max_batch
         self.token_budget, self.max_context, self.chunked_prefill = token_budget, max_context, chunked_prefill
         self.waiting: deque[Request] = deque()
@@ -99,9 +132,13 @@ class Scheduler:
             raise RequestError(f"duplicate request id {request.id!r}")
         if not request.prompt:
             raise RequestError(f"request {request.id!r} has an empty prompt")
-        if not isinstance(request.max_new_tokens, int) or request.max_new_tokens < 1:
+        if not isinstance(request.max_new_tokens, int) or isinstance(request.max_new_tokens, bool) \
+                or request.max_new_tokens < 1:
             raise RequestError(f"request {request.id!r}: max_new_tokens must be a positive int, "
                                f"got {request.max_new_tokens!r}")
+        if not isinstance(request.arrival_step, int) or isinstance(request.arrival_step, bool):
+            raise RequestError(f"request {request.id!r}: arrival_step must be an int (an iteration), "
+                               f"got {request.arrival_step!r}")
         longest = len(request.prompt) + request.max_new_tokens
         if longest > self.max_context:
             raise RequestError(f"request {request.id!r} needs up to {longest} tokens, more than the model's "
@@ -114,14 +151,19 @@ class Scheduler:
             raise RequestError(f"request {request.id!r}: a {len(request.prompt)}-token prompt exceeds the "
                                f"per-iteration token budget of {self.token_budget} (enable chunked_prefill)")
         self.ids.add(request.id)
-        self.waiting.append(request)
+        # first come, first served by arrival: behind every request that arrives no later
+        i = len(self.waiting)
+        while i > 0 and self.waiting[i - 1].arrival_step > request.arrival_step:
+            i -= 1
+        self.waiting.insert(i, request)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     # ---- one iteration ---------------------------------------------------------------------
-    def schedule(self, now: float = 0.0) -> Work:
+    def schedule(self, step: int = 0) -> Work:
+        """The work of iteration `step`. Raises SchedulerStalled if requests have arrived but none can run."""
         work = Work()
         budget = self.token_budget
         # requests already running: finish chunked prefills, else decode one token
@@ -135,24 +177,29 @@ class Scheduler:
                     work.prefill.append((r, n))
                     budget -= n
         if self.policy == "continuous" or not self.running:
-            self._admit(work, budget, now)
+            self._admit(work, budget, step)
+        if work.num_tokens == 0 and (self.running or (self.waiting and self.waiting[0].arrival_step <= step)):
+            raise SchedulerStalled(f"iteration {step}: no request can run although requests have arrived\n"
+                                   + self.describe(step))
         return work
 
-    def _admit(self, work: Work, budget: int, now: float) -> None:
+    def _admit(self, work: Work, budget: int, step: int) -> None:
         while self.waiting and len(self.running) < self.max_batch and budget > 0:
             r = self.waiting[0]
-            if r.arrival > now:
+            if r.arrival_step > step:
                 break
             need = r.num_tokens
-            if not self.chunked_prefill and need > budget:
+            # a whole prompt in one iteration, unless chunked prefill is on, or this is the
+            # recomputation of a preempted request that would never fit (prompt + output > budget)
+            if need > budget and not (self.chunked_prefill or need > self.token_budget):
                 break
             if not self.blocks.can_allocate(need):
                 break                                   # FCFS: later requests wait behind it
             self.waiting.popleft()
             self.blocks.add(r.id, r.tokens)
             r.prefilled = 0
-            if r.admitted_at is None:
-                r.admitted_at = now
+            if r.admitted_step is None:
+                r.admitted_step = step
             self.running.append(r)
             n = min(need, budget)
             work.prefill.append((r, n))
@@ -169,15 +216,24 @@ class Scheduler:
         return victim
 
     def preempt(self, r: Request) -> None:
-        self.blocks.free(r.id)
-        self.blocks.finished.discard(r.id)              # the same id comes back later
+        self.blocks.free(r.id, reuse_id=True)           # the same id comes back later
         self.running.remove(r)
         r.prefilled = 0
         r.preemptions += 1
         self.waiting.appendleft(r)
 
-    def complete(self, r: Request, now: float) -> None:
-        r.finished, r.finished_at = True, now
+    def complete(self, r: Request, time: float) -> None:
+        r.finished, r.finished_time = True, time
         self.blocks.free(r.id)
         self.running.remove(r)
         self.finished.append(r)
+
+    def describe(self, step: int) -> str:
+        """The scheduler's state in a few lines (for errors)."""
+        def fmt(rs):
+            return ", ".join(f"{r.id} ({r.num_tokens} tokens, arrived at step {r.arrival_step})" for r in rs) or "-"
+        return (f"  policy: {self.policy}, max_batch {self.max_batch}, token_budget {self.token_budget}, "
+                f"chunked_prefill {self.chunked_prefill}\n"
+                f"  waiting: {fmt(self.waiting)}\n  running: {fmt(self.running)}\n"
+                f"  free blocks: {self.blocks.num_free} of {self.blocks.num_blocks} "
+                f"(block size {self.blocks.block_size})")

@@ -15,15 +15,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .paged import BlockManager
-from .scheduler import Request, Scheduler
+from .scheduler import Request, Scheduler, SchedulerStalled
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class SimRequest:
     id: str
     prompt_len: int
     output_len: int                 # tokens generated, the last one being END
-    arrival: int = 1                # first iteration it may be admitted in
+    arrival_step: int = 1           # first iteration it may be admitted in
+
+    def __init__(self, id: str, prompt_len: int, output_len: int, arrival_step: int = 1, *,
+                 arrival: int | None = None):
+        # `arrival=` is the older name of arrival_step, still accepted
+        if arrival is not None:
+            arrival_step = arrival
+        for name, v in (("id", id), ("prompt_len", prompt_len), ("output_len", output_len),
+                        ("arrival_step", arrival_step)):
+            object.__setattr__(self, name, v)
+
+    @property
+    def arrival(self) -> int:
+        return self.arrival_step
 
 
 @dataclass(frozen=True)
@@ -67,19 +80,24 @@ class SimResult:
 def simulate(requests: list[SimRequest], policy: str = "continuous", max_batch: int = 4, block_size: int = 16,
              num_blocks: int = 1024, token_budget: int = 4096, chunked_prefill: bool = False,
              cost: CostModel = CostModel(), max_iterations: int = 100_000) -> SimResult:
+    """Run the requests to completion; raises SchedulerStalled if they are not all done after
+    max_iterations (or as soon as an iteration can run nothing although requests have arrived)."""
     blocks = BlockManager(num_blocks, block_size)
     sched = Scheduler(blocks, policy, max_batch, token_budget, max_context=10**9, chunked_prefill=chunked_prefill)
     by_id = {}
-    for sr in sorted(requests, key=lambda r: r.arrival):
-        req = Request(sr.id, [0] * sr.prompt_len, sr.output_len, arrival=sr.arrival)
+    for sr in sorted(requests, key=lambda r: r.arrival_step):
+        req = Request(sr.id, [0] * sr.prompt_len, sr.output_len, arrival_step=sr.arrival_step)
         sched.add(req)
         by_id[sr.id] = req
     result = SimResult([], by_id, [])
     free_slots, slot_of, clock = [], {}, 0.0
+    pending = sorted(by_id.values(), key=lambda r: r.arrival_step)    # not yet arrived
     for it in range(1, max_iterations + 1):
         if not sched.has_work:
             break
-        work = sched.schedule(now=it)
+        while pending and pending[0].arrival_step <= it:
+            pending.pop(0).arrival_time = clock             # seconds at the start of its arrival iteration
+        work = sched.schedule(it)
         cells: dict[int, tuple[str, str]] = {}
         for r in work.requests:
             if r.id not in slot_of:
@@ -100,7 +118,8 @@ def simulate(requests: list[SimRequest], policy: str = "continuous", max_batch: 
             if r.finished or r not in sched.running:
                 continue                                 # preempted earlier in this iteration
             r.token_times.append(clock)
-            r.first_token_at = r.first_token_at if r.first_token_at is not None else clock
+            if r.first_token_time is None:
+                r.first_token_time = clock
             last = len(r.output) + 1 == r.max_new_tokens
             cells[slot_of[r.id]] = (r.id, "END" if last else "token")
             if last:
@@ -120,7 +139,11 @@ def simulate(requests: list[SimRequest], policy: str = "continuous", max_batch: 
         result.iteration_end.append(clock)
         result.kv_used.append(sum(r.num_tokens for r in sched.running))
         result.kv_reserved.append((blocks.num_blocks - blocks.num_free) * block_size)
-        result.waiting.append([r.id for r in sched.waiting if r.arrival <= it])
+        result.waiting.append([r.id for r in sched.waiting if r.arrival_step <= it])
+    if sched.has_work:
+        left = [r.id for r in by_id.values() if not r.finished]
+        raise SchedulerStalled(f"{len(left)} of {len(by_id)} requests unfinished after {max_iterations} iterations: "
+                               f"{', '.join(map(str, left))}\n" + sched.describe(max_iterations))
     return result
 
 
@@ -133,4 +156,4 @@ def disaggregated_goodput(prefill_rps_per_gpu: float, decode_rps_per_gpu: float,
 
 # The lecture's example (lecture 000): four requests start together; S5 and S6 arrive later.
 LECTURE_REQUESTS = [SimRequest("S1", 4, 6), SimRequest("S2", 3, 2), SimRequest("S3", 4, 5),
-                    SimRequest("S4", 5, 2), SimRequest("S5", 3, 5, arrival=6), SimRequest("S6", 3, 4, arrival=7)]
+                    SimRequest("S4", 5, 2), SimRequest("S5", 3, 5, arrival_step=6), SimRequest("S6", 3, 4, arrival_step=7)]

@@ -12,6 +12,22 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+try:                                       # property-based tests: how hard Hypothesis searches
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    # ci: a fixed search (derandomized: the same examples on every run, no flakes), ~15 s in all
+    settings.register_profile("ci", max_examples=40, stateful_step_count=40, deadline=None, derandomize=True,
+                              database=None, suppress_health_check=[HealthCheck.too_slow])
+    # stress (make test-stress): a long random search; failures are remembered in .hypothesis/ and replayed first
+    settings.register_profile("stress", max_examples=2000, stateful_step_count=100, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:                        # only tests/test_properties.py needs it (the dev extra)
+    pass
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,5 @@
 """The kit's model and generation against transformers, with and without the KV cache."""
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -144,7 +145,7 @@ def test_bad_generation_input(tiny):
         generate(model, [], 5)
     with pytest.raises(TypeError, match="prompts must be integer token ids, got torch.float32"):
         generate(model, torch.ones(1, 3), 5)
-    with pytest.raises(ValueError, match=r"token ids outside 0..4095"):
+    with pytest.raises(ValueError, match=r"prompt 0, token 1: 5000 is outside 0..4095"):
         generate(model, [[1, 5000]], 5)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate(model, [[1]], 0)
@@ -163,3 +164,40 @@ def test_bad_forward_input(tiny):
         model(torch.ones(1, 3, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ShapeError, match="exceed the model's context of 512 tokens"):
         model(torch.ones(1, 513, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kw,err,msg", [
+    (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an int, got 2.5"),
+    (dict(max_new_tokens="3"), TypeError, "max_new_tokens must be an int, got '3'"),
+    (dict(max_new_tokens=True), TypeError, "max_new_tokens must be an int, got True"),
+    (dict(do_sample=True, top_k=0), ValueError, "top_k must be None or an int >= 1, got 0"),
+    (dict(do_sample=True, top_k=-1), ValueError, "top_k must be None or an int >= 1, got -1"),
+    (dict(do_sample=True, top_k=2.0), ValueError, "top_k must be None or an int >= 1, got 2.0"),
+])
+def test_bad_generation_settings(tiny, kw, err, msg):
+    model, _, _ = tiny
+    kw = {"max_new_tokens": 3, **kw}
+    with pytest.raises(err, match=msg):
+        generate(model, [[1, 2]], **kw)
+
+
+@pytest.mark.parametrize("prompt,msg", [
+    ([1, 2.0], r"prompt 0, token 1: 2.0 is not an integer token id"),
+    ([1, -3], r"prompt 0, token 1: -3 is outside 0..4095"),
+    ([4096], r"prompt 0, token 0: 4096 is outside 0..4095"),
+    ([np.float32(3)], r"prompt 0, token 0: (np.float32\(3.0\)|3.0) is not an integer token id"),
+])
+def test_bad_token_ids_are_named(tiny, prompt, msg):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match=msg):
+        generate(model, [prompt], 2)
+
+
+def test_numpy_integer_ids_are_accepted_exactly(tiny):
+    model, tok, _ = tiny
+    p = tok(TEXTS[1]).input_ids
+    want = generate(model, [p], 8).new_tokens
+    assert generate(model, [np.array(p, dtype=np.int64)], 8).new_tokens == want
+    assert generate(model, [[np.int32(t) for t in p]], 8).new_tokens == want
+    assert generate(model, np.array([p]), 8).new_tokens == want
+    assert generate(model, [np.int16(t) for t in p], 8).new_tokens == want       # one prompt of numpy ints

@@ -68,3 +68,36 @@ def test_bad_input(change, err, msg):
     bt = bt.to(change.get("tables_dtype", torch.int32))
     with pytest.raises(err, match=msg):
         paged_attention_decode(q, kc, vc, bt, cl)
+
+
+@pytest.mark.parametrize("change,msg", [
+    (dict(lens=[5, 13]), r"context_lens\[1\] = 13 needs 4 blocks of 4, but block_tables has 2 columns"),
+    (dict(lens=[5, -1]), r"context_lens\[1\] = -1 is negative"),
+    (dict(block=(0, 1, 99)), r"block_tables\[0, 1\] = 99 is not a block of the pool \(0..5\)"),
+    (dict(block=(1, 0, -2)), r"block_tables\[1, 0\] = -2 is not a block of the pool \(0..5\)"),
+])
+def test_tables_that_do_not_cover_the_context_are_refused_before_launch(change, msg):
+    """Out-of-pool blocks or lengths beyond the table used to read garbage (NaN, or a crash in the interpreter)."""
+    q, kc, vc, bt, cl = make("cpu", torch.float32, 2, 4, 2, 32, 4, [5, 3])
+    if "lens" in change:
+        cl = torch.tensor(change["lens"], dtype=torch.int32)
+    if "block" in change:
+        i, j, v = change["block"]
+        bt[i, j] = v
+    with pytest.raises(ValueError, match=msg):
+        paged_attention_decode(q, kc, vc, bt, cl)
+
+
+def test_unused_table_entries_may_hold_anything(device):
+    """Padding beyond a sequence's blocks is never read, so it is not checked."""
+    q, kc, vc, bt, cl = make(device, torch.float32, 2, 4, 2, 32, 4, [5, 3])
+    bt[1, 1] = -7                                                  # sequence 1 uses one block only
+    out = paged_attention_decode(q, kc, vc, bt, cl, block_n=16)
+    bt[1, 1] = 0
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, bt, cl), atol=2e-5, rtol=2e-5)
+
+
+def test_the_check_can_be_skipped_by_a_caller_that_built_the_tables(device):
+    q, kc, vc, bt, cl = make(device, torch.float32, 2, 4, 2, 32, 4, [5, 3])
+    out = paged_attention_decode(q, kc, vc, bt, cl, block_n=16, check=False)
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, bt, cl), atol=2e-5, rtol=2e-5)

@@ -204,3 +204,117 @@ def test_slots_outside_the_sequence_are_refused():
     assert m.slots("a", 0, 3) == [6, 7, 4] and m.slot("a", 2) == 4
     with pytest.raises(BlockError, match=r"sequence 'a' has 3 tokens, no positions 2..3"):
         m.slots("a", 2, 4)
+
+
+# ---- atomicity and validation ---------------------------------------------------------------
+
+def _state(m):
+    import copy
+
+    return copy.deepcopy((list(m.allocator.free_list), list(m.allocator.refcount), m.tables, m.finished,
+                          dict(m.cached), list(m.evictable), m.hits, m.misses))
+
+
+def test_copy_on_write_on_an_empty_pool_changes_nothing():
+    m = BlockManager(num_blocks=2, block_size=4)
+    m.add("p", [1, 2, 3, 4, 5, 6])                        # blocks 0 (full) and 1 (half): the pool is full
+    m.fork("p", "c")
+    before = _state(m)
+    with pytest.raises(OutOfBlocks):
+        m.append("c", 99)                                  # needs a copy of block 1: no block left
+    assert _state(m) == before
+    assert m.allocator.refcount == [2, 2]
+    m.free("c")                                            # the parent still owns both blocks
+    assert m.allocator.refcount == [1, 1] and m.num_free == 0
+    with pytest.raises(OutOfBlocks):
+        m.add("q", [7])                                    # block 1 is still the parent's
+
+
+def test_copy_on_write_failure_never_shares_a_block():
+    m = BlockManager(num_blocks=3, block_size=4)
+    m.add("p", [1, 2, 3, 4, 5, 6])
+    m.fork("p", "c")
+    m.add("x", [9])                                        # takes the last free block
+    with pytest.raises(OutOfBlocks):
+        m.append("c", 99)
+    m.free("x")
+    m.free("c")
+    q = m.add("q", [7])                                    # the one free block, never one of p's
+    assert set(q.blocks).isdisjoint(m.table("p").blocks)
+    assert m.allocator.refcount == [1, 1, 1]
+
+
+@pytest.mark.parametrize("block,msg", [
+    (0, r"block 0 is already free \(double release\)"),
+    (-1, r"unknown block -1 \(blocks are 0..3\)"),
+    (4, r"unknown block 4 \(blocks are 0..3\)"),
+    (True, r"unknown block True"),
+])
+def test_release_is_validated(block, msg):
+    a = BlockAllocator(4)
+    free = list(a.free_list)
+    with pytest.raises(BlockError, match=msg):
+        a.release(block)
+    assert list(a.free_list) == free
+
+
+def test_release_twice_after_use_is_refused():
+    a = BlockAllocator(2)
+    b = a.allocate()
+    a.decref(b)
+    a.release(b)
+    with pytest.raises(BlockError, match=f"block {b} is already free"):
+        a.release(b)
+    assert sorted(a.free_list) == [0, 1]
+
+
+def test_fork_into_a_finished_or_existing_id_is_refused():
+    m = BlockManager(num_blocks=4, block_size=2)
+    m.add("p", [1, 2, 3])
+    m.add("done", [4])
+    m.free("done")
+    before = _state(m)
+    with pytest.raises(BlockError, match="sequence 'done' already exists"):
+        m.fork("p", "done")
+    with pytest.raises(BlockError, match="sequence 'p' already exists"):
+        m.fork("p", "p")
+    assert _state(m) == before
+    m.free("p")
+    assert m.num_free == 4
+
+
+def test_prefix_cache_hash_collision_is_a_miss_not_a_shared_block(monkeypatch):
+    """Every key collides: a hit must still compare the tokens (and the prefix before them)."""
+    monkeypatch.setattr(BlockManager, "_block_key", staticmethod(lambda parent, tokens: 42))
+    m = BlockManager(num_blocks=8, block_size=2, prefix_caching=True)
+    a = m.add("a", [1, 2, 3, 4])
+    b = m.add("b", [5, 6, 7, 8])
+    assert set(a.blocks).isdisjoint(b.blocks)
+    c = m.add("c", [1, 2, 9, 9])                           # first block equal to a's: a real hit
+    assert c.blocks[0] == a.blocks[0] and c.blocks[1] not in a.blocks + b.blocks
+
+
+def test_prefix_cache_checks_the_whole_prefix_not_just_the_block():
+    m = BlockManager(num_blocks=8, block_size=2, prefix_caching=True)
+    a = m.add("a", [1, 2, 3, 4])
+    b = m.add("b", [9, 9, 3, 4])                           # same second block, different prefix
+    assert b.blocks[1] != a.blocks[1]
+
+
+def test_tokens_are_validated():
+    m = BlockManager(num_blocks=4, block_size=2)
+    with pytest.raises(BlockError, match=r"sequence 'a': token 1 is 2.5, not an int"):
+        m.add("a", [1, 2.5])
+    m.add("b", [1])
+    with pytest.raises(BlockError, match="sequence 'b': token is '3', not an int"):
+        m.append("b", "3")
+    assert "a" not in m.tables and m.table("b").tokens == [1]
+
+
+def test_prefixes_with_equal_python_hashes_do_not_share_a_block():
+    """hash((5, 6)) == hash((5 + 2**61 - 1, 6)) in CPython: the old key, the prefix's hash, shared the block."""
+    big = 5 + 2**61 - 1
+    assert hash((5, 6)) == hash((big, 6))
+    m = BlockManager(num_blocks=4, block_size=2, prefix_caching=True)
+    a, b = m.add("a", [5, 6]), m.add("b", [big, 6])
+    assert a.blocks != b.blocks and m.hits == 0

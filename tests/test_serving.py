@@ -138,7 +138,7 @@ def test_random_arrivals_every_request_completes_exactly_once(tiny, reference):
     expected = {}
     for i in range(30):
         k, n = rng.randrange(len(prompts)), rng.randint(1, 40)
-        engine.add_request(f"r{i}", prompts[k], n, arrival=rng.randint(0, 60))
+        engine.add_request(f"r{i}", prompts[k], n, arrival_step=rng.randint(0, 60))
         expected[f"r{i}"] = ref[k][:n]
     seen = [r.id for r in engine.run()]
     assert sorted(seen) == sorted(expected) and len(seen) == len(set(seen))
@@ -201,3 +201,97 @@ def test_request_token_slice_matches_the_full_token_list():
             assert r.token_slice(start, stop) == r.tokens[start:stop]
     assert r.num_tokens == 5 and r.to_prefill == 5
     assert r != Request("t", [5, 6, 7], 10)          # identity, not field equality
+
+
+# ---- no hang, no silent loss --------------------------------------------------------------------
+
+def test_preempted_request_longer_than_the_token_budget_is_readmitted():
+    """Chunked prefill off: r1 is preempted holding 9 + 5 tokens > the budget of 13; it used to block the queue."""
+    reqs = [SimRequest("r0", 3, 9), SimRequest("r1", 9, 10)]
+    sim = simulate(reqs, "static", max_batch=3, block_size=2, num_blocks=11, token_budget=13, max_iterations=500)
+    assert sum(r.preemptions for r in sim.requests.values()) > 0
+    assert all(r.finished and len(r.output) == r.max_new_tokens for r in sim.requests.values())
+
+
+def test_random_small_pool_traces_all_finish():
+    rng = random.Random(0)
+    for trial in range(300):
+        reqs = [SimRequest(f"r{i}", rng.randint(1, 10), rng.randint(1, 12), rng.randint(1, 6))
+                for i in range(rng.randint(1, 8))]
+        bs = rng.choice([1, 2, 4])
+        need = max(-(-(r.prompt_len + r.output_len) // bs) for r in reqs)
+        kw = dict(policy=rng.choice(["static", "continuous"]), max_batch=rng.randint(1, 4), block_size=bs,
+                  num_blocks=rng.randint(need, need + 4), token_budget=rng.randint(10, 16))
+        sim = simulate(reqs, max_iterations=2000, **kw)
+        assert all(r.finished for r in sim.requests.values()), (trial, reqs, kw)
+
+
+def test_watchdog_raises_with_the_scheduler_state():
+    from llmsys_lab.scheduler import SchedulerStalled
+
+    blocks = BlockManager(4, 2)
+    blocks.add("outside", [1] * 7)                          # the pool is held by someone the scheduler doesn't know
+    sched = Scheduler(blocks, max_batch=2, token_budget=16)
+    sched.add(Request("r", [1, 2, 3], 2))
+    with pytest.raises(SchedulerStalled, match=r"(?s)iteration 1: no request can run.*waiting: r \(3 tokens, arrived at "
+                                               r"step 0\).*running: -.*free blocks: 0 of 4"):
+        sched.schedule(1)
+
+
+def test_simulate_raises_when_it_runs_out_of_iterations():
+    from llmsys_lab.scheduler import SchedulerStalled
+
+    with pytest.raises(SchedulerStalled, match=r"1 of 1 requests unfinished after 3 iterations: S1"):
+        simulate([SimRequest("S1", 4, 10)], max_iterations=3)
+
+
+def test_scheduler_config_is_validated():
+    with pytest.raises(RequestError, match="token_budget = 4 must be >= max_batch = 8"):
+        Scheduler(BlockManager(16, 4), max_batch=8, token_budget=4)
+
+
+def test_time_fields_have_one_unit_and_ttft_starts_at_arrival():
+    from llmsys_lab.metrics import request_metrics
+
+    reqs = [SimRequest("a", 4, 30), SimRequest("late", 3, 5, arrival_step=10)]
+    sim = simulate(reqs, max_batch=2)
+    late = sim.requests["late"]
+    assert late.arrival_step == 10 and late.admitted_step == 10
+    assert late.arrival_time == pytest.approx(sim.iteration_end[8])         # the start of iteration 10, seconds
+    m = request_metrics(late)
+    assert m["ttft"] == pytest.approx(sim.iteration_end[9] - sim.iteration_end[8])   # one iteration, not 10
+    assert m["e2e"] == pytest.approx(late.finished_time - late.arrival_time)
+    assert (late.arrival, late.admitted_at, late.first_token_at, late.finished_at) == (     # the older names
+        late.arrival_step, late.admitted_step, late.first_token_time, late.finished_time)
+    with pytest.raises(ValueError, match="request 'x' has not finished"):
+        request_metrics(Request("x", [1], 2))
+
+
+def test_engine_time_fields(tiny):
+    model, tok = tiny
+    engine = Engine(model, num_blocks=40, block_size=4, max_batch=2)
+    a = engine.add_request("a", tok("ROMEO.\n").input_ids, 6)
+    b = engine.add_request("b", tok("HAMLET.\nWhat").input_ids, 3, arrival_step=4)
+    list(engine.run())
+    assert (a.arrival_step, a.admitted_step, b.arrival_step, b.admitted_step) == (0, 1, 4, 4)
+    assert 0 <= a.arrival_time <= a.first_token_time <= a.finished_time
+    assert a.arrival_time < b.arrival_time <= b.first_token_time <= b.finished_time
+
+
+@pytest.mark.parametrize("limits", [[5, 5], [5, 5, 5, 5]])
+def test_serve_refuses_limits_of_another_length(tiny, limits):
+    model, tok = tiny
+    prompts = [tok(t).input_ids for t in TEXTS[:3]]
+    with pytest.raises(ValueError, match=f"3 prompts but {len(limits)} max_new_tokens"):
+        serve(model, prompts, limits, num_blocks=40)
+
+
+def test_engine_does_not_hang_when_the_pool_is_held_elsewhere(tiny):
+    from llmsys_lab.scheduler import SchedulerStalled
+
+    model, tok = tiny
+    engine = Engine(model, num_blocks=4, block_size=4)
+    engine.blocks.add("outside", [1] * 16)
+    engine.add_request("a", tok("ROMEO.\n").input_ids, 3)
+    with pytest.raises(SchedulerStalled, match="no request can run"):
+        list(engine.run())

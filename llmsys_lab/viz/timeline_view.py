@@ -45,7 +45,7 @@ class TimelineView(View):
     def text(self) -> str:
         r, it = self.result, self.iteration
         running = sorted(rid for rid, what in r.timeline[it - 1].values())
-        done = sorted(rid for rid, q in r.requests.items() if q.finished_at is not None and q.finished_at <= r.iteration_end[it - 1])
+        done = sorted(rid for rid, q in r.requests.items() if q.finished_time is not None and q.finished_time <= r.iteration_end[it - 1])
         return "\n".join([f"{self.policy} batching, max batch {self.max_batch}: iteration {it} of {len(r.timeline)}",
                           r.table(1, it), f"running: {', '.join(running) or '-'}",
                           f"waiting: {', '.join(r.waiting[it - 1]) or '-'}", f"finished: {', '.join(done) or '-'}"])
