@@ -154,6 +154,16 @@ def disaggregated_goodput(prefill_rps_per_gpu: float, decode_rps_per_gpu: float,
     return min(prefill_rps_per_gpu * prefill_gpus, decode_rps_per_gpu * decode_gpus) / (prefill_gpus + decode_gpus)
 
 
-# The lecture's example (lecture 000): four requests start together; S5 and S6 arrive later.
-LECTURE_REQUESTS = [SimRequest("S1", 4, 6), SimRequest("S2", 3, 2), SimRequest("S3", 4, 5),
-                    SimRequest("S4", 5, 2), SimRequest("S5", 3, 5, arrival_step=6), SimRequest("S6", 3, 4, arrival_step=7)]
+def lecture_requests() -> list[SimRequest]:
+    """Lecture 002's T1..T8 example as requests (``llmsys_lab.lecture``): S1..S4 start together with
+    4-token prompts; S5, S6, S7 arrive at T6, T7, T8 with 3-token prompts. (Lecture 000's copy of
+    the slide lost cells; see the lecture examples' notes.)"""
+    from . import lecture
+
+    static = lecture.get("static_batching_T1_T8").data["lengths"]
+    later = lecture.get("continuous_batching_T1_T8").data
+    return ([SimRequest(rid, 4, n) for rid, n in static.items()]
+            + [SimRequest(rid, 3, later["lengths"][rid], arrival_step=t) for rid, t in later["arrivals"].items()])
+
+
+LECTURE_REQUESTS = lecture_requests()

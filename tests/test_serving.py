@@ -11,16 +11,17 @@ from llmsys_lab.paged import BlockManager
 from llmsys_lab.scheduler import Request, RequestError, Scheduler
 from llmsys_lab.simulator import LECTURE_REQUESTS, SimRequest, simulate
 
+# Lecture 002's tables (tests/test_lecture_examples.py checks them cell by cell against llmsys_lab.lecture)
 STATIC = """      T1   T2   T3   T4   T5   T6   T7   T8
 slot 1 S1   S1   S1   S1   S1   END
-slot 2 S2   END
+slot 2 S2   S2   S2   S2   S2   S2   S2   END
 slot 3 S3   S3   S3   S3   END
-slot 4 S4   END"""
+slot 4 S4   S4   S4   S4   S4   S4   END"""
 CONTINUOUS = """      T1   T2   T3   T4   T5   T6   T7   T8
 slot 1 S1   S1   S1   S1   S1   END  S6   S6
-slot 2 S2   END
+slot 2 S2   S2   S2   S2   S2   S2   S2   END
 slot 3 S3   S3   S3   S3   END  S5   S5   S5
-slot 4 S4   END"""
+slot 4 S4   S4   S4   S4   S4   S4   END  S7"""
 
 
 def test_lecture_tables():
@@ -161,12 +162,12 @@ def test_timeline_view_widget_and_text():
 
     view = TimelineView(LECTURE_REQUESTS, max_batch=4, iteration=8)
     assert view.text().splitlines()[1:6] == CONTINUOUS.splitlines()
-    assert "running: S5, S6" in view.text()
+    assert "running: S2, S5, S6, S7" in view.text()
     box = view.widget()
     (policy, slider), image, table = box.children[0].children, box.children[1], box.children[2]
     png = image.value
     policy.value = "static"
-    assert "static batching" in table.value and image.value != png and slider.max == 11
+    assert "static batching" in table.value and image.value != png and slider.max == 12
     slider.value = 3
     assert "iteration 3 of 11" in table.value
     with pytest.raises(ValueError, match="iteration must be in 1..11, got 0"):
