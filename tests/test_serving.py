@@ -169,8 +169,8 @@ def test_timeline_view_widget_and_text():
     policy.value = "static"
     assert "static batching" in table.value and image.value != png and slider.max == 12
     slider.value = 3
-    assert "iteration 3 of 11" in table.value
-    with pytest.raises(ValueError, match="iteration must be in 1..11, got 0"):
+    assert "iteration 3 of 12" in table.value
+    with pytest.raises(ValueError, match="iteration must be in 1..12, got 0"):
         view.set_iteration(0)
     assert view._repr_mimebundle_()["text/plain"] == view.text()
 
