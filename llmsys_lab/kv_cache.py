@@ -82,3 +82,18 @@ class KVCache:
         self.v[layer, :, :, start:start + t] = v
         self.lengths[layer] = start + t
         return self.k[layer, :, :, :start + t], self.v[layer, :, :, :start + t]
+
+    # ---- rollback (speculative decoding) ----------------------------------------------------
+    def truncate(self, num_tokens: int) -> None:
+        """Keep the first `num_tokens` positions of every layer and forget the rest.
+
+        Speculative decoding appends the K/V of drafted tokens that the target may then reject;
+        their positions are dropped here, so the next forward writes over them. The dropped
+        positions are zeroed, so a rolled-back cache equals one built from the kept tokens alone.
+        """
+        if not isinstance(num_tokens, int) or not 0 <= num_tokens <= min(self.lengths):
+            raise CacheError(f"cannot truncate to {num_tokens!r} tokens: the cache holds {min(self.lengths)} "
+                             "(truncate keeps a prefix, it cannot add positions)")
+        self.k[:, :, :, num_tokens:] = 0
+        self.v[:, :, :, num_tokens:] = 0
+        self.lengths = [num_tokens] * len(self.lengths)

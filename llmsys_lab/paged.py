@@ -309,3 +309,35 @@ class BlockManager:
 
     def slot(self, seq_id, position: int) -> int:
         return self.slots(seq_id, position, position + 1)[0]
+
+    # ---- rollback (speculative decoding) ----------------------------------------------------------
+    def truncate(self, seq_id, num_tokens: int) -> list[int]:
+        """Keep the first `num_tokens` tokens of a sequence; return the physical blocks it gave up.
+
+        Rejected draft tokens are dropped: blocks left empty lose this sequence's reference (and go
+        back to the pool, or to the evictable prefix cache, exactly as in free()). A kept block that
+        is now partly filled must not be written in place if someone else may read it: when shared,
+        the next append copies it (copy on write); when published in the prefix cache and not
+        shared, it is unpublished, since its tokens will change.
+        """
+        table, bs = self.table(seq_id), self.block_size
+        if not isinstance(num_tokens, int) or not 1 <= num_tokens <= table.num_tokens:
+            raise BlockError(f"cannot truncate sequence {seq_id!r} to {num_tokens!r} tokens: it holds "
+                             f"{table.num_tokens} (keep 1..{table.num_tokens}; free() drops a whole sequence)")
+        keep_blocks = self.blocks_needed(num_tokens)
+        dropped = []
+        while len(table.blocks) > keep_blocks:
+            b = table.blocks.pop()
+            table.filled.pop()
+            if self.allocator.decref(b) == 0:
+                if b in self.block_hash:
+                    self.evictable[b] = None
+                else:
+                    self.allocator.release(b)
+            dropped.append(b)
+        table.filled[-1] = num_tokens - (keep_blocks - 1) * bs
+        del table.tokens[num_tokens:]
+        last = table.blocks[-1]
+        if table.filled[-1] < bs and last in self.block_hash and self.allocator.refcount[last] == 1:
+            del self.cached[self.block_hash.pop(last)]
+        return dropped
