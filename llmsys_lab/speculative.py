@@ -131,6 +131,9 @@ class ContiguousRunner:
     def release(self) -> None:
         pass
 
+    def blocks_in_use(self) -> int:
+        return 0
+
 
 class PagedRunner:
     """The same on a paged KV cache: blocks are allocated as drafted tokens arrive, freed on rollback."""
@@ -166,6 +169,9 @@ class PagedRunner:
         if self.tokens:
             self.manager.free(self.SEQ)
 
+    def blocks_in_use(self) -> int:
+        return self.manager.num_blocks - self.manager.num_free
+
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
@@ -193,7 +199,8 @@ class StepRecord:
     accepted: int                 # how many of them were kept
     next_token: int               # the correction (accepted < len(draft)) or bonus token
     blocks_freed: list[int] = field(default_factory=list)   # paged target: blocks returned on rollback
-    blocks_in_use: int = 0        # paged target: blocks held after the step
+    blocks_in_use: int = 0        # paged target: blocks held after the rollback
+    blocks_at_verify: int = 0     # paged target: blocks held during the verify pass (drafts included)
 
 
 @dataclass
@@ -270,15 +277,14 @@ def speculative_generate(target, drafter, prompt: list[int], max_new_tokens: int
             stats.draft_seconds += time.perf_counter() - t0
             logits = runner.forward([context[-1]] + draft)                 # (1 + k, V): one pass
             n, nxt = verify(draft, q, sampling.probs(logits), generator)
+            held = runner.blocks_in_use()
             freed = runner.truncate(len(context) + n)                      # drop the rejected drafts' K/V
             emitted = draft[:n] + [nxt]
             stats.target_steps += 1
             stats.drafted += len(draft)
             stats.accepted += n
             stats.rejections += n < len(draft)
-            record = StepRecord(len(context), list(draft), n, nxt, freed,
-                                getattr(getattr(runner, "manager", None), "num_blocks", 0)
-                                - getattr(getattr(runner, "manager", None), "num_free", 0))
+            record = StepRecord(len(context), list(draft), n, nxt, freed, runner.blocks_in_use(), held)
             records.append(record)
             if on_step is not None:
                 on_step(record, runner)

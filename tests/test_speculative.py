@@ -71,13 +71,13 @@ def test_verify_first_token_is_distributed_as_the_target(sampling):
     gamma, vocab = 3, 5
     p = sampling.probs(torch.randn(gamma + 1, vocab, generator=gen) * 2)
     q = sampling.probs(torch.randn(gamma, vocab, generator=gen) * 2)
-    counts = _first_token_counts(p, q, gamma, 6000, seed=1)
+    counts = _first_token_counts(p, q, gamma, 3000, seed=1)
     assert chi_square_p(counts, p[0]) > SIGNIFICANCE
 
     # negative control: accepting every draft token gives the draft's distribution, and the test sees it
     def accept_all(draft, q, p, gen):
         return len(draft), 0
-    wrong = _first_token_counts(p, q, gamma, 6000, seed=1, verifier=accept_all)
+    wrong = _first_token_counts(p, q, gamma, 3000, seed=1, verifier=accept_all)
     assert chi_square_p(wrong, p[0]) < SIGNIFICANCE
 
 
@@ -133,12 +133,12 @@ def _target_first_two(target, prompt, sampling):
     return p1[:, None] * p2
 
 
-@pytest.mark.parametrize("sampling", [Sampling(True), Sampling(True, temperature=0.8, top_k=4)])
-def test_speculative_sampling_first_two_tokens_match_the_target(sampling):
-    target, draft = tiny_random_lm(0), tiny_random_lm(1)
+def test_speculative_sampling_first_two_tokens_match_the_target():
+    sampling = Sampling(True, temperature=0.8, top_k=3)
+    target, draft = tiny_random_lm(0, vocab=4), tiny_random_lm(1, vocab=4)
     prompt = [1, 2, 3]
     expected = _target_first_two(target, prompt, sampling)
-    counts = _first_two(target, ModelDrafter(draft), prompt, sampling, 2500, seed=0)
+    counts = _first_two(target, ModelDrafter(draft), prompt, sampling, 600, seed=0)
     assert chi_square_p(counts, expected) > SIGNIFICANCE
     # negative control: the draft's own distribution differs from the target's, and the test sees it
     assert chi_square_p(counts, _target_first_two(draft, prompt, sampling)) < SIGNIFICANCE
@@ -151,7 +151,7 @@ def test_speculative_sampling_on_the_real_model_first_token(tiny):
     drafter = ModelDrafter(truncated_model(model, 2))
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros(model.config.vocab_size)
-    for _ in range(150):
+    for _ in range(100):
         out = speculative_generate(model, drafter, prompt, 1, gamma=3, sampling=sampling, generator=gen)
         counts[out.new_tokens[0]] += 1
     with torch.no_grad():
