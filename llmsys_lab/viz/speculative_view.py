@@ -97,7 +97,7 @@ class SpeculativeView(View):
             shown.append(f"<span style='{chip};background:{colors['next']}'>"
                          f"{html.escape(self._words([r.next_token])[0])}</span>")
         lines = "".join(f"<div>{html.escape(line)}</div>" for line in self.describe())
-        return (f"<div class='llmsys-speculative-view'><div style='font-family:monospace'>{lines}</div>"
+        return (f"<div><div class='llmsys-speculative-text' style='font-family:monospace'>{lines}</div>"
                 f"<div style='margin-top:6px'>{''.join(shown)}</div></div>")
 
     def widget(self):

@@ -143,6 +143,11 @@ LESSONS = [
                   Step("more-micro-batches", drag_slider("micro-batches", 60),
                        expect=r"^GPipe, 4 stages, (9|1[0-6]) micro-batches"),
                   Step("earlier", drag_slider("time", -120), expect=r"^GPipe, 4 stages, \d+ micro-batches: time \d+ of"))),
+    Lesson("10_speculative_decoding.ipynb", widget="llmsys-speculative-view", state=".llmsys-speculative-text",
+           initial=r"^round 3 of \d+, phase rollback",
+           steps=(Step("next", click("next ▶"), expect=r"^round 4 of \d+, phase draft", image_changes=False),
+                  Step("prev", click("◀ prev"), expect=r"^round 3 of \d+, phase rollback", image_changes=False),
+                  Step("prev-again", click("◀ prev"), expect=r"^round 3 of \d+, phase accept", image_changes=False))),
 ]
 
 
