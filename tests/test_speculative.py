@@ -212,7 +212,7 @@ def test_trained_draft_model_if_present(tiny, greedy_refs):
     try:
         draft = load_draft()
     except FileNotFoundError:
-        pytest.skip("llmsys-tiny-draft not trained yet (make draft-model); the truncated drafter covers the loop")
+        pytest.skip("llmsys-tiny-draft not trained yet (scripts/train_draft_model.py); the truncated drafter covers the loop")
     prompts, refs = greedy_refs
     out = speculative_generate(model, ModelDrafter(draft), prompts[0], 24, gamma=4, eos_token_id=None)
     assert out.new_tokens == refs[0]
