@@ -7,7 +7,10 @@ Part A, llmsys-tiny as the target (real acceptance rates): tokens/s of plain gre
   * prompt lookup, on in-domain prompts and on repetitive text (a passage the output quotes).
 For each: acceptance rate, alpha (per judged token), tokens per target step, c = draft time per
 draft token / plain decode step time, predicted speed-up (1 - a^(g+1)) / ((1 - a)(g c + 1)) and
-the measured one (plain time / speculative time for the same number of tokens).
+the measured one (plain time / speculative time for the same number of tokens). A second prediction
+also charges the verify pass its measured cost v (gamma + 1 tokens in one pass, in decode steps: 1 when
+the step is memory- or launch-bound, more on a CPU) and the drafts actually proposed:
+tokens/step(alpha, g) / (mean drafts per step * c + v).
 
 Part B, step costs of larger targets: the tiny models are launch-bound on a GPU (a step costs
 about the same at any size, so c = draft/target step is large). Random-weight targets of growing
@@ -34,7 +37,8 @@ from llmsys_lab.configs import ModelConfig
 from llmsys_lab.drafters import ModelDrafter, PromptLookupDrafter, load_draft, truncated_model
 from llmsys_lab.generate import generate
 from llmsys_lab.model import LlamaLM, load_tiny
-from llmsys_lab.speculative import ContiguousRunner, expected_speedup, speculative_generate
+from llmsys_lab.speculative import (ContiguousRunner, expected_speedup, expected_tokens_per_step,
+                                    speculative_generate)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speculative.json"
 PROMPTS = ["ROMEO.\n", "KING.\nMy lords,", "HAMLET.\nWhat is", "JULIET.\nO Romeo, Romeo", "PORTIA.\nThe quality of mercy"]
@@ -74,22 +78,24 @@ def plain_seconds(model, prompts, n) -> float:
     return time.perf_counter() - t
 
 
-def decode_step_seconds(model, steps: int, context: int = 32) -> float:
-    """Time of one single-token decode step on the kit's contiguous cache."""
-    runner = ContiguousRunner(model, context + steps + 1)
+def decode_step_seconds(model, steps: int, context: int = 32, tokens: int = 1) -> float:
+    """Time of one forward pass of `tokens` new tokens (1: a decode step; gamma + 1: a verify pass)
+    on the kit's contiguous cache, after `context` cached tokens (rolled back after every pass)."""
+    runner = ContiguousRunner(model, context + tokens)
     runner.forward(list(range(1, context + 1)))
     for _ in range(3):
-        runner.forward([1])
-    runner.truncate(context)
+        runner.forward([1] * tokens)
+        runner.truncate(context)
     sync()
     t = time.perf_counter()
     for _ in range(steps):
-        runner.forward([1])
+        runner.forward([1] * tokens)
+        runner.truncate(context)
     sync()
     return (time.perf_counter() - t) / steps
 
 
-def sweep(target, drafter, name, prompts, n, gammas, t_plain, t_step) -> list[dict]:
+def sweep(target, drafter, name, prompts, n, gammas, t_plain, t_step, t_verify) -> list[dict]:
     rows = []
     for g in gammas:
         sync()
@@ -105,12 +111,17 @@ def sweep(target, drafter, name, prompts, n, gammas, t_plain, t_step) -> list[di
         seconds = time.perf_counter() - t
         alpha = acc / judged if judged else 0.0
         c = (draft_s / drafted) / t_step if drafted else 0.0
+        v = t_verify[g] / t_step                  # a verify pass of g + 1 tokens, in decode steps
+        gamma_avg = drafted / steps               # prompt lookup may propose fewer than g tokens
         row = {"drafter": name, "gamma": g, "acceptance_rate": acc / drafted if drafted else 0.0, "alpha": alpha,
                "tokens_per_step": tokens / steps, "c": c, "predicted_speedup": expected_speedup(min(alpha, 1.0), g, c),
+               "verify_cost": v,
+               "predicted_with_verify_cost": expected_tokens_per_step(min(alpha, 1.0), g) / (gamma_avg * c + v),
                "measured_speedup": t_plain / seconds, "tokens_per_s": tokens / seconds}
         rows.append(row)
         print(f"{name:>22} g={g}  accept {row['acceptance_rate']:.2f}  alpha {alpha:.2f}  "
-              f"tok/step {row['tokens_per_step']:.2f}  c {c:.3f}  predicted {row['predicted_speedup']:.2f}x  "
+              f"tok/step {row['tokens_per_step']:.2f}  c {c:.3f}  verify {v:.2f}  predicted {row['predicted_speedup']:.2f}x "
+              f"(with verify cost {row['predicted_with_verify_cost']:.2f}x)  "
               f"measured {row['measured_speedup']:.2f}x  ({row['tokens_per_s']:.0f} tok/s)", flush=True)
     return rows
 
@@ -140,10 +151,11 @@ def main() -> int:
         generate(target, [prompts[0]], max_new_tokens=4)                          # warm-up
         t_plain = plain_seconds(target, prompts, n)
         t_step = decode_step_seconds(target, 32 if args.tiny else 200)
+        t_verify = {g: decode_step_seconds(target, 16 if args.tiny else 100, tokens=g + 1) for g in gammas}
         print(f"\n[{label}] plain decoding: {len(prompts) * n / t_plain:.0f} tok/s, "
               f"decode step {t_step * 1e3:.2f} ms")
         for name, drafter in ((draft_name, ModelDrafter(draft)), ("prompt lookup", PromptLookupDrafter())):
-            for row in sweep(target, drafter, name, prompts, n, gammas, t_plain, t_step):
+            for row in sweep(target, drafter, name, prompts, n, gammas, t_plain, t_step, t_verify):
                 results["rows"].append({"text": label, "plain_tokens_per_s": len(prompts) * n / t_plain, **row})
     model_rows = [r for r in results["rows"] if r["text"] == "in-domain" and r["drafter"] == draft_name]
     best = max(model_rows, key=lambda r: r["measured_speedup"])
