@@ -115,7 +115,8 @@ def truncated_model(target: LlamaLM, num_layers: int) -> LlamaLM:
                          f"got {num_layers!r}")
     draft = LlamaLM.__new__(LlamaLM)                 # no fresh weights: the target's modules are reused
     nn.Module.__init__(draft)
-    draft.config = dataclasses.replace(target.config, num_layers=num_layers, name=f"{target.config.name}-first{num_layers}")
+    draft.config = dataclasses.replace(target.config, num_layers=num_layers,
+                                       name=f"{target.config.name}-first{num_layers}")
     draft.model = nn.Module()
     draft.model.embed_tokens = target.model.embed_tokens
     draft.model.layers = nn.ModuleList(target.model.layers[:num_layers])
@@ -128,5 +129,6 @@ def load_draft(path: str | Path = DRAFT_MODEL_PATH, device="cpu", dtype=torch.fl
     """The bundled draft model for llmsys-tiny (train it with scripts/train_draft_model.py)."""
     path = Path(path)
     if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"no draft model at {path}: train it with scripts/train_draft_model.py, or use truncated_model(target, n)")
+        raise FileNotFoundError(f"no draft model at {path}: train it with scripts/train_draft_model.py, "
+                                "or use truncated_model(target, n)")
     return LlamaLM.from_pretrained(path, dtype, device)
