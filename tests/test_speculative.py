@@ -80,13 +80,13 @@ def test_verify_first_token_is_distributed_as_the_target(sampling):
     gamma, vocab = 3, 5
     p = sampling.probs(torch.randn(gamma + 1, vocab, generator=gen) * 2)
     q = sampling.probs(torch.randn(gamma, vocab, generator=gen) * 2)
-    counts = _first_token_counts(p, q, gamma, 3000, seed=1)
+    counts = _first_token_counts(p, q, gamma, 8000, seed=1)
     assert chi_square_p(counts, p[0]) > SIGNIFICANCE
 
     # negative control: accepting every draft token gives the draft's distribution, and the test sees it
     def accept_all(draft, q, p, gen):
         return len(draft), 0
-    wrong = _first_token_counts(p, q, gamma, 3000, seed=1, verifier=accept_all)
+    wrong = _first_token_counts(p, q, gamma, 8000, seed=1, verifier=accept_all)
     assert chi_square_p(wrong, p[0]) < SIGNIFICANCE
 
 
