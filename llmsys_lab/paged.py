@@ -321,7 +321,7 @@ class BlockManager:
         shared, it is unpublished, since its tokens will change.
         """
         table, bs = self.table(seq_id), self.block_size
-        if not isinstance(num_tokens, int) or not 1 <= num_tokens <= table.num_tokens:
+        if not _is_int(num_tokens) or not 1 <= num_tokens <= table.num_tokens:
             raise BlockError(f"cannot truncate sequence {seq_id!r} to {num_tokens!r} tokens: it holds "
                              f"{table.num_tokens} (keep 1..{table.num_tokens}; free() drops a whole sequence)")
         keep_blocks = self.blocks_needed(num_tokens)
@@ -329,8 +329,9 @@ class BlockManager:
         while len(table.blocks) > keep_blocks:
             b = table.blocks.pop()
             table.filled.pop()
+            table.cache_ids.pop()
             if self.allocator.decref(b) == 0:
-                if b in self.block_hash:
+                if b in self.block_key:
                     self.evictable[b] = None
                 else:
                     self.allocator.release(b)
@@ -338,6 +339,8 @@ class BlockManager:
         table.filled[-1] = num_tokens - (keep_blocks - 1) * bs
         del table.tokens[num_tokens:]
         last = table.blocks[-1]
-        if table.filled[-1] < bs and last in self.block_hash and self.allocator.refcount[last] == 1:
-            del self.cached[self.block_hash.pop(last)]
+        if table.filled[-1] < bs:
+            table.cache_ids[-1] = None                  # no longer a full block of this sequence
+            if last in self.block_key and self.allocator.refcount[last] == 1:
+                del self.cached[self.block_key.pop(last)]
         return dropped

@@ -244,7 +244,7 @@ def assert_block_invariants(manager: BlockManager) -> None:
     """Every block is free, evictable or referenced, exactly as often as the tables reference it."""
     refs = [0] * manager.num_blocks
     for table in manager.tables.values():
-        assert table.num_tokens == len(table.tokens)
+        assert table.num_tokens == len(table.tokens) and len(table.cache_ids) == len(table.blocks)
         assert all(0 < f <= manager.block_size for f in table.filled)
         assert all(f == manager.block_size for f in table.filled[:-1])
         for b in table.blocks:
@@ -255,6 +255,8 @@ def assert_block_invariants(manager: BlockManager) -> None:
         assert manager.allocator.refcount[b] == refs[b], f"block {b}"
         states = (b in free) + (b in manager.evictable) + (refs[b] > 0)
         assert states == 1, f"block {b} is in {states} states (free / evictable / in use)"
+    assert set(manager.evictable) <= set(manager.block_key), "an evictable block is not in the prefix cache"
+    assert {e.block for e in manager.cached.values()} == set(manager.block_key)
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 4])
@@ -306,7 +308,7 @@ def test_block_manager_truncate_with_shared_and_cached_blocks():
     m.add("c", list(range(8)))                                   # a full published block, not shared
     first = m.table("c").blocks[0]
     m.truncate("c", 2)
-    assert first not in m.block_hash                             # its tokens will change: unpublished
+    assert first not in m.block_key                             # its tokens will change: unpublished
     m.append("c", 7)
     assert_block_invariants(m)
 
