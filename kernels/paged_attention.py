@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+from llmsys_lab._runtime import check_kernel_dtype, require_triton
+from llmsys_lab.kernels._triton import tl, triton  # Triton, or a stand-in that raises TritonUnavailable
 
 
 @triton.jit
@@ -73,6 +73,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
                            block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """softmax(q K^T * scale) V for each sequence's first context_lens[b] cached tokens."""
+    require_triton("the Triton paged decode kernel")
     if q.dim() != 3:
         raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -88,6 +89,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"kv_heads = {h_kv} must divide heads = {h}")
     if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
         raise TypeError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    check_kernel_dtype(q, "paged_attention_decode")    # bf16 refused below compute capability 8.0 (a T4)
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise TypeError("block_tables and context_lens must be int32")
     if block_tables.shape[0] != b or context_lens.shape != (b,):
