@@ -9,7 +9,8 @@ interpreter started with that environment, Jupyter kernels included. Then:
   the model's own generate gives;
 * the doctor lists the limited lessons;
 * every lesson and solution notebook runs in a plain kernel (no TRITON_INTERPRET, as JupyterLab
-  starts it) without an error, and a cell that uses a Triton kernel prints "Triton unavailable: ...".
+  starts it) without an error, and a cell that uses Triton (imports or launches it, or calls an
+  entry point imported from llmsys_lab.kernels) prints a line starting "Triton unavailable:".
 
 The last check, and the same lessons run in a plain kernel *with* Triton, execute every notebook:
 they are marked `slow` (``-m "not slow"`` leaves them out while iterating; `make test` runs them).
@@ -32,9 +33,35 @@ BLOCKER = Path(__file__).resolve().parent / "no_triton_site"
 LESSONS = sorted((ROOT / "notebooks").glob("0*.ipynb"))
 SOLUTIONS = sorted((ROOT / "solutions").glob("*/*.ipynb"))
 UNAVAILABLE = "Triton unavailable:"
-# A code cell that calls one of these launches a Triton kernel (directly or through the wrapper).
-KERNEL_CALL = re.compile(r"\b(softmax|paged_attention_decode|flash_attention|flash_forward|run_step)\s*\(|"
-                         r"\b\w+_kernel\s*\[|\bstep[1-4]_\w+\s*\[")
+# Names a notebook imports from llmsys_lab.kernels that work without Triton (PyTorch references,
+# reading a kernel's source, constants): calling them is not using Triton.
+NO_TRITON_NEEDED = re.compile(r"reference|kernel_source|^[A-Z_0-9]+$|_flops$|KernelConfig")
+IMPORT_FROM_KERNELS = re.compile(r"from[ \t]+llmsys_lab\.kernels(?:\.\w+)?[ \t]+import[ \t]+(?:\(([^)]*)\)|([\w \t,]+))")
+TRITON_SOURCE = re.compile(r"^\s*(import triton|from triton\b)|@triton\.jit|\b\w+\[\s*grid\s*\]\s*\(", re.M)
+
+
+def kernel_names(nb) -> set[str]:
+    """The Triton entry points a notebook imports from llmsys_lab.kernels (as it names them)."""
+    names = set()
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            for groups in IMPORT_FROM_KERNELS.findall(cell.source):
+                for item in "".join(groups).replace("\n", " ").split(","):
+                    name = item.split(" as ")[-1].strip()
+                    if name and not NO_TRITON_NEEDED.search(name):
+                        names.add(name)
+    return names
+
+
+def uses_triton(source: str, names: set[str]) -> bool:
+    """A cell uses Triton if it imports or launches Triton itself, or calls an imported kernel entry
+    point (not a method of the same name such as torch.softmax, not a definition)."""
+    if TRITON_SOURCE.search(source):
+        return True
+    return any(re.search(rf"(?<![\w.]){re.escape(n)}\s*\(", source) and not re.search(rf"def\s+{re.escape(n)}\b", source)
+               for n in names)
+
+
 CELL_TIMEOUT = 600
 
 
@@ -80,7 +107,7 @@ def text_of(cell) -> str:
 
 def problems(nb, expect_notes: bool) -> list[str]:
     """Cells that raised, and (without Triton) kernel-calling cells that print no note."""
-    found = []
+    found, names = [], kernel_names(nb)
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
@@ -88,7 +115,7 @@ def problems(nb, expect_notes: bool) -> list[str]:
         for out in cell.get("outputs", []):
             if out.output_type == "error":
                 found.append(f"{head}: {out.ename}: {out.evalue.splitlines()[0] if out.evalue else ''}")
-        if expect_notes and KERNEL_CALL.search(cell.source) and UNAVAILABLE not in text_of(cell):
+        if expect_notes and uses_triton(cell.source, names) and UNAVAILABLE not in text_of(cell):
             found.append(f"{head}: calls a Triton kernel but prints no '{UNAVAILABLE}' line")
     return found
 
@@ -207,3 +234,19 @@ def test_lesson_runs_in_a_plain_kernel_with_triton(path, monkeypatch):
     nb = execute_plain(path, False, monkeypatch)
     found = problems(nb, expect_notes=False)
     assert not found, f"{path.name} in a plain kernel:\n  " + "\n  ".join(found)
+
+
+def test_the_contract_sees_kernel_cells_and_not_lookalikes():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in (
+        "from llmsys_lab.kernels.softmax import softmax, softmax_reference\n"
+        "from llmsys_lab.kernels.flash_steps import run_step as step, kernel_source",
+        "y = torch.softmax(x, -1); z = softmax_reference(x); print(kernel_source(k))",
+        "def softmax(x):\n    return x",
+        "out = softmax(x)",
+        "o = step(2, q, k, v)",
+        "@triton.jit\ndef k(x): pass",
+        "_kernel[grid](a, b)",
+    )])
+    names = kernel_names(nb)
+    assert names == {"softmax", "step"}
+    assert [uses_triton(c.source, names) for c in nb.cells] == [False, False, False, True, True, True, True]
