@@ -64,3 +64,9 @@ def test_triton_is_required_only_where_a_wheel_exists():
 
 def test_repository_url_is_declared_once():
     assert pyproject()["project"]["urls"]["Repository"].startswith("https://")
+
+
+def test_package_version_is_the_project_version():
+    import llmsys_lab
+
+    assert llmsys_lab.__version__ == pyproject()["project"]["version"]
