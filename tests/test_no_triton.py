@@ -53,9 +53,24 @@ def kernel_names(nb) -> set[str]:
     return names
 
 
+def only_defines(source: str) -> bool:
+    """True for a cell that only defines functions or classes and imports (it runs nothing, so it has
+    nothing to say; if an import fails, that shows as an error)."""
+    import ast
+
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:                       # IPython magics: treat as code that runs
+        return False
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)
+    return all(isinstance(n, defs) or isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
 def uses_triton(source: str, names: set[str]) -> bool:
     """A cell uses Triton if it imports or launches Triton itself, or calls an imported kernel entry
-    point (not a method of the same name such as torch.softmax, not a definition)."""
+    point (not a method of the same name such as torch.softmax), and is not only definitions."""
+    if only_defines(source):
+        return False
     if TRITON_SOURCE.search(source):
         return True
     return any(re.search(rf"(?<![\w.]){re.escape(n)}\s*\(", source) and not re.search(rf"def\s+{re.escape(n)}\b", source)
@@ -246,7 +261,8 @@ def test_the_contract_sees_kernel_cells_and_not_lookalikes():
         "o = step(2, q, k, v)",
         "@triton.jit\ndef k(x): pass",
         "_kernel[grid](a, b)",
+        "def launch(x):\n    _kernel[grid](x)\n    return softmax(x)",
     )])
     names = kernel_names(nb)
     assert names == {"softmax", "step"}
-    assert [uses_triton(c.source, names) for c in nb.cells] == [False, False, False, True, True, True, True]
+    assert [uses_triton(c.source, names) for c in nb.cells] == [False, False, False, True, True, False, True, False]
