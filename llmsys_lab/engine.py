@@ -27,15 +27,24 @@ from .scheduler import Request, Scheduler
 # ---- decode-attention dispatch ------------------------------------------------------------------
 KERNEL_PATH = "triton paged decode kernel"
 REFERENCE_PATH = "pytorch reference of paged decode attention (Triton unavailable)"
+REFERENCE_BF16_PATH = "pytorch reference of paged decode attention (bf16 on a GPU below compute capability 8.0)"
 PADDED_PATH = "padded attention (no paged decode kernel)"
 
 
-def decode_attention_path(use_kernel: bool) -> str:
-    """The path decode rows take: the Triton kernel, or, where Triton is missing (macOS, native
-    Windows), its PyTorch reference reading the same blocks (same result, never called the kernel)."""
+def decode_attention_path(use_kernel: bool, dtype=None, device=None) -> str:
+    """The path decode rows take: the Triton kernel, or its PyTorch reference reading the same
+    blocks (same result, never called the kernel) where Triton is missing (macOS, native Windows)
+    or the kernel refuses the dtype (bf16 on a T4: see _runtime.check_kernel_dtype)."""
     if not use_kernel:
         return PADDED_PATH
-    return KERNEL_PATH if triton_available() else REFERENCE_PATH
+    if not triton_available():
+        return REFERENCE_PATH
+    if dtype == torch.bfloat16 and device is not None and torch.device(device).type == "cuda":
+        from ._runtime import gpu_capability
+
+        if gpu_capability(torch.device(device)) < (8, 0):
+            return REFERENCE_BF16_PATH
+    return KERNEL_PATH
 
 
 def decode_attention(path: str):
@@ -53,7 +62,8 @@ class Engine:
         # the interpreter would run it, correct but slow)
         self.use_kernel = model.lm_head.weight.is_cuda if use_kernel is None else use_kernel
         # which attention decode rows take (see decode_attention): recorded, so results say what ran
-        self.attention_path = decode_attention_path(self.use_kernel)
+        self.attention_path = decode_attention_path(self.use_kernel, model.lm_head.weight.dtype,
+                                                    model.lm_head.weight.device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.cache = PagedKVCache(self.cfg, self.blocks, model.lm_head.weight.dtype, model.lm_head.weight.device)
         self.scheduler = Scheduler(self.blocks, policy, max_batch, token_budget, self.cfg.max_position_embeddings,

@@ -63,3 +63,23 @@ def test_bf16_is_refused_below_ampere_and_accepted_from_it(arch):
     else:
         assert flash_attention(q, k, v).dtype == torch.bfloat16
         assert paged_attention_decode(*args).dtype == torch.bfloat16
+
+
+def test_engine_on_a_t4_with_a_bf16_model_takes_the_labelled_reference(monkeypatch):
+    """The engine asks before it launches: bf16 decode on a GPU below 8.0 goes to the PyTorch
+    reference (and says so); fp16 keeps the kernel. In 16 bits greedy decoding may drift after a
+    few tokens between attention implementations, so the first tokens are compared with generate()."""
+    from llmsys_lab.engine import KERNEL_PATH, REFERENCE_BF16_PATH, serve
+    from llmsys_lab.generate import generate
+    from llmsys_lab.model import load_tiny
+
+    monkeypatch.setenv("LLMSYS_FORCE_ARCH", "sm75")
+    model, tok = load_tiny()
+    prompts = [tok(t).input_ids for t in ("ROMEO.\n", "To be, or not", "JULIET.\nO Romeo")]
+    for dtype, path in ((torch.bfloat16, REFERENCE_BF16_PATH), (torch.float16, KERNEL_PATH)):
+        m = model.to("cuda", dtype)
+        engine, done = serve(m, prompts, 12, num_blocks=60, block_size=4, max_batch=3)
+        assert engine.attention_path == path
+        for i, p in enumerate(prompts):
+            assert len(done[i].output) == 12 or done[i].output[-1] == 0
+            assert done[i].output[:3] == generate(m, [p], 12).new_tokens[0][:3], (dtype, i)
