@@ -78,12 +78,13 @@ def uses_triton(source: str, names: set[str]) -> bool:
 
 
 CELL_TIMEOUT = 600
+BASE_ENV = dict(os.environ)          # as the test session started (the notebook runs change os.environ)
 
 
 def plain_env(block_triton: bool) -> dict:
     """The environment of a kernel JupyterLab starts: no TRITON_INTERPRET (import llmsys_lab picks
     the mode itself), and, to emulate a machine without Triton, the import blocker."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in BASE_ENV.items() if k != "TRITON_INTERPRET"}
     if block_triton:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BLOCKER), env.get("PYTHONPATH")) if p)
     return env
@@ -141,16 +142,13 @@ def test_blocker_blocks_triton():
     assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr and "blocked" in out.stderr
 
 
-def test_package_imports_and_says_unavailable():
-    out = run_py("import llmsys_lab, llmsys_lab.kernels, llmsys_lab.engine, llmsys_lab.benchmarking\n"
-                 "from llmsys_lab.kernels import softmax, paged_attention, flash_attention, flash_steps\n"
-                 "print(llmsys_lab.triton_mode())")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "unavailable"
-
-
 ENTRY_POINTS = """
-import torch, llmsys_lab
+import importlib, pkgutil
+import torch, llmsys_lab, llmsys_lab.kernels
+names = [m.name for p in (llmsys_lab, llmsys_lab.kernels) for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.')]
+for n in names:
+    importlib.import_module(n)
+print(llmsys_lab.triton_mode(), len(names), "llmsys_lab.kernels.flash_attention" in names)
 from llmsys_lab._runtime import TritonUnavailable
 from llmsys_lab.kernels.softmax import softmax
 from llmsys_lab.kernels.paged_attention import paged_attention_decode
@@ -177,10 +175,14 @@ print("source", kernel_source(step2_loop).startswith("@triton.jit"))
 """
 
 
-def test_every_kernel_entry_point_raises_triton_unavailable():
+def test_package_imports_and_every_kernel_entry_point_raises_triton_unavailable():
+    """Every module of the package (kernels included) imports, triton_mode() says 'unavailable',
+    and each kernel entry point raises TritonUnavailable naming the fix."""
     out = run_py(ENTRY_POINTS)
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    first, *lines = out.stdout.splitlines()
+    mode, count, has_kernels = first.split()
+    assert mode == "unavailable" and int(count) >= 40 and has_kernels == "True", first
     assert lines[:-1] == [f"{n} TritonUnavailable True" for n in
                           ("softmax", "paged_attention_decode", "flash_attention", "flash_forward",
                            "run_step", "step2_loop[grid]")]
@@ -193,10 +195,10 @@ from llmsys_lab.engine import REFERENCE_PATH, serve
 from llmsys_lab.generate import generate
 from llmsys_lab.model import load_tiny
 model, tok = load_tiny()
-prompts = [tok(t).input_ids for t in ("ROMEO.\\n", "To be, or not", "JULIET.\\nO Romeo")]
-engine, done = serve(model, prompts, 12, num_blocks=60, block_size=4, max_batch=3, use_kernel=True)
+prompts = [tok(t).input_ids for t in ("ROMEO.\\n", "To be, or not")]
+engine, done = serve(model, prompts, 8, num_blocks=40, block_size=4, max_batch=2, use_kernel=True)
 print("path:", engine.attention_path)
-same = all(done[i].output == generate(model, [p], 12).new_tokens[0] for i, p in enumerate(prompts))
+same = all(done[i].output == generate(model, [p], 8).new_tokens[0] for i, p in enumerate(prompts))
 print("same tokens as generate:", same)
 """
 
@@ -210,19 +212,25 @@ def test_engine_uses_the_labelled_reference_and_matches_generate():
                                        "same tokens as generate: True"]
 
 
+DOCTOR = """
+import importlib
+d = importlib.import_module("llmsys_lab.doctor")
+print("LINUX ok:", d.doctor(verbose=False).ok)
+d.TRITON_PLATFORMS = ()      # as on macOS / Windows: no Triton wheel exists there
+print("MACOS ok:", d.doctor().ok)
+"""
+
+
 def test_doctor_lists_the_limited_lessons():
-    out = run_py("import importlib; d = importlib.import_module('llmsys_lab.doctor')\n"
-                 "d.TRITON_PLATFORMS = ()   # as on macOS: no Triton wheel exists there\n"
-                 "r = d.doctor(); print('OK', r.ok)")
+    out = run_py(DOCTOR)
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert "triton kernels: unavailable" in text and "OK True" in text
+    # on Linux a missing Triton is an incomplete install (a problem); elsewhere a limitation
+    assert "LINUX ok: False" in text and "MACOS ok: True" in text
+    assert "triton kernels: unavailable" in text
     for where in ("lesson 00", "lesson 04", "lesson 05", "lesson 06", "assignment 06"):
         assert f"  - {where}: " in text, where
     assert "not gradable on this machine" in text
-    # on Linux a missing Triton is an incomplete install: the CLI says so and how to fix it
-    cli = run_py("import sys; from llmsys_lab.__main__ import main; sys.exit(main(['doctor']))")
-    assert cli.returncode == 1 and "triton is not installed" in cli.stdout and "pip install 'triton" in cli.stdout
 
 
 def test_kernel_started_by_nbclient_inherits_the_blocker(tmp_path, monkeypatch):
