@@ -35,7 +35,7 @@ help:
 	@echo "make colab            Open-in-Colab badges and install cells in every notebook (then make assignments)"
 
 # ---- set-up ---------------------------------------------------------------
-$(STAMP): pyproject.toml scripts/setup_env.py
+$(STAMP): pyproject.toml setup.py scripts/setup_env.py
 	$(PYTHON) scripts/setup_env.py --venv $(VENV) --python $(PYTHON)
 	@touch $@
 
