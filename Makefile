@@ -19,7 +19,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 CHROMIUM ?= $(or $(LLMSYS_CHROMIUM),/usr/bin/chromium)
 REQUIRE_BROWSER = LLMSYS_REQUIRE_BROWSER=$$([ -x "$(CHROMIUM)" ] && echo 1 || echo 0)
 
-.PHONY: help setup lab kernel test test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments clean
+.PHONY: help setup lab kernel test test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments colab clean
 
 help:
 	@echo "make lab              set up .venv and open JupyterLab on notebooks/"
@@ -33,9 +33,10 @@ help:
 	@echo "make refresh-outputs  re-execute every lesson in place (on a GPU) to refresh stored outputs"
 	@echo "make tiny-model       retrain the bundled llmsys-tiny model on Shakespeare"
 	@echo "make assignments      regenerate the student notebooks in assignments/ from solutions/"
+	@echo "make colab            Open-in-Colab badges and install cells in every notebook (then make assignments)"
 
 # ---- set-up ---------------------------------------------------------------
-$(STAMP): pyproject.toml scripts/setup_env.py
+$(STAMP): pyproject.toml setup.py scripts/setup_env.py
 	$(PYTHON) scripts/setup_env.py --venv $(VENV) --python $(PYTHON)
 	@touch $@
 
@@ -112,6 +113,11 @@ tiny-model: setup
 
 # Student notebooks from the instructor source (nbgrader's generate_assignment preprocessors, no database)
 assignments: setup
+	$(PY) scripts/make_assignments.py
+
+# Google Colab: the badge and install cell of every lesson and assignment, and the README's table
+colab: setup
+	$(PY) scripts/colab.py
 	$(PY) scripts/make_assignments.py
 
 clean:

@@ -32,9 +32,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+from llmsys_lab._runtime import check_kernel_dtype, gpu_capability, require_triton
+from llmsys_lab.kernels._triton import tl, triton  # Triton, or a stand-in that raises TritonUnavailable
 
 # The same function in plain PyTorch (the full score matrix, the kernel's conventions): upcast the
 # inputs to float64 for a reference, or keep their dtype for Algorithm 0 in that precision.
@@ -493,6 +492,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q has {hq} heads, k/v have {hk}: the query heads must be a multiple of the K/V heads (GQA)")
     if m == 0 or n == 0 or bq == 0:
         raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    check_kernel_dtype(q, "flash_attention")
     if q.device.type == "cpu" and not _interpreting():
         raise ValueError("q, k, v are CPU tensors but Triton is compiling for the GPU: "
                          "move them to cuda, or set TRITON_INTERPRET=1 before importing the kernel")
@@ -520,7 +520,7 @@ def _can_use_tma(*tensors: torch.Tensor) -> bool:
     in every stride but the last, as the copy engine (TMA) requires."""
     if _interpreting() or tensors[0].device.type != "cuda" or os.environ.get("LLMSYS_FLASH_TMA", "1") == "0":
         return False
-    if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+    if gpu_capability(tensors[0].device)[0] < 9:     # (LLMSYS_FORCE_ARCH=sm75/sm80 forces the older path)
         return False
     es = tensors[0].element_size()
     return all(t.data_ptr() % 16 == 0 and all((st * es) % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
@@ -531,10 +531,13 @@ def _descriptor(t: torch.Tensor, rows: int, d_pad: int):
     call and passed by value: programs then load (rows x d_pad) tiles with no address arithmetic.
     Tiles may overhang the tensor (a ragged last block, a padded head dim): those parts read as
     zeros and are not written."""
+    from triton.tools.tensor_descriptor import TensorDescriptor  # only reached with Triton, on Hopper
+
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, d_pad])
 
 
 def _forward(q, k, v, causal, scale, config=None, tma=None):
+    require_triton("the Triton FlashAttention kernel")
     _check_inputs(q, k, v)
     q, k, v = _rowmajor(q), _rowmajor(k), _rowmajor(v)
     b, h, m, d = q.shape
@@ -563,6 +566,7 @@ def _forward(q, k, v, causal, scale, config=None, tma=None):
 
 
 def _backward(do, q, k, v, o, lse, causal, scale, configs=(None, None)):
+    require_triton("the Triton FlashAttention kernel")
     do = _rowmajor(do)
     b, h, m, d = q.shape
     hk, n = k.shape[1], k.shape[2]

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+from llmsys_lab._runtime import require_triton
+from llmsys_lab.kernels._triton import tl, triton  # Triton, or a stand-in that raises TritonUnavailable
 
 
 @triton.jit
@@ -131,6 +131,7 @@ def run_step(step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
              block_m: int = 32, block_n: int = 32):
     """Launch step 1..4 on contiguous (B, H, N, D) fp32 tensors; returns O (and, for step 3, the
     number of K/V tiles each program computed)."""
+    require_triton("the FlashAttention step kernels")
     if step not in (1, 2, 3, 4):
         raise ValueError(f"step must be 1, 2, 3 or 4, got {step}")
     if not (q.shape == k.shape == v.shape) or q.dim() != 4:

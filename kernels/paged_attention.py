@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+from llmsys_lab._runtime import check_kernel_dtype, require_triton
+from llmsys_lab.kernels._triton import tl, triton  # Triton, or a stand-in that raises TritonUnavailable
 
 
 @triton.jit
@@ -106,6 +106,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     `check=False` skips check_block_tables (one small reduction and a device-to-host sync per call)
     where the caller built the tables itself and knows they are valid (the serving engine does), and
     in timing loops after one checked call."""
+    require_triton("the Triton paged decode kernel")
     if q.dim() != 3:
         raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
@@ -121,6 +122,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"kv_heads = {h_kv} must divide heads = {h}")
     if q.dtype != k_cache.dtype or q.dtype != v_cache.dtype:
         raise TypeError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    check_kernel_dtype(q, "paged_attention_decode")    # bf16 refused below compute capability 8.0 (a T4)
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise TypeError("block_tables and context_lens must be int32")
     if block_tables.shape[0] != b or context_lens.shape != (b,):

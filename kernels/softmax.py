@@ -8,8 +8,8 @@ or through the Triton interpreter on a CPU.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from llmsys_lab._runtime import require_triton
+from llmsys_lab.kernels._triton import tl, triton  # Triton, or a stand-in that raises TritonUnavailable
 
 
 @triton.jit
@@ -27,6 +27,7 @@ def _softmax_kernel(out_ptr, in_ptr, in_row_stride, out_row_stride, n_cols, BLOC
 
 def softmax(x: torch.Tensor) -> torch.Tensor:
     """softmax over the last dim of a 2-D tensor (fp16, bf16 or fp32)."""
+    require_triton("the Triton softmax kernel")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:

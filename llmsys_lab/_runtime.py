@@ -27,7 +27,10 @@ class TritonUnavailable(RuntimeError):
 
 def triton_available() -> bool:
     """True when the `triton` package can be imported here (it is not looked at otherwise)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ImportError:  # an import hook that refuses triton: as good as not installed
+        return False
 
 
 def triton_note(what: str) -> None:
@@ -55,6 +58,7 @@ def configure_triton() -> str:
     """Use the Triton interpreter when no GPU is present; return the mode in use.
 
     A value the user set (``TRITON_INTERPRET=1`` on a GPU, to debug a kernel) is kept.
+    Without Triton (macOS, native Windows) the mode is 'unavailable' whatever the variable says.
     """
     if _INTERPRET not in os.environ and not cuda_available():
         os.environ[_INTERPRET] = "1"
@@ -62,8 +66,40 @@ def configure_triton() -> str:
 
 
 def triton_mode() -> str:
-    """'interpreter' when kernels run through TRITON_INTERPRET=1, else 'compiled'."""
+    """'unavailable' without Triton; 'interpreter' when kernels run through TRITON_INTERPRET=1;
+    else 'compiled'."""
+    if not triton_available():
+        return "unavailable"
     return "interpreter" if os.environ.get(_INTERPRET, "0") not in ("", "0") else "compiled"
+
+
+# Compute capabilities LLMSYS_FORCE_ARCH accepts, by name (the GPUs students meet).
+_ARCHS = {"sm75": (7, 5), "sm80": (8, 0), "sm86": (8, 6), "sm89": (8, 9), "sm90": (9, 0)}
+
+
+def forced_arch() -> tuple[int, int] | None:
+    """The compute capability named by LLMSYS_FORCE_ARCH (e.g. 'sm75', a T4), or None.
+
+    Kernels that choose a code path by GPU generation (TMA on Hopper, bf16 tensor cores from
+    Ampere) ask `gpu_capability()`, so setting LLMSYS_FORCE_ARCH=sm75 on a large GPU runs
+    the paths a Colab T4 takes. It can only lower the capability: features are not invented.
+    """
+    name = os.environ.get("LLMSYS_FORCE_ARCH", "").strip().lower()
+    if not name:
+        return None
+    if name not in _ARCHS:
+        raise ValueError(f"LLMSYS_FORCE_ARCH={name!r} is not one of {', '.join(_ARCHS)}")
+    return _ARCHS[name]
+
+
+def gpu_capability(device=None) -> tuple[int, int]:
+    """(major, minor) compute capability kernels should plan for: the GPU's own, or the lower
+    one forced by LLMSYS_FORCE_ARCH."""
+    import torch
+
+    real = tuple(torch.cuda.get_device_capability(device))
+    forced = forced_arch()
+    return min(real, forced) if forced else real
 
 
 def default_device():
@@ -81,3 +117,30 @@ def require_gpu_if_asked() -> None:
             "LLMSYS_REQUIRE_GPU=1 but torch sees no CUDA device "
             "(is this a GPU node, and is the torch here a CUDA build?)"
         )
+
+
+def half_dtype(device=None):
+    """The 16-bit dtype for kernels on this device: bfloat16 from Ampere (compute capability 8.0)
+    on, and on the CPU; float16 on older GPUs such as Colab's T4 (7.5), which has no bf16 hardware."""
+    import torch
+
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda" and gpu_capability(dev) < (8, 0):
+        return torch.float16
+    return torch.bfloat16
+
+
+def check_kernel_dtype(t, what: str) -> None:
+    """Refuse bfloat16 for a Triton kernel on a GPU below compute capability 8.0 (a T4).
+
+    Such GPUs have no bf16 units, and Triton (3.3 on) lists compute capability 8.0 as its minimum:
+    below it tl.dot is lowered without tensor cores, and bf16 there is untested. A clear error
+    beats a crash or a silent slow path; `half_dtype()` gives the dtype to use instead.
+    """
+    import torch
+
+    if t.dtype == torch.bfloat16 and t.is_cuda:
+        cap = gpu_capability(t.device)
+        if cap < (8, 0):
+            raise TypeError(f"{what}: bfloat16 needs a GPU of compute capability >= 8.0, this one is "
+                            f"{cap[0]}.{cap[1]} (e.g. a T4): use float16 (llmsys_lab._runtime.half_dtype())")

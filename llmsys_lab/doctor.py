@@ -3,6 +3,9 @@
 Reports package versions against the ranges in pyproject.toml, the device, whether
 Triton kernels run compiled (GPU) or in the interpreter (CPU), runs one tiny kernel,
 and lists every problem with the command that fixes it.
+
+On a machine without Triton (macOS, native Windows: PyPI has no Triton wheel there) that is
+not a problem but a limitation: the doctor lists what each lesson and assignment shows instead.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 
-from ._runtime import configure_triton, triton_mode
+from ._runtime import TRITON_HOWTO, configure_triton, triton_available, triton_mode
 
 # import name -> distribution name, for everything the lessons need
 PACKAGES = {
@@ -24,6 +27,25 @@ PACKAGES = {
 FALLBACK_RANGES = {"torch": ">=2.5,<3", "triton": ">=3.3,<4", "transformers": ">=5.0,<6"}
 FIX_ALL = "make setup  (or: pip install -e .)"
 GPU_ONLY = {"jupyterlab"}  # optional on a GPU node that only runs tests
+# Triton wheels exist for Linux only; elsewhere its absence is expected, not an installation fault.
+TRITON_PLATFORMS = ("linux",)
+
+# What is limited without Triton, lesson by lesson (the lessons print "Triton unavailable: ..."
+# in the cells concerned and run the PyTorch reference where there is one).
+WITHOUT_TRITON = [
+    ("lesson 00", "the doctor's tiny Triton kernel (softmax) is not run"),
+    ("lesson 04", "the Triton paged decode kernel: its output and timing are not shown; "
+                  "the PyTorch reference (paged_attention_reference) reads the same blocks"),
+    ("lesson 05", "the engine's decode attention uses the PyTorch reference of paged decode attention "
+                  "instead of the Triton kernel (Engine.attention_path says which ran)"),
+    ("lesson 06", "the Triton kernels (softmax, the four FlashAttention steps, the forward/backward "
+                  "kernel) do not run; their source is shown and the PyTorch tiled version runs"),
+    ("assignment 06", "the kernel parts are \"not gradable on this machine\" (neither passed nor failed)"),
+]
+# On GPUs older than Ampere (Colab's T4, compute capability 7.5).
+PRE_AMPERE = ("compute capability below 8.0: kernels take their pre-Hopper paths without tensor-core "
+              "bf16; use float16 (llmsys_lab._runtime.half_dtype()); GPU benchmarks in lessons show the "
+              "stored H200 results")
 
 
 @dataclass
@@ -33,6 +55,7 @@ class Report:
     triton: str = ""
     kernel_check: str = ""
     problems: list[tuple[str, str]] = field(default_factory=list)   # (what is wrong, how to fix)
+    limited: list[tuple[str, str]] = field(default_factory=list)    # (lesson, what it cannot show here)
 
     @property
     def ok(self) -> bool:
@@ -43,6 +66,9 @@ class Report:
         lines += [f"  {name:<13} {v or 'MISSING'}" for name, v in self.versions.items()]
         lines += [f"device:         {self.device}", f"triton kernels: {self.triton}",
                   f"kernel check:   {self.kernel_check}"]
+        if self.limited:
+            lines.append("limited on this machine:")
+            lines += [f"  - {where}: {what}" for where, what in self.limited]
         if self.problems:
             lines.append(f"{len(self.problems)} problem(s):")
             lines += [f"  - {what}\n    fix: {fix}" for what, fix in self.problems]
@@ -56,7 +82,8 @@ def _required_ranges() -> dict[str, str]:
         from packaging.requirements import Requirement
 
         reqs = [Requirement(r) for r in metadata.requires("llmsys-lab") or [] if "extra ==" not in r]
-        return {r.name.lower(): str(r.specifier) for r in reqs}
+        # a requirement whose marker excludes this platform (triton on macOS) is not required here
+        return {r.name.lower(): str(r.specifier) for r in reqs if r.marker is None or r.marker.evaluate()}
     except Exception:  # not installed, or packaging missing
         return dict(FALLBACK_RANGES)
 
@@ -68,10 +95,14 @@ def _check_versions(report: Report) -> None:
             version = metadata.version(dist)
         except metadata.PackageNotFoundError:
             version = None
+        if mod == "triton" and not triton_available():
+            version = None                    # installed metadata, but it cannot be imported
         report.versions[mod] = version
         wanted = ranges.get(dist, "")
         if version is None:
-            if mod not in GPU_ONLY:
+            if mod == "triton":
+                _no_triton(report, wanted)
+            elif mod not in GPU_ONLY:
                 report.problems.append((f"{dist} is not installed", f"pip install '{dist}{wanted}'  or  {FIX_ALL}"))
             continue
         if wanted:
@@ -85,6 +116,14 @@ def _check_versions(report: Report) -> None:
                 pass
 
 
+def _no_triton(report: Report, wanted: str) -> None:
+    """Without Triton: a fault on Linux (the install is incomplete), a known limit elsewhere."""
+    report.limited += WITHOUT_TRITON
+    if sys.platform.startswith(TRITON_PLATFORMS):
+        report.problems.append(("triton is not installed (this is Linux: a Triton wheel exists)",
+                                f"pip install 'triton{wanted or FALLBACK_RANGES['triton']}'  or  {FIX_ALL}"))
+
+
 def _check_device(report: Report) -> None:
     import torch
 
@@ -92,6 +131,10 @@ def _check_device(report: Report) -> None:
         p = torch.cuda.get_device_properties(0)
         report.device = (f"cuda: {p.name}, {p.total_memory / 2**30:.0f} GiB, "
                          f"compute capability {p.major}.{p.minor}, CUDA {torch.version.cuda}")
+        from ._runtime import gpu_capability
+
+        if gpu_capability(0) < (8, 0):
+            report.limited.append(("GPU", PRE_AMPERE))
     else:
         report.device = "cpu (no CUDA GPU: lessons use small sizes)"
         if torch.version.cuda is None and _nvidia_gpu_present():
@@ -141,8 +184,11 @@ def doctor(verbose: bool = True) -> Report:
     _check_device(report)
     if report.versions.get("triton") and report.versions.get("torch"):
         _check_kernel(report)
+    elif not report.versions.get("triton"):
+        report.triton = f"unavailable: Triton is not installed ({TRITON_HOWTO})"
+        report.kernel_check = "not run (no Triton): lessons show the PyTorch reference instead"
     else:
-        report.triton = report.kernel_check = "not checked (torch or triton missing)"
+        report.triton = report.kernel_check = "not checked (torch missing)"
     if verbose:
         print(report)
     return report

@@ -21,11 +21,45 @@ import time
 
 import torch
 
+from ._runtime import triton_available
 from .attention import scaled_dot_product_attention
 from .generate import check_token_ids
 from .paged import BlockManager
 from .paged_cache import PagedKVCache
 from .scheduler import Request, Scheduler
+
+
+# ---- decode-attention dispatch ------------------------------------------------------------------
+KERNEL_PATH = "triton paged decode kernel"
+REFERENCE_PATH = "pytorch reference of paged decode attention (Triton unavailable)"
+REFERENCE_BF16_PATH = "pytorch reference of paged decode attention (bf16 on a GPU below compute capability 8.0)"
+PADDED_PATH = "padded attention (no paged decode kernel)"
+
+
+def decode_attention_path(use_kernel: bool, dtype=None, device=None) -> str:
+    """The path decode rows take: the Triton kernel, or its PyTorch reference reading the same
+    blocks (same result, never called the kernel) where Triton is missing (macOS, native Windows)
+    or the kernel refuses the dtype (bf16 on a T4: see _runtime.check_kernel_dtype)."""
+    if not use_kernel:
+        return PADDED_PATH
+    if not triton_available():
+        return REFERENCE_PATH
+    if dtype == torch.bfloat16 and device is not None and torch.device(device).type == "cuda":
+        from ._runtime import gpu_capability
+
+        if gpu_capability(torch.device(device)) < (8, 0):
+            return REFERENCE_BF16_PATH
+    return KERNEL_PATH
+
+
+def decode_attention(path: str):
+    """The function for `path`. The engine builds the block tables itself, so the kernel skips its
+    host-side table check (one reduction and a device-to-host sync per call and layer)."""
+    import functools
+
+    from .kernels.paged_attention import paged_attention_decode, paged_attention_reference
+
+    return functools.partial(paged_attention_decode, check=False) if path == KERNEL_PATH else paged_attention_reference
 
 
 class Engine:
@@ -36,6 +70,9 @@ class Engine:
         # the Triton paged-attention kernel for decode rows: by default on a GPU only (on a CPU
         # the interpreter would run it, correct but slow)
         self.use_kernel = model.lm_head.weight.is_cuda if use_kernel is None else use_kernel
+        # which attention decode rows take (see decode_attention): recorded, so results say what ran
+        self.attention_path = decode_attention_path(self.use_kernel, model.lm_head.weight.dtype,
+                                                    model.lm_head.weight.device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.cache = PagedKVCache(self.cfg, self.blocks, model.lm_head.weight.dtype, model.lm_head.weight.device)
         self.scheduler = Scheduler(self.blocks, policy, max_batch, token_budget, self.cfg.max_position_embeddings,
@@ -133,10 +170,8 @@ class Engine:
             vc.view(-1, *vc.shape[2:])[write] = v[0].transpose(0, 1)
             o = torch.empty(len(ids), attn.num_heads, attn.head_dim, dtype=q.dtype, device=device)
             if dec:
-                from .kernels.paged_attention import paged_attention_decode
-
                 # the tables come from the BlockManager: no need to check them again on every layer
-                o[dec_rows] = paged_attention_decode(q[0, :, dec_rows].transpose(0, 1), kc, vc, bt, lens, check=False)
+                o[dec_rows] = decode_attention(self.attention_path)(q[0, :, dec_rows].transpose(0, 1), kc, vc, bt, lens)
             if pre:
                 q_rows, key_slots, mask, valid = padded
                 ks = kc.view(-1, *kc.shape[2:])[key_slots].permute(0, 2, 1, 3)     # (P, H_kv, keys, D)

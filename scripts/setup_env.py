@@ -10,12 +10,17 @@ build with several GB of NVIDIA packages, which is wasted on a CPU-only laptop. 
 1. If the environment already has a torch that satisfies pyproject.toml, keep it.
 2. If `LLMSYS_TORCH_SPEC` is set, install exactly that (e.g. "torch==2.5.1" or a path
    to a wheel); `LLMSYS_TORCH_INDEX` adds an index URL.
-3. With an NVIDIA GPU (nvidia-smi answers), install torch from PyPI: a CUDA build.
-4. Without one, prefer a CPU wheel already on disk (pip's find-links folders, the
+3. macOS and native Windows: PyPI's torch is the right build there (CPU, and Apple's MPS on
+   macOS; PyPI has no CUDA build for Windows: use WSL2 for an NVIDIA GPU, or set
+   LLMSYS_TORCH_INDEX to PyTorch's CUDA index). There is no nvidia-smi to ask on a Mac.
+4. Linux with an NVIDIA GPU (nvidia-smi answers): torch from PyPI, a CUDA build.
+5. Linux without one: prefer a CPU wheel already on disk (pip's find-links folders, the
    repository's `wheels/`), else PyTorch's CPU index, else PyPI as a last resort.
 
 Then the package itself is installed in editable mode with its dependencies; the
-torch chosen above already satisfies the `torch` requirement, so pip keeps it.
+torch chosen above already satisfies the `torch` requirement, so pip keeps it. Triton is
+installed on Linux only (pyproject.toml's marker): PyPI has no Triton wheel for macOS or
+Windows, and there the lessons show the PyTorch reference where a kernel would run.
 """
 from __future__ import annotations
 
@@ -42,8 +47,48 @@ def run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=check)
 
 
-def venv_python(venv: Path) -> Path:
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+def venv_python(venv: Path, windows: bool | None = None) -> Path:
+    """The interpreter of a virtual environment: Scripts\\python.exe on Windows, bin/python elsewhere."""
+    windows = os.name == "nt" if windows is None else windows
+    return venv / ("Scripts/python.exe" if windows else "bin/python")
+
+
+def platform_kind(platform: str | None = None) -> str:
+    """'linux', 'macos' or 'windows' (sys.platform by default); WSL2 reports linux."""
+    platform = sys.platform if platform is None else platform
+    if platform.startswith("linux"):
+        return "linux"
+    if platform == "darwin":
+        return "macos"
+    if platform in ("win32", "cygwin"):
+        return "windows"
+    raise SystemExit(f"[setup] unsupported platform {platform!r}: the kit runs on Linux, macOS and Windows")
+
+
+INTEL_MAC = ("this is an Intel Mac: PyTorch publishes no macOS x86_64 wheel after torch 2.2 and the kit needs "
+             "torch>=2.5. Use Google Colab (the lessons' \"Open in Colab\" badges) or a Linux machine.")
+
+
+def check_supported(platform: str | None = None, machine: str | None = None) -> None:
+    """Stop early, with the way out, where torch itself cannot be installed."""
+    import platform as _platform
+
+    machine = (machine or _platform.machine()).lower()
+    if platform_kind(platform) == "macos" and machine in ("x86_64", "amd64", "i386"):
+        raise SystemExit(f"[setup] {INTEL_MAC}")
+
+
+def has_triton_wheel(platform: str | None = None) -> bool:
+    """PyPI publishes Triton wheels for Linux (x86_64 and aarch64) only."""
+    return platform_kind(platform) == "linux"
+
+
+def smoke_imports(platform: str | None = None) -> str:
+    """What must import once the environment is ready (triton only where it can be installed)."""
+    mods = ["torch", "transformers", "nbval", "ipywidgets", "llmsys_lab.kernels"]
+    if has_triton_wheel(platform):
+        mods.insert(1, "triton")
+    return "import " + ", ".join(mods)
 
 
 def has_nvidia_gpu() -> bool:
@@ -107,9 +152,15 @@ def install_torch(py: Path) -> None:
         say(f"torch {have} already installed: keeping it")
         return
     spec = os.environ.get("LLMSYS_TORCH_SPEC")
-    if spec:
-        index = os.environ.get("LLMSYS_TORCH_INDEX")
-        run(pip + [spec] + (["--index-url", index] if index else []))
+    index = os.environ.get("LLMSYS_TORCH_INDEX")
+    if spec or index:
+        run(pip + [spec or TORCH_RANGE] + (["--index-url", index] if index else []))
+        return
+    kind = platform_kind()
+    if kind != "linux":
+        say(f"{kind}: installing torch from PyPI (its {kind} build); no Triton wheel exists here, "
+            "so lessons show the PyTorch reference where a Triton kernel would run (python -m llmsys_lab doctor)")
+        run(pip + [TORCH_RANGE])
         return
     if has_nvidia_gpu():
         say("NVIDIA GPU found: installing a CUDA build of torch from PyPI")
@@ -132,6 +183,7 @@ def main() -> int:
     ap.add_argument("--python", default=sys.executable, help="interpreter that creates the venv")
     args = ap.parse_args()
 
+    check_supported()
     venv = Path(args.venv)
     py = venv_python(venv)
     if not py.exists():
@@ -139,7 +191,7 @@ def main() -> int:
         run([args.python, "-m", "venv", str(venv)])
     install_torch(py)
     run([str(py), "-m", "pip", "install", "-e", f"{ROOT}[dev]"])
-    run([str(py), "-c", "import torch, triton, transformers, nbval, ipywidgets, llmsys_lab.kernels"])
+    run([str(py), "-c", smoke_imports()])
     say("environment ready: " + str(venv))
     return 0
 

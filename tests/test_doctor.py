@@ -43,3 +43,34 @@ def test_version_out_of_range_is_reported(monkeypatch):
     report = doctor_mod.doctor(verbose=False)
     assert ("transformers 4.46.0 is outside the tested range <6,>=5.0",
             "pip install 'transformers<6,>=5.0'") in report.problems
+
+
+def test_without_triton_off_linux_the_doctor_lists_limits_not_problems(monkeypatch):
+    """macOS / native Windows: no Triton wheel exists, so its absence is a limitation to explain."""
+    monkeypatch.setattr(doctor_mod, "triton_available", lambda: False)
+    monkeypatch.setattr(doctor_mod, "TRITON_PLATFORMS", ())
+    report = doctor_mod.doctor(verbose=False)
+    assert report.ok, report.problems
+    assert report.versions["triton"] is None and report.triton.startswith("unavailable")
+    assert [where for where, _ in report.limited] == ["lesson 00", "lesson 04", "lesson 05", "lesson 06",
+                                                      "assignment 06"]
+    assert "limited on this machine:" in str(report) and "not gradable on this machine" in str(report)
+
+
+def test_without_triton_on_linux_it_is_a_problem_with_the_fix(monkeypatch):
+    monkeypatch.setattr(doctor_mod, "triton_available", lambda: False)
+    monkeypatch.setattr(doctor_mod.sys, "platform", "linux")
+    report = doctor_mod.doctor(verbose=False)
+    (what, fix), = [p for p in report.problems if "triton" in p[0]]
+    assert what.startswith("triton is not installed") and fix.startswith("pip install 'triton")
+
+
+def test_triton_is_not_required_where_its_marker_excludes_it(monkeypatch):
+    """The version check reads pyproject's requirements with their markers: on macOS there is no
+    triton range to check against."""
+    monkeypatch.setattr(doctor_mod.sys, "platform", "darwin")
+    from packaging.markers import default_environment
+
+    env = {**default_environment(), "sys_platform": "darwin"}
+    monkeypatch.setattr("packaging.markers.default_environment", lambda: env)
+    assert "triton" not in doctor_mod._required_ranges() and "torch" in doctor_mod._required_ranges()

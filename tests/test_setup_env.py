@@ -1,6 +1,8 @@
-"""scripts/setup_env.py picks a local CPU torch wheel on a machine without a GPU."""
+"""scripts/setup_env.py: which torch it installs where (a local CPU wheel, the CPU index, PyPI on macOS/Windows)."""
 import importlib.util
 import sys
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,3 +30,68 @@ def test_no_wheel_found(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     monkeypatch.setattr(setup_env, "find_links_dirs", lambda py: [tmp_path])
     assert setup_env.local_cpu_torch_wheel(Path(sys.executable)) is None
+
+
+# ---- macOS and Windows: the script's decisions, with the platform faked ---------------------------
+def record_installs(monkeypatch, platform: str, gpu: bool = False) -> list[list[str]]:
+    calls = []
+    monkeypatch.setattr(setup_env.sys, "platform", platform)
+    monkeypatch.setattr(setup_env, "torch_version_in", lambda py: None)
+    monkeypatch.setattr(setup_env, "has_nvidia_gpu", lambda: gpu)
+    monkeypatch.setattr(setup_env, "local_cpu_torch_wheel", lambda py: None)
+    monkeypatch.delenv("LLMSYS_TORCH_SPEC", raising=False)
+    monkeypatch.delenv("LLMSYS_TORCH_INDEX", raising=False)
+
+    def fake_run(cmd, check=True):
+        calls.append(cmd[3:])                                   # after "<python> -m pip"
+        return setup_env.subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(setup_env, "run", fake_run)
+    setup_env.install_torch(Path("venv/bin/python"))
+    return calls
+
+
+@pytest.mark.parametrize("platform", ["darwin", "win32"])
+def test_macos_and_windows_take_torch_from_pypi_and_skip_triton(monkeypatch, platform):
+    # an NVIDIA GPU on Windows changes nothing: PyPI has no CUDA torch for Windows (WSL2 is the way)
+    assert record_installs(monkeypatch, platform, gpu=True) == [["install", setup_env.TORCH_RANGE]]
+    assert "triton" not in setup_env.smoke_imports(platform)
+    assert not setup_env.has_triton_wheel(platform)
+
+
+def test_linux_without_gpu_uses_the_cpu_index(monkeypatch):
+    calls = record_installs(monkeypatch, "linux", gpu=False)
+    assert calls[0] == ["install", setup_env.TORCH_RANGE, "--index-url", setup_env.CPU_INDEX]
+    assert setup_env.smoke_imports("linux").startswith("import torch, triton,")
+
+
+def test_linux_with_gpu_takes_the_cuda_build(monkeypatch):
+    assert record_installs(monkeypatch, "linux", gpu=True) == [["install", setup_env.TORCH_RANGE]]
+
+
+def test_an_index_alone_is_honoured(monkeypatch):
+    monkeypatch.setattr(setup_env, "torch_version_in", lambda py: None)
+    monkeypatch.setenv("LLMSYS_TORCH_INDEX", "https://download.pytorch.org/whl/cu126")
+    monkeypatch.delenv("LLMSYS_TORCH_SPEC", raising=False)
+    calls = []
+    monkeypatch.setattr(setup_env, "run", lambda cmd, check=True: calls.append(cmd[3:]))
+    setup_env.install_torch(Path("python"))
+    assert calls == [["install", setup_env.TORCH_RANGE, "--index-url", "https://download.pytorch.org/whl/cu126"]]
+
+
+def test_venv_paths_and_platforms():
+    assert setup_env.venv_python(Path("v"), windows=True) == Path("v/Scripts/python.exe")
+    assert setup_env.venv_python(Path("v"), windows=False) == Path("v/bin/python")
+    assert [setup_env.platform_kind(p) for p in ("linux", "darwin", "win32")] == ["linux", "macos", "windows"]
+    with pytest.raises(SystemExit, match="unsupported platform 'sunos5'"):
+        setup_env.platform_kind("sunos5")
+
+
+def test_intel_mac_stops_with_the_way_out():
+    """torch>=2.5 has no macOS x86_64 wheel (checked with `uv pip compile --python-platform
+    x86_64-apple-darwin`): say so before creating anything."""
+    with pytest.raises(SystemExit, match="Intel Mac.*Google Colab"):
+        setup_env.check_supported("darwin", "x86_64")
+    setup_env.check_supported("darwin", "arm64")
+    setup_env.check_supported("linux", "aarch64")
+    setup_env.check_supported("win32", "AMD64")

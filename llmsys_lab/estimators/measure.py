@@ -76,6 +76,9 @@ def measure_training_step(cfg: ModelConfig, batch: int, seq: int, precision: str
 def measure_peaks(n: int = 8192, copy_bytes: int = 2 << 30) -> dict:
     """Achieved bf16 matmul FLOP/s and copy bandwidth (bytes read + written per second)."""
     torch = _require_cuda()
+    from .._runtime import require_triton
+
+    require_triton("measure_peaks (it times with triton.testing.do_bench)")
     from triton.testing import do_bench
 
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Google Colab: an "Open in Colab" badge and an install cell in every lesson and assignment.
+
+    python scripts/colab.py            # update notebooks/, solutions/ and the README's Colab table
+    python scripts/colab.py --check    # exit 1 if any of them is out of date
+    make assignments                   # then carry the cells from solutions/ into assignments/
+
+Each notebook gets, idempotently (re-running updates them in place, found by their cell ids):
+
+* a markdown cell ``colab-badge`` at the top: the badge, linking to this notebook in the repository
+  at the tag of the kit's version (assignments link to the student notebook in assignments/);
+* a code cell ``colab-setup``, the first code cell: on Colab (``"google.colab" in sys.modules``) it
+  pip-installs the kit from the repository at that tag, then imports it; anywhere else it only
+  imports the kit and prints nothing, so nbval compares it trivially.
+
+The repository address is read from pyproject.toml's ``[project.urls] Repository`` and the version
+from ``[project] version``: bump the version (and push the tag ``v<version>``), re-run this script.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+BADGE_ID, SETUP_ID = "colab-badge", "colab-setup"
+README_START, README_END = "<!-- colab-links:start -->", "<!-- colab-links:end -->"
+BADGE_SVG = "https://colab.research.google.com/assets/colab-badge.svg"
+
+
+def project(root: Path = ROOT) -> tuple[str, str]:
+    """(repository URL without a trailing slash, version) from pyproject.toml."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    url = meta.get("urls", {}).get("Repository", "").rstrip("/")
+    m = re.fullmatch(r"https://github\.com/([\w.-]+)/([\w.-]+?)(\.git)?", url)
+    if not m:
+        raise SystemExit(f"pyproject.toml [project.urls] Repository must be https://github.com/OWNER/NAME, got {url!r}")
+    return f"https://github.com/{m.group(1)}/{m.group(2)}", meta["version"]
+
+
+def colab_url(repo: str, version: str, rel_path: str) -> str:
+    return f"https://colab.research.google.com/github/{repo.removeprefix('https://github.com/')}/blob/v{version}/{rel_path}"
+
+
+def student_path(rel: str) -> str:
+    """Where a notebook opens for students: assignments/ for an assignment's solutions/ source."""
+    return "assignments/" + rel.removeprefix("solutions/") if rel.startswith("solutions/") else rel
+
+
+def badge_source(repo: str, version: str, rel: str) -> str:
+    return f"[![Open In Colab]({BADGE_SVG})]({colab_url(repo, version, student_path(rel))})"
+
+
+def setup_source(repo: str, version: str) -> str:
+    spec = f"llmsys-lab @ git+{repo}@v{version}"
+    return (f"# On Google Colab: install the kit (version {version}) first. Anywhere else this cell only imports it.\n"
+            "import sys\n"
+            "\n"
+            "if \"google.colab\" in sys.modules:\n"
+            "    import subprocess\n"
+            "\n"
+            f"    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", {spec!r}], check=True)\n"
+            "import llmsys_lab  # noqa: E402  (chooses compiled Triton on a GPU, the interpreter on a CPU)")
+
+
+def notebooks(root: Path = ROOT) -> list[Path]:
+    lessons = sorted((root / "notebooks").glob("[0-9]*.ipynb"))
+    sources = sorted(p for p in (root / "solutions").glob("*/*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    return lessons + sources
+
+
+def _cell(nb, cell_id: str, make):
+    """The notebook's cell with this id, its content refreshed (a new cell if it has none); removed
+    from the list so the caller can put it where it belongs."""
+    for i, cell in enumerate(nb.cells):
+        if cell.get("id") == cell_id:
+            old = nb.cells.pop(i)
+            new = make()
+            old.source = new.source
+            if old.cell_type == "code":
+                old.outputs, old.execution_count = [], None
+            return old
+    cell = make()
+    cell["id"] = cell_id
+    return cell
+
+
+def updated(nb, repo: str, version: str, rel: str):
+    """The notebook with its badge cell first and its setup cell as the first code cell."""
+    badge = _cell(nb, BADGE_ID, lambda: nbformat.v4.new_markdown_cell(badge_source(repo, version, rel)))
+    setup = _cell(nb, SETUP_ID, lambda: nbformat.v4.new_code_cell(setup_source(repo, version)))
+    nb.cells.insert(0, badge)
+    first_code = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code"), len(nb.cells))
+    nb.cells.insert(first_code, setup)
+    return nb
+
+
+def readme_table(repo: str, version: str, paths: list[Path], root: Path = ROOT) -> str:
+    rows = ["| notebook | open in Colab |", "| --- | --- |"]
+    for p in paths:
+        rel = student_path(p.relative_to(root).as_posix())
+        rows.append(f"| `{rel}` | [![Open In Colab]({BADGE_SVG})]({colab_url(repo, version, rel)}) |")
+    return "\n".join([README_START, *rows, README_END])
+
+
+def update_readme(text: str, table: str) -> str:
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"README.md has no {README_START} ... {README_END} block to update")
+    head, rest = text.split(README_START, 1)
+    return head + table + rest.split(README_END, 1)[1]
+
+
+def run(root: Path = ROOT, check: bool = False) -> list[str]:
+    """Update (or, with check, only list) what is out of date; returns the paths concerned."""
+    repo, version = project(root)
+    stale = []
+    paths = notebooks(root)
+    for path in paths:
+        rel = path.relative_to(root).as_posix()
+        before = path.read_text()
+        nb = updated(nbformat.reads(before, as_version=4), repo, version, rel)
+        after = nbformat.writes(nb) + "\n"
+        if after != before:
+            stale.append(rel)
+            if not check:
+                path.write_text(after)
+    readme = root / "README.md"
+    text = readme.read_text()
+    new = update_readme(text, readme_table(repo, version, paths, root))
+    if new != text:
+        stale.append("README.md")
+        if not check:
+            readme.write_text(new)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if a notebook or the README is out of date")
+    ap.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    stale = run(args.root, args.check)
+    for rel in stale:
+        print(("out of date: " if args.check else "updated: ") + rel)
+    if args.check and stale:
+        print("run: python scripts/colab.py && make assignments")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
