@@ -9,9 +9,10 @@ Each notebook gets, idempotently (re-running updates them in place, found by the
 
 * a markdown cell ``colab-badge`` at the top: the badge, linking to this notebook in the repository
   at the tag of the kit's version (assignments link to the student notebook in assignments/);
-* a code cell ``colab-setup``, the first code cell: on Colab (``"google.colab" in sys.modules``) it
-  pip-installs the kit from the repository at that tag, then imports it; anywhere else it only
-  imports the kit and prints nothing, so nbval compares it trivially.
+* a set-up block at the top of the notebook's first code cell (the one that imports the kit): on
+  Colab (``"google.colab" in sys.modules``) it pip-installs the kit from the repository at that tag;
+  anywhere else it does nothing and prints nothing. It goes into the existing cell rather than a new
+  one so the stored reference outputs, and their execution counts, stay valid without a re-run.
 
 The repository address is read from pyproject.toml's ``[project.urls] Repository`` and the version
 from ``[project] version``: bump the version (and push the tag ``v<version>``), re-run this script.
@@ -26,7 +27,9 @@ from pathlib import Path
 import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
-BADGE_ID, SETUP_ID = "colab-badge", "colab-setup"
+BADGE_ID = "colab-badge"
+SETUP_START = "# On Google Colab: install the kit"
+SETUP_END = "# (end of the Colab set-up)"
 README_START, README_END = "<!-- colab-links:start -->", "<!-- colab-links:end -->"
 BADGE_SVG = "https://colab.research.google.com/assets/colab-badge.svg"
 
@@ -60,14 +63,14 @@ def badge_source(repo: str, version: str, rel: str) -> str:
 
 def setup_source(repo: str, version: str) -> str:
     spec = f"llmsys-lab @ git+{repo}@v{version}"
-    return (f"# On Google Colab: install the kit (version {version}) first. Anywhere else this cell only imports it.\n"
+    return (f"{SETUP_START} (version {version}) first; anywhere else this block does nothing.\n"
             "import sys\n"
             "\n"
             "if \"google.colab\" in sys.modules:\n"
             "    import subprocess\n"
             "\n"
             f"    subprocess.run([sys.executable, \"-m\", \"pip\", \"install\", \"-q\", {spec!r}], check=True)\n"
-            "import llmsys_lab  # noqa: E402  (chooses compiled Triton on a GPU, the interpreter on a CPU)")
+            f"{SETUP_END}\n")
 
 
 def notebooks(root: Path = ROOT) -> list[Path]:
@@ -92,13 +95,21 @@ def _cell(nb, cell_id: str, make):
     return cell
 
 
+def without_setup(source: str) -> str:
+    """A first code cell's own source, without the set-up block (if it has one)."""
+    if source.startswith(SETUP_START) and SETUP_END in source:
+        return source.split(SETUP_END, 1)[1].lstrip("\n")
+    return source
+
+
 def updated(nb, repo: str, version: str, rel: str):
-    """The notebook with its badge cell first and its setup cell as the first code cell."""
+    """The notebook with its badge cell first and the set-up block atop its first code cell."""
     badge = _cell(nb, BADGE_ID, lambda: nbformat.v4.new_markdown_cell(badge_source(repo, version, rel)))
-    setup = _cell(nb, SETUP_ID, lambda: nbformat.v4.new_code_cell(setup_source(repo, version)))
     nb.cells.insert(0, badge)
-    first_code = next((i for i, c in enumerate(nb.cells) if c.cell_type == "code"), len(nb.cells))
-    nb.cells.insert(first_code, setup)
+    first = next((c for c in nb.cells if c.cell_type == "code"), None)
+    if first is None:
+        raise SystemExit(f"{rel}: no code cell to put the Colab set-up in")
+    first.source = setup_source(repo, version) + "\n" + without_setup(first.source)
     return nb
 
 
