@@ -81,6 +81,26 @@ def all_gather(t: torch.Tensor, traffic: Traffic | None = None, group=None, dim:
     return torch.cat(parts, dim=dim)
 
 
+def _has_all_to_all(group=None) -> bool:
+    """gloo gained all_to_all in recent PyTorch releases; older ones (e.g. 2.11) raise
+    "Backend gloo does not support alltoall". NCCL has it."""
+    return dist.get_backend(group) != "gloo" or tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
+def _pairwise_all_to_all(recv: list, send: list, group=None) -> None:
+    """The same exchange from point-to-point messages: every rank posts all its sends and receives
+    at once (non-blocking), so no pair waits on another; the bytes on the wire are the same."""
+    me = dist.get_rank(group)
+    recv[me].copy_(send[me])
+    ops = []
+    for peer in range(dist.get_world_size(group)):
+        if peer != me:
+            ops.append(dist.P2POp(dist.isend, send[peer], dist.get_global_rank(group, peer) if group else peer, group))
+            ops.append(dist.P2POp(dist.irecv, recv[peer], dist.get_global_rank(group, peer) if group else peer, group))
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
 def all_to_all(t: torch.Tensor, scatter_dim: int, gather_dim: int, traffic: Traffic | None = None,
                group=None, kind: str = "all_to_all") -> torch.Tensor:
     """Split t in N pieces along scatter_dim, send piece j to rank j, concatenate what arrives along gather_dim."""
@@ -90,7 +110,10 @@ def all_to_all(t: torch.Tensor, scatter_dim: int, gather_dim: int, traffic: Traf
                          f"into {world} ranks")
     send = [p.contiguous() for p in t.chunk(world, dim=scatter_dim)]
     recv = [torch.empty_like(p) for p in send]
-    dist.all_to_all(recv, send, group=group)
+    if _has_all_to_all(group):
+        dist.all_to_all(recv, send, group=group)
+    else:
+        _pairwise_all_to_all(recv, send, group)
     if traffic is not None:
         traffic.add(kind, (world - 1) / world * nbytes(t))
     return torch.cat(recv, dim=gather_dim)
