@@ -125,6 +125,10 @@ def graded_ids(nb) -> list[str]:
     return [_meta(c)["grade_id"] for c in nb.cells if is_test(c) and "grade_id" in _meta(c)]
 
 
+def _all_ids(nb) -> list[str]:
+    return [_meta(c)["grade_id"] for c in nb.cells if "grade_id" in _meta(c)]
+
+
 def find_source(nb, source) -> Path | None:
     """The source notebook (a file, or one found under a folder) holding the submission's tests."""
     if source is None:
@@ -134,12 +138,12 @@ def find_source(nb, source) -> Path | None:
         return source
     if not source.is_dir():
         raise GradingError(f"source {source}: no such file or folder")
-    wanted, best, best_overlap = set(graded_ids(nb)), None, 0
+    wanted, best, best_overlap = set(_all_ids(nb)), None, 0       # tests, answers and read-only cells
     for path in sorted(source.rglob("*.ipynb")):
         if ".ipynb_checkpoints" in path.parts:
             continue
         try:
-            overlap = len(wanted & set(graded_ids(load_notebook(path))))
+            overlap = len(wanted & set(_all_ids(load_notebook(path))))
         except GradingError:
             continue
         if overlap > best_overlap:
@@ -510,6 +514,7 @@ def grade_notebook(path, source="auto", timeout: float = 120, kernel_name: str =
     nb = load_notebook(path)
     sub = Submission(str(path))
     deny: list[str] = []
+    order: dict[str, int] = {}                            # grade id -> position in the source
     if source == "auto":
         source = _default_source()
         if source is None:
@@ -524,6 +529,7 @@ def grade_notebook(path, source="auto", timeout: float = 120, kernel_name: str =
         deny = sorted({str(Path(source).resolve()), str(src_path.resolve().parent)}
                       | ({str(kit_solutions)} if kit_solutions else set()))
         src = load_notebook(src_path)
+        order = {gid: i for i, gid in enumerate(graded_ids(src))}
         sub.source = _display(src_path)
         sub.messages += restore_from_source(nb, src)
     else:
@@ -553,6 +559,7 @@ def grade_notebook(path, source="auto", timeout: float = 120, kernel_name: str =
                 what = "is not implemented yet" if err.ename == "NotImplementedError" else \
                     f"raised {err.ename}: {err.evalue}".strip()
                 sub.messages.append(f"your code in cell '{m.get('grade_id', i)}' {what}")
+    sub.tests.sort(key=lambda t: order.get(t.test, len(order)))       # the source's order
     return sub
 
 
@@ -598,19 +605,34 @@ def grade_isolated(path, source="auto", timeout: float = 120, kernel_name: str =
 
 
 def grade(paths, source="auto", timeout: float = 120, kernel_name: str = "python3", max_output: int = MAX_OUTPUT,
-          on_result=None) -> list[Submission]:
-    """Grade each submission in its own child process; bad input becomes a Submission with `error`
-    set and the rest go on. `on_result(results so far)` is called after each one."""
+          on_result=None, jobs: int = 1) -> list[Submission]:
+    """Grade each submission in its own child process (`jobs` at a time); bad input becomes a
+    Submission with `error` set and the rest go on. `on_result(results so far, in input order)` is
+    called as each one finishes."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     timeout = check_timeout(timeout)
-    results = []
-    for path in paths:
+    if int(jobs) < 1:
+        raise GradingError(f"--jobs must be at least 1, got {jobs}")
+    paths = list(paths)
+    done: dict[int, Submission] = {}
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        path = paths[i]
         if source == "auto" or source is None or Path(source).exists():
-            results.append(grade_isolated(path, source, timeout, kernel_name, max_output))
+            sub = grade_isolated(path, source, timeout, kernel_name, max_output)
         else:
-            results.append(Submission(str(path), error=f"source {source}: no such file or folder"))
-        if on_result is not None:
-            on_result(results)
-    return results
+            sub = Submission(str(path), error=f"source {source}: no such file or folder")
+        with lock:
+            done[i] = sub
+            if on_result is not None:
+                on_result([done[j] for j in sorted(done)])
+
+    with ThreadPoolExecutor(max_workers=int(jobs)) as pool:
+        list(pool.map(one, range(len(paths))))
+    return [done[i] for i in range(len(paths))]
 
 
 # ---- reports ------------------------------------------------------------------------------
@@ -690,6 +712,8 @@ def main_grade(args) -> int:
     source = None if args.no_source else args.source
     try:
         check_timeout(args.timeout)
+        if getattr(args, "jobs", 1) < 1:
+            raise GradingError(f"--jobs must be at least 1, got {args.jobs}")
         if source not in (None, "auto") and not Path(source).exists():
             raise GradingError(f"source {source}: no such file or folder")
         check_kernel(args.kernel)
@@ -704,7 +728,8 @@ def main_grade(args) -> int:
             if path and path != "-":
                 Path(path).write_text(text if text.endswith("\n") else text + "\n")
 
-    results = grade(args.submissions, source, args.timeout, args.kernel, on_result=write_files)
+    results = grade(args.submissions, source, args.timeout, args.kernel, on_result=write_files,
+                    jobs=getattr(args, "jobs", 1))
     for path, text in ((args.json, to_json(results)), (args.csv, to_csv(results))):
         if path == "-":
             print(text.rstrip())
