@@ -259,3 +259,102 @@ def test_nbgrader_cycle_and_cli_agree(tmp_path):
     for student in students:
         html = (course / "feedback" / student / name / nb_name.replace(".ipynb", ".html")).read_text()
         assert f"estimators (Score: {scores[student]:.1f} / 10.0)" in html
+
+
+# ---- the grader's own robustness ----------------------------------------------------------
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan"])
+def test_a_timeout_that_is_not_positive_is_refused(tmp_path, capsys, timeout):
+    good = write(tmp_path / "good.ipynb", [nbgrader_cell("assert True", "test", "t", 1)])
+    assert main(["grade", str(good), "--no-source", f"--timeout={timeout}"]) == 2
+    assert "--timeout must be a positive number of seconds" in capsys.readouterr().err
+    with pytest.raises(grading.GradingError, match="positive"):
+        grading.grade([good], source=None, timeout=0)
+
+
+def test_bad_kernel_and_output_paths_are_refused_before_grading(tmp_path, capsys):
+    good = write(tmp_path / "good.ipynb", [nbgrader_cell("assert True", "test", "t", 1)])
+    cases = [(["--kernel", "nonexistent"], "--kernel nonexistent: no such Jupyter kernel"),
+             (["--json", "/nonexistent/dir/x.json"], "--json /nonexistent/dir/x.json: folder /nonexistent/dir does not exist"),
+             (["--csv", str(tmp_path)], f"--csv {tmp_path}: is a directory")]
+    for extra, message in cases:
+        assert main(["grade", str(good), "--no-source", "--timeout", "60", *extra]) == 2
+        out, err = capsys.readouterr()
+        assert message in err and "Traceback" not in err and out == ""
+
+
+def test_output_is_capped_per_cell_and_results_are_written_as_they_come(tmp_path):
+    loud = write(tmp_path / "loud.ipynb", [
+        nbgrader_cell("for i in range(200_000):\n    print('spam spam spam spam', i)", "answer", "spam"),
+        nbgrader_cell("assert True", "test", "t", 1)])
+    seen = []
+    [sub] = grading.grade([loud], source=None, timeout=60, max_output=10_000,
+                          on_result=lambda results: seen.append([r.path for r in results]))
+    assert seen == [[str(loud)]]
+    assert sub.score == 1
+    text = "".join(o.get("text", "") for o in sub.notebook.cells[0].outputs)
+    assert len(text) < 12_000 and "output truncated by the grader: more than 10,000 characters" in text
+
+
+def test_no_source_is_an_error_and_no_source_flag_is_a_labelled_self_check(tmp_path, capsys):
+    lone = write(tmp_path / "lone.ipynb", [nbgrader_cell("pass", "test", "not_in_any_source", 5)])
+    source = write(tmp_path / "src" / "s.ipynb", [nbgrader_cell("assert False", "test", "other", 1)]) \
+        if (tmp_path / "src").mkdir() is None else None
+    assert main(["grade", str(lone), "--source", str(source.parent), "--timeout", "60"]) == 2
+    assert "no source notebook" in capsys.readouterr().err
+    assert main(["grade", str(lone), "--no-source", "--timeout", "60", "--json", str(tmp_path / "r.json")]) == 0
+    assert "NOT AN OFFICIAL GRADE" in capsys.readouterr().out
+    [result] = json.loads((tmp_path / "r.json").read_text())
+    assert result["official"] is False and result["score"] == 5
+
+
+# ---- machines without Triton ----------------------------------------------------------------
+NO_TRITON = """# hide Triton as on macOS: `import triton` raises ModuleNotFoundError, find_spec('triton') is None
+import sys
+from importlib.machinery import PathFinder
+
+
+class _WithoutTriton(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            return None
+        return super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [_WithoutTriton if finder is PathFinder else finder for finder in sys.meta_path]
+"""
+
+
+def test_triton_parts_are_not_gradable_without_triton(tmp_path):
+    """Assignment 6 on a machine where `import triton` fails: parts 1-2 pass, the kernel's three tests
+    are 'not gradable on this machine' (excluded from score and maximum), the rest runs with notes."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_TRITON)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "llmsys_lab", "grade",
+                           str(ROOT / "solutions" / "06_flash_attention" / "flash_attention.ipynb"), "--timeout", "300",
+                           "--json", str(out), "--csv", str(tmp_path / "r.csv")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [result] = json.loads(out.read_text())
+    tests = {t["test"]: t for t in result["tests"]}
+    assert [n for n, t in tests.items() if t["passed"]] == ["test_merge", "test_online_attention"]
+    assert result["not_gradable"] == ["test_flash_forward", "test_flash_causal", "test_flash_ragged"]
+    assert all("not gradable on this machine" in tests[n]["feedback"] and "needs Triton" in tests[n]["feedback"]
+               for n in result["not_gradable"])
+    assert (result["score"], result["max_score"]) == (4, 4)
+    assert "not gradable on this machine (3 points excluded)" in done.stdout
+    assert "test_flash_forward,not gradable,3," in (tmp_path / "r.csv").read_text()
+    assert not any(m.startswith("your code") for m in result["messages"]), result["messages"]
+
+
+def test_importing_triton_before_the_kit_without_a_gpu_is_refused():
+    code = ("import os, torch\nassert not torch.cuda.is_available()\nimport triton.language\n"
+            "try:\n    import llmsys_lab\nexcept RuntimeError as err:\n    print('refused:', err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "refused: triton was imported before llmsys_lab" in done.stdout, done.stdout + done.stderr
+    assert "import llmsys_lab` before `import triton`" in done.stdout
