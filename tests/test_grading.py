@@ -187,8 +187,63 @@ def test_check_own_code_finds_calls_into_the_kit(tmp_path):
     assert refs(namespace["uses_sdpa"], forbid=("scaled_dot_product_attention",)) == ["scaled_dot_product_attention"]
     assert refs(namespace["uses_mask"]) == ["causal_mask (from llmsys_lab.attention)"]
     assert refs(namespace["Cheat"]) == ["kit (from llmsys_lab.estimators)"]
-    with pytest.raises(AssertionError, match="uses_helper uses kit .* your own implementation"):
-        grading.check_own_code(namespace["uses_helper"])
+    own_sdpa = {"__name__": "__main__"}
+    exec("def scaled_dot_product_attention(q):\n    return q * 2\n", own_sdpa)
+    assert refs(own_sdpa["scaled_dot_product_attention"], forbid=("scaled_dot_product_attention",)) == []
+
+
+SNEAKY = (
+    "import torch\n"
+    "import torch.nn.functional as F\n"
+    "from llmsys_lab import estimators as kit\n"
+    "from llmsys_lab.attention import causal_mask\n"
+    "def own(q):\n    return torch.softmax(q @ q.transpose(-2, -1), -1) @ q\n"
+    "def scaled_dot_product_attention(q):          # the student's own helper, with the forbidden name\n"
+    "    return own(q)\n"
+    "def uses_own_helper(q):\n    return scaled_dot_product_attention(q)\n"
+    "def default_arg(q, _f=F.scaled_dot_product_attention):\n    return _f(q, q, q)\n"
+    "def _make():\n    m = causal_mask\n    return lambda n: m(n, n)\n"
+    "closure = _make()\n"
+    "class Callable:\n    def __call__(self, q):\n        return getattr(F, 'scaled_dot_' + 'product_attention')(q, q, q)\n"
+    "def by_eval(q):\n    return eval('F.scaled_dot_product_attention')(q, q, q)\n"
+    "def via_kit_module(cfg):\n    return getattr(kit, 'param_count')(cfg)\n"
+    "def swallowed(n):\n    try:\n        return causal_mask(n, n)\n    except AssertionError:\n        return None\n"
+    "def switches_tracing_off(n):\n    import sys\n    sys.setprofile(None)\n    return causal_mask(n, n)\n")
+
+
+def test_check_own_code_traces_what_the_code_really_calls():
+    """The rule judges the calls made while the test runs, not the names in the source."""
+    import torch
+
+    from llmsys_lab.checks import CheckFailed, finish_own_code
+    from llmsys_lab.presets import get_preset
+
+    ns = {"__name__": "__main__"}
+    exec(SNEAKY, ns)
+    q = torch.randn(1, 1, 3, 4)
+    for name, arg in (("own", q), ("uses_own_helper", q)):
+        grading.check_own_code(ns[name], forbid=("scaled_dot_product_attention",))
+        ns[name](arg)
+        finish_own_code()                                   # passes: the student's own code
+    cases = {"default_arg": (ns["default_arg"], q, "scaled_dot_product_attention"),
+             "closure": (ns["closure"], 3, "causal_mask (from llmsys_lab.attention)"),
+             "callable": (ns["Callable"](), q, "scaled_dot_product_attention"),
+             "eval": (ns["by_eval"], q, "scaled_dot_product_attention"),
+             "getattr on the kit": (ns["via_kit_module"], get_preset("llmsys-tiny"), "param_count")}
+    for case, (fn, arg, called) in cases.items():
+        grading.check_own_code(fn, forbid=("scaled_dot_product_attention",))
+        with pytest.raises(CheckFailed, match="your code called .*" + called.split(" ")[0]):
+            fn(arg)
+        with pytest.raises(CheckFailed, match="your own implementation"):
+            finish_own_code()                                # the end of the test cell
+    grading.check_own_code(ns["swallowed"])
+    assert ns["swallowed"](3) is None                       # the code caught the failure ...
+    with pytest.raises(CheckFailed, match="causal_mask"):
+        finish_own_code()                                    # ... the test still fails
+    grading.check_own_code(ns["switches_tracing_off"])
+    ns["switches_tracing_off"](3)
+    with pytest.raises(CheckFailed, match="sys.setprofile"):
+        finish_own_code()
 
 
 # ---- the nbgrader cycle -------------------------------------------------------------------

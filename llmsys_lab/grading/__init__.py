@@ -341,12 +341,14 @@ def execute(nb, cwd, timeout: float, kernel_name: str = "python3", guard: dict |
         """Run one of the grader's cells; False if the kernel is gone or it failed."""
         client.nb.cells.append(nbformat.v4.new_code_cell(source))
         index = len(client.nb.cells) - 1
+        client.timeout = max(timeout, 300)                    # importing the kit may take a while
         try:
             client.execute_cell(client.nb.cells[index], index)
             return not any(o.output_type == "error" for o in client.nb.cells[index].outputs)
         except DeadKernelError:
             return False
         finally:
+            client.timeout = timeout
             client.nb.cells.pop()
 
     with client.setup_kernel(stderr=subprocess.DEVNULL, env=env, cwd=str(cwd)):
