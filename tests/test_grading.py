@@ -129,7 +129,7 @@ def test_bad_input_gets_a_clear_error_and_the_rest_is_graded(tmp_path, capsys):
     assert f"{tmp_path / 'lesson.ipynb'}: no graded test cells" in err
     assert f"{tmp_path}: is a directory, not a notebook" in err
     summary = out.split("submission")[-1]                    # the table's last part: one line per submission
-    assert any(line.startswith(str(good)) and line.endswith("1 / 1") for line in summary.splitlines())
+    assert any(line.startswith(str(good)) and line.endswith("1 / 1  (self-check)") for line in summary.splitlines())
     assert sum(line.endswith("error") for line in summary.splitlines()) == 5
 
 
