@@ -73,15 +73,27 @@ _own: dict = {"targets": set(), "forbid": set(), "violations": [], "depth": 0, "
               "audit": False, "callback": False}
 
 
+def _unwrap(value):
+    value = getattr(value, "fn", value)                      # a @triton.jit kernel wraps its function
+    value = getattr(value, "__func__", value)                # a bound method
+    while hasattr(value, "__wrapped__"):                     # @torch.no_grad() and other decorators
+        value = value.__wrapped__
+    return value
+
+
 def _target_codes(obj) -> set:
+    """The code objects of `obj` (its methods, for a class) that were written where `obj` was:
+    a decorator's wrapper (shared with every function it decorates, the kit's too) is left out."""
     codes, seen = set(), set()
+    home = getattr(_unwrap(obj), "__module__", None) or "__main__"
 
     def visit(value):
         if id(value) in seen:
             return
         seen.add(id(value))
-        value = getattr(value, "fn", value)                  # a @triton.jit kernel wraps its function
-        value = getattr(value, "__func__", value)            # a bound method
+        value = _unwrap(value)
+        if hasattr(value, "__code__") and getattr(value, "__module__", home) != home:
+            return
         if isinstance(value, type):
             for attr in vars(value).values():
                 for part in (attr, getattr(attr, "__func__", None), getattr(attr, "fget", None),
