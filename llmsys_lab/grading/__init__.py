@@ -159,17 +159,27 @@ def restore_from_source(nb, source_nb) -> list[str]:
     source does not have, and repeats of a grade id, lose their nbgrader metadata (they run as
     ordinary code and score nothing).
     """
+    from collections import Counter
+
     notes: list[str] = []
     source_cells = {_meta(c)["grade_id"]: c for c in source_nb.cells if "grade_id" in _meta(c)}
+    counts = Counter(_meta(c).get("grade_id") for c in nb.cells if _meta(c).get("grade_id"))
     seen = set()
     for cell in nb.cells:
         m = _meta(cell)
         gid = m.get("grade_id")
         src = source_cells.get(gid)
-        if m and (src is None or gid in seen):
-            if m.get("grade") or m.get("solution") or m.get("locked"):
-                why = "repeats a grade id" if gid in seen else "is not in the source notebook"
-                notes.append(f"graded cell '{gid}' {why}: ignored (run as ordinary code, no points)")
+        repeated = counts.get(gid, 0) > 1 and src is not None and (is_test(src) or _meta(src).get("locked"))
+        if m and (src is None or repeated):
+            # a repeated locked cell: every copy becomes ordinary code and the source's is put back where
+            # the source has it, so the position of a copy cannot decide what runs
+            if repeated and counts[gid] > 0:
+                notes.append(f"graded cell '{gid}' appears {counts[gid]} times (it repeats a grade id): the copies "
+                             "are ignored (run as ordinary code, no points) and the source's cell is put back")
+                counts[gid] = -1
+            elif not repeated and (m.get("grade") or m.get("solution") or m.get("locked")):
+                notes.append(f"graded cell '{gid}' is not in the source notebook: ignored (run as ordinary code, "
+                             "no points)")
             cell.metadata.pop("nbgrader", None)
             continue
         if src is None:
@@ -191,8 +201,9 @@ def restore_from_source(nb, source_nb) -> list[str]:
         at = 0 if before is None else 1 + next(j for j, c in enumerate(nb.cells) if _meta(c).get("grade_id") == before)
         nb.cells.insert(at, _copy_cell(source_cells[gid]))
         seen.add(gid)
-        what = "test cell" if is_test(source_cells[gid]) else "read-only cell"
-        notes.append(f"{what} '{gid}' was missing from the submission; it was put back")
+        if counts.get(gid) != -1:
+            what = "test cell" if is_test(source_cells[gid]) else "read-only cell"
+            notes.append(f"{what} '{gid}' was missing from the submission; it was put back")
     return notes
 
 
