@@ -581,41 +581,41 @@ def grade_notebook(path, source="auto", timeout: float = 120, kernel_name: str =
     return sub
 
 
-def _child(conn, path, source, timeout, kernel_name, max_output) -> None:
-    try:
-        sub = grade_notebook(path, source, timeout, kernel_name, max_output)
-        import nbformat
+def _child_main() -> None:
+    """The child process of `grade_isolated`: argv[1] holds the job (JSON), argv[2] gets the result."""
+    import nbformat
 
-        conn.send((sub.to_dict(), nbformat.writes(sub.notebook)))
+    job = json.loads(Path(sys.argv[1]).read_text())
+    path = job["path"]
+    try:
+        sub = grade_notebook(path, job["source"], job["timeout"], job["kernel"], job["max_output"])
+        result = (sub.to_dict(), nbformat.writes(sub.notebook))
     except GradingError as err:
-        conn.send((Submission(str(path), error=str(err)).to_dict(), None))
-    except BaseException as err:  # noqa: BLE001  (reported, the batch goes on)
-        conn.send((Submission(str(path), error=f"the grader failed on this submission: "
-                                               f"{type(err).__name__}: {err}").to_dict(), None))
-    finally:
-        conn.close()
+        result = (Submission(str(path), error=str(err)).to_dict(), None)
+    except Exception as err:  # noqa: BLE001  (reported, the batch goes on)
+        result = (Submission(str(path), error=f"the grader failed on this submission: "
+                                               f"{type(err).__name__}: {err}").to_dict(), None)
+    Path(sys.argv[2]).write_text(json.dumps(result))
 
 
 def grade_isolated(path, source="auto", timeout: float = 120, kernel_name: str = "python3",
                    max_output: int = MAX_OUTPUT) -> Submission:
     """grade_notebook in a child process: whatever the submission does to it, the caller survives."""
-    import multiprocessing
-
     import nbformat
 
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, str(path), None if source is None else str(source), timeout,
-                                            kernel_name, max_output), daemon=False)
-    proc.start()
-    send.close()
-    try:
-        data, text = receive.recv()
-    except EOFError:
-        proc.join(5)
-        return Submission(str(path), error=f"the grading process died while grading this submission (exit code "
-                                           f"{proc.exitcode}); did the submission kill it?")
-    proc.join()
+    with tempfile.TemporaryDirectory(prefix="llmsys-grade-job-") as tmp:
+        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job.write_text(json.dumps({"path": str(path), "source": None if source is None else str(source),
+                                   "timeout": timeout, "kernel": kernel_name, "max_output": max_output}))
+        done = subprocess.run([sys.executable, "-c", "from llmsys_lab.grading import _child_main; _child_main()",
+                               str(job), str(result)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if not result.exists():
+            why = f"exit code {done.returncode}" + (f", {done.stderr.strip().splitlines()[-1]}" if done.stderr.strip()
+                                                    else "")
+            return Submission(str(path), error=f"the grading process died while grading this submission ({why}); "
+                                               "did the submission kill it?")
+        data, text = json.loads(result.read_text())
     sub = Submission.from_dict(data)
     if text:
         sub.notebook = nbformat.reads(text, as_version=4)
