@@ -413,3 +413,38 @@ def test_importing_triton_before_the_kit_without_a_gpu_is_refused():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "refused: triton was imported before llmsys_lab" in done.stdout, done.stdout + done.stderr
     assert "import llmsys_lab` before `import triton`" in done.stdout
+
+
+# ---- messages the checks give ---------------------------------------------------------------
+def test_nan_mismatch_says_how_many_nans():
+    import torch
+
+    from llmsys_lab.checks import compare
+
+    actual, expected = torch.zeros(2, 3), torch.zeros(2, 3)
+    actual[0, 0] = actual[1, 2] = float("nan")
+    assert compare(actual, expected, "out") == \
+        "out[(0, 0)] is nan, expected 0.0 (NaN mismatch: out has 2 NaN of 6 elements, the reference 0)"
+
+
+def test_gqa_hidden_test_names_the_wrong_exception():
+    """Assignment 1: a GQA that fails on 6 query / 4 K/V heads with a RuntimeError is told what was expected."""
+    from llmsys_lab.checks import CheckFailed, finish_own_code
+
+    nb = nbformat.read(ROOT / "solutions" / "01_attention" / "attention.ipynb", as_version=4)
+    cells = {c.metadata.get("nbgrader", {}).get("grade_id"): c.source for c in nb.cells}
+    ns = {"__name__": "__main__"}
+    exec(cells["setup"], ns)
+    exec(cells["attention"], ns)
+    exec(cells["causal_mask"], ns)
+    exec(cells["causal_attention"], ns)
+    exec("def gqa_attention(q, k, v, causal=False):\n"
+         "    b, h, t, d = q.shape\n"
+         "    k = k[:, :, None].expand(b, k.shape[1], h // k.shape[1], *k.shape[2:]).reshape(b, h, *k.shape[2:])\n"
+         "    v = v[:, :, None].expand(b, v.shape[1], h // v.shape[1], *v.shape[2:]).reshape(b, h, *v.shape[2:])\n"
+         "    return causal_attention(q, k, v) if causal else attention(q, k, v)\n", ns)
+    try:
+        with pytest.raises(CheckFailed, match="expected ValueError naming 6 and 4, got RuntimeError: "):
+            exec(cells["test_gqa"], ns)
+    finally:
+        finish_own_code()
