@@ -25,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     gr.add_argument("submissions", nargs="+", metavar="SUBMISSION.ipynb")
     gr.add_argument("--source", default="auto", help="instructor notebook, or a folder to search for it, whose "
                     "test cells (hidden tests included) are restored before grading (default: the kit's solutions/)")
-    gr.add_argument("--no-source", action="store_true", help="grade with the submission's own test cells only")
+    gr.add_argument("--no-source", action="store_true", help="student self-check: grade with the submission's own "
+                    "visible test cells only (not an official grade)")
     gr.add_argument("--timeout", type=float, default=120, help="seconds per cell before it is interrupted (default 120)")
+    gr.add_argument("--jobs", type=int, default=1, help="submissions graded at the same time (default 1)")
     gr.add_argument("--kernel", default="python3", help="Jupyter kernel to run the notebooks (default python3)")
     gr.add_argument("--json", metavar="FILE", help="also write the results as JSON (- for stdout)")
     gr.add_argument("--csv", metavar="FILE", help="also write one row per test as CSV (- for stdout)")

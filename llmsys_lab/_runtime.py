@@ -54,13 +54,27 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+class TritonImportedTooEarly(RuntimeError):
+    """`triton.language` was imported in compiled mode on a machine without a GPU."""
+
+
 def configure_triton() -> str:
     """Use the Triton interpreter when no GPU is present; return the mode in use.
 
-    A value the user set (``TRITON_INTERPRET=1`` on a GPU, to debug a kernel) is kept.
+    A value the user set (``TRITON_INTERPRET=1`` on a GPU, to debug a kernel) is kept. Triton reads
+    the variable when ``triton.language`` is first imported: if that already happened in compiled
+    mode on a machine without a GPU, switching now would leave kernels half-interpreted (they fail
+    with "Cannot call @triton.jit'd outside of the scope of a kernel"), so refuse with what to do.
     Without Triton (macOS, native Windows) the mode is 'unavailable' whatever the variable says.
     """
+    import sys
+
     if _INTERPRET not in os.environ and not cuda_available():
+        if "triton.language" in sys.modules:
+            raise TritonImportedTooEarly(
+                "triton was imported before llmsys_lab on a machine without a GPU, so Triton is in compiled "
+                "mode and its kernels cannot run here. Restart the kernel and run `import llmsys_lab` before "
+                "`import triton` (or set TRITON_INTERPRET=1 in the environment before starting Python).")
         os.environ[_INTERPRET] = "1"
     return triton_mode()
 

@@ -1,17 +1,23 @@
 """The assignments: solutions/ (instructor source) and assignments/ (generated student notebooks).
 
-* every graded test passes on the solution notebook, whose other cells (self-checks, bonus) run cleanly;
-* every graded test fails on the untouched student notebook, because of the stubs;
+* both grading paths agree: every solution notebook and every untouched student notebook goes through
+  `nbgrader autograde` and through `python -m llmsys_lab grade`, with TRITON_INTERPRET removed from the
+  environment (as in a freshly started JupyterLab), and both give 10/10 and 0/10;
+* nbgrader executes each solution in a plain kernel, as JupyterLab does: its other cells (self-checks,
+  bonus) run cleanly too;
 * assignments/ is exactly what `make assignments` generates from solutions/;
 * the notebooks follow nbgrader's format (solution regions, points, hidden tests).
 
-All twelve notebooks are executed once per session: the solutions in-process through
-``llmsys_lab.grading``, the student notebooks at the same time through the command line.
+The heavy part (24 notebook runs) happens once, in one module-scoped nbgrader course; nbgrader and
+the command line run at the same time.
 """
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -32,20 +38,69 @@ def load_script():
     return module
 
 
-@pytest.fixture(scope="session")
+def plain_env() -> dict:
+    """The environment of a freshly started Jupyter: no TRITON_INTERPRET (conftest.py sets it here)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.fixture(scope="module")
 def graded(tmp_path_factory):
-    """{'solutions': {name: Submission}, 'stubs': {name: result dict from the CLI's JSON}}."""
-    out = tmp_path_factory.mktemp("grades") / "stubs.json"
-    cli = subprocess.Popen([sys.executable, "-m", "llmsys_lab", "grade", *[f"assignments/{n}" for n in NAMES],
-                            "--timeout", TIMEOUT, "--json", str(out)],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """One nbgrader course with all six assignments; students 'ref' (the solutions) and 'stub' (untouched).
+
+    {'nbgrader': {student: {name: {grade id: points}}}, 'cli': {student: {name: result dict}},
+     'executed': {name: the solution as nbgrader executed it}, 'stdout': the CLI's table, 'seconds': ...}
+    """
+    from nbgrader.api import Gradebook
+
+    start = time.perf_counter()
+    course = tmp_path_factory.mktemp("course")
+    (course / "nbgrader_config.py").write_text(
+        'c = get_config()\nc.CourseDirectory.course_id = "llmsys-lab"\nc.Execute.timeout = 300\n')
+    env = plain_env()
+    paths = {"ref": [], "stub": []}
+    for name in NAMES:
+        assignment = name.split("/")[0]
+        (course / "source" / assignment).mkdir(parents=True)
+        shutil.copy(SOLUTIONS / name, course / "source" / name)
+        for student, origin in (("ref", SOLUTIONS), ("stub", ASSIGNMENTS)):
+            folder = course / "submitted" / student / assignment
+            folder.mkdir(parents=True)
+            shutil.copy(origin / name, folder)
+            paths[student].append(folder / Path(name).name)
+
+    def nbgrader(*args):
+        done = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, env=env, capture_output=True,
+                              text=True, timeout=1800)
+        assert done.returncode == 0, f"nbgrader {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+
+    for name in NAMES:
+        nbgrader("generate_assignment", name.split("/")[0], "--force")
+    out = course / "cli.json"
+    cli = subprocess.Popen([sys.executable, "-m", "llmsys_lab", "grade", *map(str, paths["ref"] + paths["stub"]),
+                            "--source", str(course / "source"), "--timeout", TIMEOUT, "--json", str(out)],
+                           cwd=course, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        solutions = {n: grading.grade_notebook(SOLUTIONS / n, SOLUTIONS, float(TIMEOUT)) for n in NAMES}
+        for name in NAMES:
+            nbgrader("autograde", name.split("/")[0], "--force")
     finally:
-        stdout, stderr = cli.communicate(timeout=1800)
-    assert cli.returncode == 0, f"grading the student notebooks failed:\n{stdout}\n{stderr}"
-    stubs = {Path(r["submission"]).relative_to("assignments").as_posix(): r for r in json.loads(out.read_text())}
-    return {"solutions": solutions, "stubs": stubs, "stdout": stdout}
+        stdout, stderr = cli.communicate(timeout=3600)
+    assert cli.returncode == 0, f"grading with the command line failed:\n{stdout}\n{stderr}"
+    scores = {"ref": {}, "stub": {}}
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        for name in NAMES:
+            for student in scores:
+                nb = gb.find_submission(name.split("/")[0], student).notebooks[0]
+                scores[student][name] = {g.name: g.score for g in nb.grades if g.max_score}
+    cli_results = {"ref": {}, "stub": {}}
+    for r in json.loads(out.read_text()):
+        parts = Path(r["submission"]).parts
+        cli_results[parts[-3]][f"{parts[-2]}/{parts[-1]}"] = r
+    executed = {name: nbformat.read(course / "autograded" / "ref" / name, as_version=4) for name in NAMES}
+    seconds = time.perf_counter() - start
+    print(f"\nboth grading paths over six assignments: {seconds:.0f} s")
+    return {"nbgrader": scores, "cli": cli_results, "executed": executed, "stdout": stdout, "seconds": seconds}
 
 
 def test_there_are_six_assignments():
@@ -55,36 +110,43 @@ def test_there_are_six_assignments():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_solution_passes_every_graded_test(graded, name):
-    sub = graded["solutions"][name]
-    assert sub.error is None
-    failed = [(t.test, t.feedback) for t in sub.tests if not t.passed]
+def test_solution_scores_full_marks_on_both_paths(graded, name):
+    result = graded["cli"]["ref"][name]
+    assert result["error"] is None and result["official"]
+    failed = [(t["test"], t["feedback"]) for t in result["tests"] if not t["passed"]]
     assert not failed, f"{name}: graded tests fail on the solution: {failed}"
-    assert sub.score == sub.max_score == 10, f"{name}: {sub.score} / {sub.max_score}"
-    assert sub.messages == [], sub.messages
-    # the self-check cells, the specification and the bonus run cleanly too (no error, nothing on stderr)
-    for i, cell in enumerate(sub.notebook.cells):
+    assert result["score"] == result["max_score"] == 10, f"{name}: {result['score']} / {result['max_score']}"
+    assert result["messages"] == [], result["messages"]
+    assert graded["nbgrader"]["ref"][name] == {t["test"]: t["points"] for t in result["tests"]}
+    assert sum(graded["nbgrader"]["ref"][name].values()) == 10, graded["nbgrader"]["ref"][name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_solution_runs_cleanly_in_a_plain_kernel(graded, name):
+    """nbgrader ran it as JupyterLab would (no TRITON_INTERPRET): no error, nothing on stderr, in any cell."""
+    for i, cell in enumerate(graded["executed"][name].cells):
         for out in cell.get("outputs", []):
             assert out.output_type != "error", f"{name} cell {i}: {out.ename}: {out.evalue}"
             assert not (out.output_type == "stream" and out.name == "stderr"), f"{name} cell {i} stderr: {out.text}"
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_untouched_student_notebook_fails_every_graded_test(graded, name):
-    result = graded["stubs"][name]
+def test_untouched_student_notebook_scores_zero_on_both_paths(graded, name):
+    result = graded["cli"]["stub"][name]
     assert result["error"] is None
-    assert result["source"] == f"solutions/{name}", "the student notebook was not matched with its source"
-    assert [t["test"] for t in result["tests"]] == [t.test for t in graded["solutions"][name].tests]
+    assert result["source"].endswith(name), "the student notebook was not matched with its source"
+    assert [t["test"] for t in result["tests"]] == [t["test"] for t in graded["cli"]["ref"][name]["tests"]]
     for t in result["tests"]:
         assert t["points"] == 0, f"{name}: {t['test']} gives {t['points']} points to the untouched stub"
         # it fails because of the stub, not because of something else
         assert "NotImplementedError" in t["feedback"], f"{name}: {t['test']}: {t['feedback']}"
+    assert graded["nbgrader"]["stub"][name] == {t["test"]: 0 for t in result["tests"]}
 
 
 def test_cli_prints_a_summary_table(graded):
     for name in NAMES:
-        assert f"assignments/{name}" in graded["stdout"]
-    assert "0 / 10" in graded["stdout"]
+        assert name.split("/")[-1] in graded["stdout"]
+    assert "0 / 10" in graded["stdout"] and "10 / 10" in graded["stdout"]
 
 
 # ---- generated student notebooks ----------------------------------------------------------

@@ -129,7 +129,7 @@ def test_bad_input_gets_a_clear_error_and_the_rest_is_graded(tmp_path, capsys):
     assert f"{tmp_path / 'lesson.ipynb'}: no graded test cells" in err
     assert f"{tmp_path}: is a directory, not a notebook" in err
     summary = out.split("submission")[-1]                    # the table's last part: one line per submission
-    assert any(line.startswith(str(good)) and line.endswith("1 / 1") for line in summary.splitlines())
+    assert any(line.startswith(str(good)) and line.endswith("1 / 1  (self-check)") for line in summary.splitlines())
     assert sum(line.endswith("error") for line in summary.splitlines()) == 5
 
 
@@ -187,8 +187,63 @@ def test_check_own_code_finds_calls_into_the_kit(tmp_path):
     assert refs(namespace["uses_sdpa"], forbid=("scaled_dot_product_attention",)) == ["scaled_dot_product_attention"]
     assert refs(namespace["uses_mask"]) == ["causal_mask (from llmsys_lab.attention)"]
     assert refs(namespace["Cheat"]) == ["kit (from llmsys_lab.estimators)"]
-    with pytest.raises(AssertionError, match="uses_helper uses kit .* your own implementation"):
-        grading.check_own_code(namespace["uses_helper"])
+    own_sdpa = {"__name__": "__main__"}
+    exec("def scaled_dot_product_attention(q):\n    return q * 2\n", own_sdpa)
+    assert refs(own_sdpa["scaled_dot_product_attention"], forbid=("scaled_dot_product_attention",)) == []
+
+
+SNEAKY = (
+    "import torch\n"
+    "import torch.nn.functional as F\n"
+    "from llmsys_lab import estimators as kit\n"
+    "from llmsys_lab.attention import causal_mask\n"
+    "def own(q):\n    return torch.softmax(q @ q.transpose(-2, -1), -1) @ q\n"
+    "def scaled_dot_product_attention(q):          # the student's own helper, with the forbidden name\n"
+    "    return own(q)\n"
+    "def uses_own_helper(q):\n    return scaled_dot_product_attention(q)\n"
+    "def default_arg(q, _f=F.scaled_dot_product_attention):\n    return _f(q, q, q)\n"
+    "def _make():\n    m = causal_mask\n    return lambda n: m(n, n)\n"
+    "closure = _make()\n"
+    "class Callable:\n    def __call__(self, q):\n        return getattr(F, 'scaled_dot_' + 'product_attention')(q, q, q)\n"
+    "def by_eval(q):\n    return eval('F.scaled_dot_product_attention')(q, q, q)\n"
+    "def via_kit_module(cfg):\n    return getattr(kit, 'param_count')(cfg)\n"
+    "def swallowed(n):\n    try:\n        return causal_mask(n, n)\n    except AssertionError:\n        return None\n"
+    "def switches_tracing_off(n):\n    import sys\n    sys.setprofile(None)\n    return causal_mask(n, n)\n")
+
+
+def test_check_own_code_traces_what_the_code_really_calls():
+    """The rule judges the calls made while the test runs, not the names in the source."""
+    import torch
+
+    from llmsys_lab.checks import CheckFailed, finish_own_code
+    from llmsys_lab.presets import get_preset
+
+    ns = {"__name__": "__main__"}
+    exec(SNEAKY, ns)
+    q = torch.randn(1, 1, 3, 4)
+    for name, arg in (("own", q), ("uses_own_helper", q)):
+        grading.check_own_code(ns[name], forbid=("scaled_dot_product_attention",))
+        ns[name](arg)
+        finish_own_code()                                   # passes: the student's own code
+    cases = {"default_arg": (ns["default_arg"], q, "scaled_dot_product_attention"),
+             "closure": (ns["closure"], 3, "causal_mask (from llmsys_lab.attention)"),
+             "callable": (ns["Callable"](), q, "scaled_dot_product_attention"),
+             "eval": (ns["by_eval"], q, "scaled_dot_product_attention"),
+             "getattr on the kit": (ns["via_kit_module"], get_preset("llmsys-tiny"), "param_count")}
+    for case, (fn, arg, called) in cases.items():
+        grading.check_own_code(fn, forbid=("scaled_dot_product_attention",))
+        with pytest.raises(CheckFailed, match="your code called .*" + called.split(" ")[0]):
+            fn(arg)
+        with pytest.raises(CheckFailed, match="your own implementation"):
+            finish_own_code()                                # the end of the test cell
+    grading.check_own_code(ns["swallowed"])
+    assert ns["swallowed"](3) is None                       # the code caught the failure ...
+    with pytest.raises(CheckFailed, match="causal_mask"):
+        finish_own_code()                                    # ... the test still fails
+    grading.check_own_code(ns["switches_tracing_off"])
+    ns["switches_tracing_off"](3)
+    with pytest.raises(CheckFailed, match="sys.setprofile"):
+        finish_own_code()
 
 
 # ---- the nbgrader cycle -------------------------------------------------------------------
@@ -259,3 +314,137 @@ def test_nbgrader_cycle_and_cli_agree(tmp_path):
     for student in students:
         html = (course / "feedback" / student / name / nb_name.replace(".ipynb", ".html")).read_text()
         assert f"estimators (Score: {scores[student]:.1f} / 10.0)" in html
+
+
+# ---- the grader's own robustness ----------------------------------------------------------
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan"])
+def test_a_timeout_that_is_not_positive_is_refused(tmp_path, capsys, timeout):
+    good = write(tmp_path / "good.ipynb", [nbgrader_cell("assert True", "test", "t", 1)])
+    assert main(["grade", str(good), "--no-source", f"--timeout={timeout}"]) == 2
+    assert "--timeout must be a positive number of seconds" in capsys.readouterr().err
+    with pytest.raises(grading.GradingError, match="positive"):
+        grading.grade([good], source=None, timeout=0)
+
+
+def test_bad_kernel_and_output_paths_are_refused_before_grading(tmp_path, capsys):
+    good = write(tmp_path / "good.ipynb", [nbgrader_cell("assert True", "test", "t", 1)])
+    cases = [(["--kernel", "nonexistent"], "--kernel nonexistent: no such Jupyter kernel"),
+             (["--json", "/nonexistent/dir/x.json"], "--json /nonexistent/dir/x.json: folder /nonexistent/dir does not exist"),
+             (["--csv", str(tmp_path)], f"--csv {tmp_path}: is a directory")]
+    for extra, message in cases:
+        assert main(["grade", str(good), "--no-source", "--timeout", "60", *extra]) == 2
+        out, err = capsys.readouterr()
+        assert message in err and "Traceback" not in err and out == ""
+
+
+def test_output_is_capped_per_cell_and_results_are_written_as_they_come(tmp_path):
+    loud = write(tmp_path / "loud.ipynb", [
+        nbgrader_cell("for i in range(200_000):\n    print('spam spam spam spam', i)", "answer", "spam"),
+        nbgrader_cell("assert True", "test", "t", 1)])
+    seen = []
+    [sub] = grading.grade([loud], source=None, timeout=60, max_output=10_000,
+                          on_result=lambda results: seen.append([r.path for r in results]))
+    assert seen == [[str(loud)]]
+    assert sub.score == 1
+    text = "".join(o.get("text", "") for o in sub.notebook.cells[0].outputs)
+    assert len(text) < 12_000 and "output truncated by the grader: more than 10,000 characters" in text
+
+
+def test_no_source_is_an_error_and_no_source_flag_is_a_labelled_self_check(tmp_path, capsys):
+    lone = write(tmp_path / "lone.ipynb", [nbgrader_cell("pass", "test", "not_in_any_source", 5)])
+    source = write(tmp_path / "src" / "s.ipynb", [nbgrader_cell("assert False", "test", "other", 1)]) \
+        if (tmp_path / "src").mkdir() is None else None
+    assert main(["grade", str(lone), "--source", str(source.parent), "--timeout", "60"]) == 2
+    assert "no source notebook" in capsys.readouterr().err
+    assert main(["grade", str(lone), "--no-source", "--timeout", "60", "--json", str(tmp_path / "r.json")]) == 0
+    assert "NOT AN OFFICIAL GRADE" in capsys.readouterr().out
+    [result] = json.loads((tmp_path / "r.json").read_text())
+    assert result["official"] is False and result["score"] == 5
+
+
+# ---- machines without Triton ----------------------------------------------------------------
+NO_TRITON = """# hide Triton as on macOS: `import triton` raises ModuleNotFoundError, find_spec('triton') is None
+import sys
+from importlib.machinery import PathFinder
+
+
+class _WithoutTriton(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            return None
+        return super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [_WithoutTriton if finder is PathFinder else finder for finder in sys.meta_path]
+"""
+
+
+def test_triton_parts_are_not_gradable_without_triton(tmp_path):
+    """Assignment 6 on a machine where `import triton` fails: parts 1-2 pass, the kernel's three tests
+    are 'not gradable on this machine' (excluded from score and maximum), the rest runs with notes."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NO_TRITON)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    out = tmp_path / "r.json"
+    done = subprocess.run([sys.executable, "-m", "llmsys_lab", "grade",
+                           str(ROOT / "solutions" / "06_flash_attention" / "flash_attention.ipynb"), "--timeout", "300",
+                           "--json", str(out), "--csv", str(tmp_path / "r.csv")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [result] = json.loads(out.read_text())
+    tests = {t["test"]: t for t in result["tests"]}
+    assert [n for n, t in tests.items() if t["passed"]] == ["test_merge", "test_online_attention"]
+    assert result["not_gradable"] == ["test_flash_forward", "test_flash_causal", "test_flash_ragged"]
+    assert all("not gradable on this machine" in tests[n]["feedback"] and "needs Triton" in tests[n]["feedback"]
+               for n in result["not_gradable"])
+    assert (result["score"], result["max_score"]) == (4, 4)
+    assert "not gradable on this machine (3 points excluded)" in done.stdout
+    assert "test_flash_forward,not gradable,3," in (tmp_path / "r.csv").read_text()
+    assert not any(m.startswith("your code") for m in result["messages"]), result["messages"]
+
+
+def test_importing_triton_before_the_kit_without_a_gpu_is_refused():
+    code = ("import os, torch\nassert not torch.cuda.is_available()\nimport triton.language\n"
+            "try:\n    import llmsys_lab\nexcept RuntimeError as err:\n    print('refused:', err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "refused: triton was imported before llmsys_lab" in done.stdout, done.stdout + done.stderr
+    assert "import llmsys_lab` before `import triton`" in done.stdout
+
+
+# ---- messages the checks give ---------------------------------------------------------------
+def test_nan_mismatch_says_how_many_nans():
+    import torch
+
+    from llmsys_lab.checks import compare
+
+    actual, expected = torch.zeros(2, 3), torch.zeros(2, 3)
+    actual[0, 0] = actual[1, 2] = float("nan")
+    assert compare(actual, expected, "out") == \
+        "out[(0, 0)] is nan, expected 0.0 (NaN mismatch: out has 2 NaN of 6 elements, the reference 0)"
+
+
+def test_gqa_hidden_test_names_the_wrong_exception():
+    """Assignment 1: a GQA that fails on 6 query / 4 K/V heads with a RuntimeError is told what was expected."""
+    from llmsys_lab.checks import CheckFailed, finish_own_code
+
+    nb = nbformat.read(ROOT / "solutions" / "01_attention" / "attention.ipynb", as_version=4)
+    cells = {c.metadata.get("nbgrader", {}).get("grade_id"): c.source for c in nb.cells}
+    ns = {"__name__": "__main__"}
+    exec(cells["setup"], ns)
+    exec(cells["attention"], ns)
+    exec(cells["causal_mask"], ns)
+    exec(cells["causal_attention"], ns)
+    exec("def gqa_attention(q, k, v, causal=False):\n"
+         "    b, h, t, d = q.shape\n"
+         "    k = k[:, :, None].expand(b, k.shape[1], h // k.shape[1], *k.shape[2:]).reshape(b, h, *k.shape[2:])\n"
+         "    v = v[:, :, None].expand(b, v.shape[1], h // v.shape[1], *v.shape[2:]).reshape(b, h, *v.shape[2:])\n"
+         "    return causal_attention(q, k, v) if causal else attention(q, k, v)\n", ns)
+    try:
+        with pytest.raises(CheckFailed, match="expected ValueError naming 6 and 4, got RuntimeError: "):
+            exec(cells["test_gqa"], ns)
+    finally:
+        finish_own_code()

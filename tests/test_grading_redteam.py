@@ -1,0 +1,236 @@
+"""Submissions that attack the grader: each must score exactly what its honest answers deserve.
+
+Every submission is assignment 1's student notebook (the fastest assignment) with the same honest
+answers -- `attention` right (3 points), the causal mask, causal attention and GQA wrong -- plus one
+attack in an answer cell. So each must score 3 / 10, whatever the attack tried. All of them are
+graded in one batch (`grading.grade`, a child process per submission, as the command line does).
+"""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from llmsys_lab import grading
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCE = ROOT / "solutions" / "01_attention" / "attention.ipynb"
+STUDENT = ROOT / "assignments" / "01_attention" / "attention.ipynb"
+
+HONEST = {
+    "attention": "def attention(q, k, v):\n"
+                 "    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1) @ v\n",
+    "causal_mask": "def causal_mask(t_q, t_k):\n    return torch.ones(t_q, t_k, dtype=torch.bool)   # wrong\n",
+    "causal_attention": "def causal_attention(q, k, v):\n    return attention(q, k, v)   # wrong: no mask\n",
+    "gqa_attention": "def gqa_attention(q, k, v, causal=False):\n    return attention(q, k, v)   # wrong: no repeat\n",
+}
+RIGHT = {   # the solution's answers (for submissions whose answers are all right)
+    "causal_mask": "def causal_mask(t_q, t_k):\n"
+                   "    return torch.arange(t_k)[None, :] <= torch.arange(t_q)[:, None] + (t_k - t_q)\n",
+    "causal_attention": "def causal_attention(q, k, v):\n"
+                        "    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])\n"
+                        "    s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float('-inf'))\n"
+                        "    return torch.softmax(s, dim=-1) @ v\n",
+    "gqa_attention": "def gqa_attention(q, k, v, causal=False):\n"
+                     "    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:\n"
+                     "        raise ValueError(f'{k.shape[1]} K/V heads must divide {q.shape[1]} query heads')\n"
+                     "    g = q.shape[1] // k.shape[1]\n"
+                     "    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)\n"
+                     "    return causal_attention(q, k, v) if causal else attention(q, k, v)\n",
+}
+
+SWALLOW_CUSTOM_EXC = "get_ipython().set_custom_exc((BaseException,), lambda *args, **kwargs: None)\n"
+SWALLOW_EVERYTHING = (
+    "import io, sys\n"
+    "sys.excepthook = lambda *args: None\n"
+    "get_ipython().showtraceback = lambda *args, **kwargs: None\n"
+    "type(get_ipython()).showtraceback = lambda *args, **kwargs: None\n"
+    "get_ipython()._showtraceback = lambda *args, **kwargs: None\n"
+    "sys.stderr = io.StringIO()\n")
+REDEFINE_HELPERS = (
+    "def check_close(*args, **kwargs):\n    print('OK')\n"
+    "check_own_code = lambda *args, **kwargs: None\n"
+    "class CheckFailed(Exception):\n    pass\n")
+PATCH_MODULES = (
+    "import builtins, llmsys_lab.checks, llmsys_lab.grading\n"
+    "llmsys_lab.checks.compare = lambda *args, **kwargs: None\n"
+    "llmsys_lab.checks.check_close.__code__ = (lambda *args, **kwargs: None).__code__\n"
+    "llmsys_lab.grading.check_own_code = lambda *args, **kwargs: None\n"
+    "_real_isinstance = builtins.isinstance\n"
+    "builtins.AssertionError = type('AssertionError', (Exception,), {})\n")
+READ_SOLUTIONS = (
+    "import glob, json, os, pathlib, llmsys_lab, llmsys_lab.grading as grading\n"
+    "places = [pathlib.Path(llmsys_lab.__file__).resolve().parents[1] / 'solutions',\n"
+    "          pathlib.Path('..') / 'solutions', pathlib.Path('../..') / 'solutions', pathlib.Path.cwd() / 'solutions']\n"
+    "places += [pathlib.Path(v) / 'solutions' for v in os.environ.values() if os.path.isdir(v)]\n"
+    "places += [getattr(grading, 'SOLUTIONS', pathlib.Path('/nonexistent'))]\n"
+    "stolen = 0\n"
+    "for place in places:\n"
+    "    try:\n"
+    "        text = (place / '01_attention' / 'attention.ipynb').read_text()\n"
+    "    except OSError:\n"
+    "        continue\n"
+    "    for cell in json.loads(text)['cells']:\n"
+    "        if cell.get('metadata', {}).get('nbgrader', {}).get('solution'):\n"
+    "            exec(''.join(cell['source']), globals())\n"
+    "            stolen += 1\n"
+    "    break\n"
+    "print('cells stolen:', stolen)\n")
+ESCAPE_OWN_CODE = {   # right answers, each made by the kit or SDPA in a way a scan of the names does not see
+    "attention": "def attention(q, k, v, _f=F.scaled_dot_product_attention):   # a default argument\n"
+                 "    return _f(q, k, v)\n",
+    "causal_mask": "def _make():\n    from llmsys_lab.attention import causal_mask as m\n"
+                   "    return lambda t_q, t_k: m(t_q, t_k)\n"
+                   "causal_mask = _make()                                   # a closure\n",
+    "causal_attention": "def causal_attention(q, k, v):\n"
+                        "    return eval('F.scaled_dot' + '_product_attention')(q, k, v, is_causal=True)   # eval\n",
+    "gqa_attention": "class _G:\n    def __call__(self, q, k, v, causal=False):\n"
+                     "        f = getattr(F, 'scaled_dot_product_attention'.strip())\n"
+                     "        return f(q, k, v, is_causal=causal, enable_gqa=True)\n"
+                     "gqa_attention = _G()                                   # a callable object\n",
+}
+OWN_HELPER_NAMED_SDPA = {   # right answers that use the student's own helper called scaled_dot_product_attention
+    "attention": "def scaled_dot_product_attention(q, k, v, mask=None):\n"
+                 "    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])\n"
+                 "    if mask is not None:\n        s = s.masked_fill(~mask, float('-inf'))\n"
+                 "    return torch.softmax(s, dim=-1) @ v\n"
+                 "def attention(q, k, v):\n    return scaled_dot_product_attention(q, k, v)\n",
+    "causal_attention": "def causal_attention(q, k, v):\n"
+                        "    return scaled_dot_product_attention(q, k, v, causal_mask(q.shape[-2], k.shape[-2]))\n",
+}
+
+
+def student(answers: dict, extra: str = "", extra_after: str = "causal_mask") -> nbformat.NotebookNode:
+    """The student notebook with `answers` filled in and `extra` appended to answer cell `extra_after`."""
+    nb = nbformat.read(STUDENT, as_version=4)
+    for cell in nb.cells:
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if gid in answers:
+            cell.source = answers[gid] + (extra if gid == extra_after else "")
+    return nb
+
+
+def graded_cells(nb):
+    return [c for c in nb.cells if grading.is_test(c)]
+
+
+def forged_extra_cell():
+    nb = student(HONEST)
+    cell = copy.deepcopy(graded_cells(nb)[0])
+    cell.metadata.nbgrader.update(grade_id="bonus_points", points=1000)
+    cell.source, cell.id = "pass", "bonus-points"
+    nb.cells.append(cell)
+    return nb
+
+
+def duplicated_tests():
+    nb = student(HONEST)
+    for i, cell in enumerate(graded_cells(nb)):
+        dup = copy.deepcopy(cell)
+        dup.source, dup.id = "pass", f"dup-{i}"
+        nb.cells.insert(1, dup)                                 # a 'pass' copy of each test, before the real ones
+    return nb
+
+
+def renamed_test_ids():
+    nb = student(HONEST)
+    for cell in graded_cells(nb):
+        cell.metadata.nbgrader["grade_id"] += "_mine"
+        cell.source = "pass"
+    return nb
+
+
+def renamed_every_id():
+    nb = renamed_test_ids()
+    for cell in nb.cells:
+        if "nbgrader" in cell.metadata and not cell.metadata.nbgrader["grade_id"].endswith("_mine"):
+            cell.metadata.nbgrader["grade_id"] += "_mine"
+    return nb
+
+
+def signals_the_grader():
+    return student(HONEST, "import os, signal\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\n"
+                           "except PermissionError as err:\n    print(err)\n")
+
+
+def kills_the_grader():     # through a subprocess, which the kernel's audit hook does not see
+    return student(HONEST, "import os, subprocess\nsubprocess.run(['kill', '-9', str(os.getppid())])\n")
+
+
+# name: (notebook, expected points per test)
+ATTACKS = {
+    "swallow_custom_exc": (lambda: student(HONEST, SWALLOW_CUSTOM_EXC), 3),
+    "kills_the_grader": (kills_the_grader, None),
+    "signals_the_grader": (signals_the_grader, 3),
+    "swallow_everything": (lambda: student(HONEST, SWALLOW_EVERYTHING), 3),
+    "redefine_helpers": (lambda: student(HONEST, REDEFINE_HELPERS), 3),
+    "patch_modules": (lambda: student(HONEST, PATCH_MODULES), 3),
+    "read_solutions": (lambda: student(HONEST, READ_SOLUTIONS, extra_after="gqa_attention"), 3),
+    "escape_own_code": (lambda: student(ESCAPE_OWN_CODE), 0),
+    "own_helper_named_sdpa": (lambda: student({**RIGHT, **OWN_HELPER_NAMED_SDPA}), 10),
+    "forged_extra_cell": (forged_extra_cell, 3),
+    "duplicated_tests": (duplicated_tests, 3),
+    "renamed_test_ids": (renamed_test_ids, 3),
+}
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("redteam")
+    paths = []
+    for name, (build, _) in ATTACKS.items():
+        nbformat.write(build(), folder / f"{name}.ipynb")
+        paths.append(folder / f"{name}.ipynb")
+    results = grading.grade(paths, source=ROOT / "solutions", timeout=60, jobs=2)
+    return {Path(r.path).stem: r for r in results}
+
+
+@pytest.mark.parametrize("name", [n for n, (_, points) in ATTACKS.items() if points is not None])
+def test_attack_scores_what_the_honest_answers_deserve(graded, name):
+    sub = graded[name]
+    assert sub.error is None, sub.error
+    assert sub.official and sub.source == "solutions/01_attention/attention.ipynb"
+    assert [(t.test, t.max_points) for t in sub.tests] == [
+        ("test_attention", 3), ("test_causal_mask", 2), ("test_causal_attention", 2), ("test_gqa", 3)]
+    assert (sub.score, sub.max_score) == (ATTACKS[name][1], 10), [(t.test, t.points, t.feedback) for t in sub.tests]
+
+
+def test_what_each_attack_is_told(graded):
+    feedback = {n: {t.test: t.feedback for t in graded[n].tests} for n in graded}
+    assert "suppressed" in feedback["swallow_custom_exc"]["test_causal_mask"] or \
+        "CheckFailed" in feedback["swallow_custom_exc"]["test_causal_mask"]
+    assert "your code called" in feedback["escape_own_code"]["test_attention"]
+    assert "scaled_dot_product_attention" in feedback["escape_own_code"]["test_causal_attention"]
+    assert "llmsys_lab.attention" in feedback["escape_own_code"]["test_causal_mask"]
+    assert "scaled_dot_product_attention" in feedback["escape_own_code"]["test_gqa"]
+    messages = graded["forged_extra_cell"].messages
+    assert "graded cell 'bonus_points' is not in the source notebook: ignored (run as ordinary code, no points)" \
+        in messages
+    assert sum("repeats a grade id" in m for m in graded["duplicated_tests"].messages) == 4
+    assert sum("was missing from the submission; it was put back" in m for m in graded["renamed_test_ids"].messages) == 4
+    # the solutions could not be read: the answer cell says so in its output
+    nb = graded["read_solutions"].notebook
+    out = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "cells stolen: 0" in out
+
+
+def test_a_submission_that_kills_its_grader_loses_only_its_own_result(graded):
+    sub = graded["kills_the_grader"]
+    assert sub.error and "grading process died" in sub.error
+    names = list(graded)
+    assert names.index("kills_the_grader") < names.index("signals_the_grader")   # graded after it, normally
+    assert graded["signals_the_grader"].error is None
+
+
+def test_renaming_every_grade_id_is_an_error_not_a_self_check(tmp_path):
+    path = tmp_path / "renamed.ipynb"
+    nbformat.write(renamed_every_id(), path)
+    done = subprocess.run([sys.executable, "-m", "llmsys_lab", "grade", str(path), "--timeout", "60", "--json", "-"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout
+    [result] = json.loads(done.stdout)
+    assert result["error"] and "no source notebook" in result["error"] and result["score"] == 0
+    assert "no source notebook" in done.stderr
