@@ -74,7 +74,7 @@ def setup_source(repo: str, version: str) -> str:
 
 
 def notebooks(root: Path = ROOT) -> list[Path]:
-    lessons = sorted((root / "notebooks").glob("[0-9]*.ipynb"))
+    lessons = sorted((root / "notebooks").glob("[0-9]*.ipynb")) + sorted((root / "notebooks" / "pending").glob("[0-9]*.ipynb"))
     sources = sorted(p for p in (root / "solutions").glob("*/*.ipynb") if ".ipynb_checkpoints" not in p.parts)
     return lessons + sources
 
