@@ -84,10 +84,13 @@ def has_triton_wheel(platform: str | None = None) -> bool:
 
 
 def smoke_imports(platform: str | None = None) -> str:
-    """What must import once the environment is ready (triton only where it can be installed)."""
-    mods = ["torch", "transformers", "nbval", "ipywidgets", "llmsys_lab.kernels"]
+    """What must import once the environment is ready (triton only where it can be installed).
+
+    The kit first: `import llmsys_lab` chooses the Triton mode (the interpreter without a GPU), which
+    must happen before `triton.language` is imported (the kit refuses otherwise)."""
+    mods = ["llmsys_lab", "torch", "transformers", "nbval", "ipywidgets", "llmsys_lab.kernels"]
     if has_triton_wheel(platform):
-        mods.insert(1, "triton")
+        mods.insert(2, "triton")
     return "import " + ", ".join(mods)
 
 

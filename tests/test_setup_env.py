@@ -62,7 +62,7 @@ def test_macos_and_windows_take_torch_from_pypi_and_skip_triton(monkeypatch, pla
 def test_linux_without_gpu_uses_the_cpu_index(monkeypatch):
     calls = record_installs(monkeypatch, "linux", gpu=False)
     assert calls[0] == ["install", setup_env.TORCH_RANGE, "--index-url", setup_env.CPU_INDEX]
-    assert setup_env.smoke_imports("linux").startswith("import torch, triton,")
+    assert setup_env.smoke_imports("linux").startswith("import llmsys_lab, torch, triton,")
 
 
 def test_linux_with_gpu_takes_the_cuda_build(monkeypatch):
