@@ -214,3 +214,77 @@ def test_bad_input_is_named():
         moe_llama(ModelConfig(16, 1, 4, 32, 64), MoEConfig(8, I, E))
     with pytest.raises(ConfigError, match="sliding window"):
         mixtral_from_hf(MixtralForCausalLM(mixtral_config(sliding_window=4, num_hidden_layers=1)))
+
+
+# ---- estimators ------------------------------------------------------------------------------
+from llmsys_lab.estimators.flop_counter import count_model_flops  # noqa: E402
+from llmsys_lab.estimators.moe import (MOE_PRESETS, MoEModelConfig, dense_vs_moe, format_dense_vs_moe,  # noqa: E402
+                                       moe_forward_flops, moe_param_breakdown)
+
+
+@pytest.mark.parametrize("name", list(MOE_PRESETS))
+def test_moe_param_counts_equal_transformers_meta_models(name):
+    from transformers import AutoModelForCausalLM
+
+    cfg = MOE_PRESETS[name]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg.to_hf())
+    parts = moe_param_breakdown(cfg)
+    assert parts["total"] == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    assert experts == cfg.base.num_layers * cfg.moe.num_experts * 3 * cfg.moe.hidden_size * cfg.moe.intermediate_size
+    active_expert_params = experts * cfg.moe.top_k // cfg.moe.num_experts
+    assert parts["active"] == parts["total"] - experts + active_expert_params
+
+
+def test_mixtral_8x7b_known_counts():
+    parts = moe_param_breakdown(MOE_PRESETS["mixtral-8x7b"])
+    assert parts["total"] == 46_702_792_704                   # "47B" on the model card
+    assert round(parts["active"] / 1e9, 1) == 12.9            # "uses 13B active parameters per token"
+
+
+SMALL = {
+    "mixtral": MoEModelConfig(ModelConfig(16, 2, 4, 32, 64, num_kv_heads=2, max_position_embeddings=64),
+                              MoEConfig(16, 24, 8, 2), arch="mixtral"),
+    "qwen2_moe": MoEModelConfig(ModelConfig(16, 2, 4, 32, 64, num_kv_heads=2, max_position_embeddings=64),
+                                MoEConfig(16, 12, 6, 3, norm_topk_prob=False, shared_expert_size=20),
+                                qkv_bias=True, arch="qwen2_moe"),
+}
+
+
+@pytest.mark.parametrize("arch", list(SMALL))
+def test_moe_matmul_flops_equal_flop_counter_mode_on_a_real_model(arch):
+    from transformers import AutoModelForCausalLM
+
+    cfg = SMALL[arch]
+    torch.manual_seed(0)
+    # transformers 5 runs the experts through a grouped-matmul custom op by default, which FlopCounterMode
+    # does not see; its "eager" experts loop uses plain matmuls, and the FLOPs are the same
+    model = AutoModelForCausalLM.from_config(cfg.to_hf(), attn_implementation="eager",
+                                             experts_implementation="eager").eval()
+    assert sum(p.numel() for p in model.parameters()) == moe_param_breakdown(cfg)["total"]
+    ids = torch.randint(0, 64, (2, 7))
+    counted = count_model_flops(model, ids)
+    assert counted["model"] == moe_forward_flops(cfg, 2, 7, matmul_only=True)
+
+
+def test_dense_vs_moe_is_the_slides_argument():
+    table = dense_vs_moe(MOE_PRESETS["mixtral-8x7b"])
+    r = table["ratio"]
+    # same compute per token (the router adds 2hE per layer: under 0.1%), ~3.6x the parameters and memory
+    assert 1.0 < r["forward_flops_per_token"] < 1.001
+    assert r["active_params"] == pytest.approx(1.0, abs=1e-3)
+    assert 3.5 < r["params"] < 3.7 and r["weight_GB"] == pytest.approx(r["params"])
+    # the MLP parameters grow by exactly E/k = 4 (plus the router)
+    assert r["mlp_params"] == pytest.approx(4.0, rel=1e-3)
+    assert "forward_flops_per_token" in format_dense_vs_moe(table)
+
+
+def test_moe_model_config_bad_input():
+    base = ModelConfig(16, 2, 4, 32, 64)
+    with pytest.raises(ConfigError, match="moe.hidden_size = 8 but base.hidden_size = 16"):
+        MoEModelConfig(base, MoEConfig(8, 24, 8))
+    with pytest.raises(ConfigError, match="Qwen2-MoE has a shared expert"):
+        MoEModelConfig(base, MoEConfig(16, 24, 8), arch="qwen2_moe")
+    with pytest.raises(ConfigError, match="arch must be"):
+        MoEModelConfig(base, MoEConfig(16, 24, 8), arch="deepseek")
