@@ -21,7 +21,8 @@ Dispatch (which token goes through which expert) is done three ways with the sam
 * ``"sorted"``: sort the (token, expert) assignments by expert so that each expert's tokens are one
   contiguous slice, run one matmul per slice with the experts' weights stacked (E, i, h), and
   un-permute. This is what fast implementations do (a grouped GEMM over the slices).
-* a Triton grouped-GEMM kernel is *not* provided; see ``GROUPED_GEMM_NOTE``.
+* ``"triton"``: the same sorted slices, each expert's three products for all experts in one launch of
+  the grouped-GEMM kernel ``llmsys_lab.kernels.moe_grouped_gemm`` (forward only: inference).
 
 Capacity: with ``capacity_factor`` set, each expert takes at most
 ``ceil(capacity_factor * tokens * k / E)`` assignments, earlier tokens first (Switch Transformer).
@@ -46,13 +47,7 @@ from .configs import ModelConfig
 from .layers import SwiGLU
 from .validate import ConfigError, ShapeError, check_tensor
 
-DISPATCHES = ("loop", "sorted")
-
-GROUPED_GEMM_NOTE = (
-    "No Triton grouped-GEMM kernel: the 'sorted' dispatch already runs one dense matmul per expert on a "
-    "contiguous slice, which on a GPU is a cuBLAS GEMM per expert; a Triton kernel fusing those into one "
-    "launch (tiles indexed by (expert, row block) from the per-expert offsets) is the next step and is "
-    "left for the GPU lesson, where its speed can be measured against the 'sorted' path.")
+DISPATCHES = ("loop", "sorted", "triton")
 
 
 @dataclass(frozen=True)
@@ -238,7 +233,21 @@ def dispatch_sorted(x: torch.Tensor, routing: Routing, experts: nn.ModuleList) -
     return torch.zeros_like(x).index_add(0, token, ys)
 
 
-DISPATCH = {"loop": dispatch_loop, "sorted": dispatch_sorted}
+def dispatch_triton(x: torch.Tensor, routing: Routing, experts: nn.ModuleList) -> torch.Tensor:
+    """As ``dispatch_sorted``, with the experts' products in the Triton grouped-GEMM kernel (forward only)."""
+    from .kernels.moe_grouped_gemm import grouped_swiglu_triton
+
+    weights = expert_weights(experts)
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        raise ConfigError("the 'triton' dispatch is forward-only (inference): run it under torch.no_grad(), "
+                          "or use dispatch='sorted' for training")
+    token, slot, counts = sort_by_expert(routing, len(experts))
+    ys = grouped_swiglu_triton(x[token].contiguous(), counts, *weights)
+    ys = ys * routing.weights.reshape(-1)[slot, None]
+    return torch.zeros_like(x).index_add(0, token, ys)
+
+
+DISPATCH = {"loop": dispatch_loop, "sorted": dispatch_sorted, "triton": dispatch_triton}
 
 
 class MoE(nn.Module):

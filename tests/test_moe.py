@@ -288,3 +288,45 @@ def test_moe_model_config_bad_input():
         MoEModelConfig(base, MoEConfig(16, 24, 8), arch="qwen2_moe")
     with pytest.raises(ConfigError, match="arch must be"):
         MoEModelConfig(base, MoEConfig(16, 24, 8), arch="deepseek")
+
+
+# ---- the Triton grouped GEMM (interpreter on a CPU) ------------------------------------------
+from llmsys_lab.kernels.moe_grouped_gemm import grouped_gemm, grouped_gemm_reference, tile_schedule  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grouped_gemm_matches_per_group_matmuls(device, dtype):
+    counts = torch.tensor([5, 0, 17, 1, 0, 9])                  # empty groups, partial tiles
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(int(counts.sum()), 24, generator=g).to(device, dtype)
+    w = torch.randn(6, 20, 24, generator=g).to(device, dtype)
+    y = grouped_gemm(x, w, counts, block_m=16, block_n=16, block_k=16)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), grouped_gemm_reference(x.float(), w.float(), counts), atol=tol, rtol=tol)
+
+
+def test_tile_schedule_covers_each_slice_once():
+    group, row, offsets = tile_schedule(torch.tensor([5, 0, 17]), 8)
+    assert group.tolist() == [0, 2, 2, 2] and row.tolist() == [0, 5, 13, 21] and offsets.tolist() == [0, 5, 5, 22]
+
+
+def test_triton_dispatch_equals_sorted_and_is_forward_only():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(H, I, E, shared_expert_size=16))
+    x = torch.randn(29, H)
+    with torch.no_grad():
+        assert torch.allclose(moe(x, "triton"), moe(x, "sorted"), atol=1e-5)
+    with pytest.raises(ConfigError, match="forward-only"):
+        moe(x, "triton")
+
+
+@pytest.mark.parametrize("args, err, msg", [
+    ((torch.randn(4, 8), torch.randn(2, 6, 7), torch.tensor([2, 2])), ValueError, "K = 8 columns but w has K = 7"),
+    ((torch.randn(4, 8), torch.randn(2, 6, 8), torch.tensor([2, 1])), ValueError, "sum to the 4 rows"),
+    ((torch.randn(4, 8), torch.randn(2, 6, 8), torch.tensor([2., 2.])), ValueError, "integer row counts"),
+    ((torch.randn(4, 8), torch.randn(2, 6, 8).half(), torch.tensor([2, 2])), TypeError, "share a float16"),
+    ((torch.randn(4, 8, 1), torch.randn(2, 6, 8), torch.tensor([2, 2])), ValueError, "x must be"),
+])
+def test_grouped_gemm_bad_input(args, err, msg):
+    with pytest.raises(err, match=msg):
+        grouped_gemm(*args)
