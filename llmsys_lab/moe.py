@@ -27,7 +27,9 @@ Dispatch (which token goes through which expert) is done three ways with the sam
 Capacity: with ``capacity_factor`` set, each expert takes at most
 ``ceil(capacity_factor * tokens * k / E)`` assignments, earlier tokens first (Switch Transformer).
 A dropped assignment contributes zero: a token whose every choice is dropped gets a zero MoE
-output, so in a block it passes through unchanged on the residual path (h + 0).
+output, so in a block it passes through unchanged on the residual path (h + 0). A token that loses
+only one of its k choices keeps the other's output at its original weight (no renormalisation).
+Expert parallelism (``llmsys_lab.parallel.expert_parallel``) is dropless.
 
 Losses: the auxiliary load-balancing loss of Switch / Mixtral, ``E * sum_i f_i P_i`` with f_i the
 fraction of top-k assignments to expert i and P_i its mean router probability (equal to
