@@ -330,3 +330,18 @@ def test_triton_dispatch_equals_sorted_and_is_forward_only():
 def test_grouped_gemm_bad_input(args, err, msg):
     with pytest.raises(err, match=msg):
         grouped_gemm(*args)
+
+
+def test_a_token_that_loses_one_choice_keeps_the_other_at_its_weight():
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(H, I, E, top_k=2, capacity_factor=0.25))   # capacity ceil(0.25 * 12 * 2 / 8) = 1
+    x = torch.randn(12, H)
+    for dispatch in ("loop", "sorted"):
+        y = moe(x, dispatch)
+        r = moe.last_routing
+        partial = torch.where(r.kept.sum(-1) == 1)[0]
+        assert len(partial) > 0
+        n = int(partial[0])
+        j = int(torch.where(r.kept[n])[0])
+        expected = r.weights[n, j] * moe.experts[int(r.experts[n, j])](x[n:n + 1])[0]
+        assert torch.allclose(y[n], expected, atol=1e-6)

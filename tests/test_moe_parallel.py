@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from llmsys_lab.moe import MoE, MoEConfig
-from llmsys_lab.parallel.expert_parallel import (ExpertParallelMoE, TensorParallelMoE, check_moe_parallel, ep_bytes,
-                                                 tp_moe_bytes)
+from llmsys_lab.parallel.expert_parallel import (ExpertParallelMoE, TensorParallelMoE, check_moe_parallel, compare_ep_tp,
+                                                 ep_bytes, tp_moe_bytes)
 from llmsys_lab.parallel.launcher import launch
 from llmsys_lab.validate import ConfigError
 
@@ -52,3 +52,19 @@ def test_bad_sharding_is_named():
         ExpertParallelMoE(MoE(MoEConfig(16, 24, 6, capacity_factor=1.0)), 0, 2)
     with pytest.raises(TypeError, match="expected a llmsys_lab.moe.MoE"):
         ExpertParallelMoE(torch.nn.Linear(2, 2), 0, 2)
+
+
+def test_compare_ep_tp_for_mixtral():
+    cfg = MoEConfig(4096, 14336, 8, 2)
+    out = compare_ep_tp(cfg, tokens=8192, world=8)
+    # EP: 1024 tokens per rank, 2 choices, 8 experts -> C = 256 rows per expert; 4 all-to-alls of (8, 256, 4096)
+    assert out["ep"]["capacity"] == 256
+    assert out["ep"]["bytes"] == 4 * 7 / 8 * 8 * 256 * 4096 * 2
+    # TP: 2 all-reduces of all 8192 tokens x 4096 features: N / k = 4x the bytes of EP
+    assert out["tp"]["bytes"] == 2 * 2 * 7 / 8 * 8192 * 4096 * 2
+    assert out["tp"]["bytes"] / out["ep"]["bytes"] == pytest.approx(8 / 2)
+    assert out["tp"]["gemm"] == (2048, 4096, 1792) and out["ep"]["gemm"] == (2048, 4096, 14336)
+    with pytest.raises(ConfigError, match="tokens = 8192 must split evenly over 3 ranks"):
+        compare_ep_tp(cfg, 8192, 3)
+    with pytest.raises(ConfigError, match="num_experts = 8 is not divisible"):
+        compare_ep_tp(cfg, 8192, 16)

@@ -234,3 +234,30 @@ def check_moe_parallel(tokens: int = 24, hidden: int = 16, intermediate: int = 2
         "bytes_expected": tp_moe_bytes(tokens, hidden, world),
     }
     return out
+
+
+def compare_ep_tp(cfg: MoEConfig, tokens: int, world: int, capacity_factor: float = 1.0,
+                  bytes_per_el: int = 2) -> dict:
+    """The slide's "what if we still do TP?" for one MoE layer and a global batch of `tokens`, per rank,
+    forward + backward. EP: each rank routes tokens/N tokens; its (E, C, h) buffers hold C =
+    ceil(capacity_factor * (tokens/N) * k / E) rows per expert (capacity_factor 1: perfectly balanced
+    routing; the dropless layer pays for the busiest expert). TP: every rank sees all tokens and
+    multiplies (rows, h) x (h, i/N) slices, so each expert's GEMM gets N times narrower."""
+    if tokens % world:
+        raise ConfigError(f"tokens = {tokens} must split evenly over {world} ranks")
+    if cfg.num_experts % world:
+        raise ConfigError(f"num_experts = {cfg.num_experts} is not divisible by the expert-parallel world size {world}")
+    if cfg.intermediate_size % world:
+        raise ConfigError(f"intermediate_size = {cfg.intermediate_size} is not divisible by the tensor-parallel "
+                          f"degree {world}")
+    from ..moe import capacity as expert_capacity
+    cap = expert_capacity(tokens // world, cfg.num_experts, cfg.top_k, capacity_factor)
+    rows_per_expert = tokens * cfg.top_k // cfg.num_experts            # balanced routing, whole batch
+    return {
+        "ep": {"bytes": ep_bytes(cfg.num_experts, cap, cfg.hidden_size, world, bytes_per_el),
+               "capacity": cap, "experts_per_rank": cfg.num_experts // world,
+               "gemm": (world * cap, cfg.hidden_size, cfg.intermediate_size)},
+        "tp": {"bytes": tp_moe_bytes(tokens, cfg.hidden_size, world, bytes_per_el),
+               "experts_per_rank": cfg.num_experts,
+               "gemm": (rows_per_expert, cfg.hidden_size, cfg.intermediate_size // world)},
+    }
