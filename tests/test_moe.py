@@ -183,6 +183,7 @@ def test_moe_llama_equals_transformers_mixtral():
     mine = router_logits_of(ours)
     assert len(mine) == 2 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(mine, out.router_logits))
     assert torch.allclose(load_balancing_loss(mine, 2), load_balancing_loss_func(out.router_logits, E, 2), atol=1e-6)
+    assert torch.allclose(load_balancing_loss(mine, 2), out.aux_loss, atol=1e-6)      # what the model adds to its loss
 
 
 @pytest.mark.parametrize("kw, msg", [
