@@ -1,0 +1,350 @@
+"""Mixture of Experts: a router picks k of E SwiGLU experts per token (lecture 003).
+
+The slide's layer (one token, k = 2):
+
+    G = Softmax(W_G x),  I = {i0, i1} = TopK(G, 2),
+    s0 = G_i0 / (G_i0 + G_i1),  s1 = G_i1 / (G_i0 + G_i1),
+    y = s0 FFN_i0(x) + s1 FFN_i1(x)
+
+Two routing conventions of transformers' models, both covered by ``MoEConfig`` (tests compare
+each with the real block on copied weights, forward and gradients):
+
+* Mixtral (``MixtralSparseMoeBlock``): softmax in float32, top-k, weights renormalised to sum to 1
+  (exactly the slide): ``norm_topk_prob=True``.
+* Qwen2-MoE (``Qwen2MoeSparseMoeBlock``): the top-k softmax probabilities are used as they are
+  (``norm_topk_prob=False`` by default, so they sum to less than 1), and a *shared expert*, a SwiGLU
+  every token passes through, is added, scaled by its own gate ``sigmoid(w_s . x)``.
+
+Dispatch (which token goes through which expert) is done three ways with the same result:
+
+* ``"loop"``: for each expert, gather its tokens, run the expert, scatter-add back. Obviously correct.
+* ``"sorted"``: sort the (token, expert) assignments by expert so that each expert's tokens are one
+  contiguous slice, run one matmul per slice with the experts' weights stacked (E, i, h), and
+  un-permute. This is what fast implementations do (a grouped GEMM over the slices).
+* ``"triton"``: the same sorted slices, each expert's three products for all experts in one launch of
+  the grouped-GEMM kernel ``llmsys_lab.kernels.moe_grouped_gemm`` (forward only: inference).
+
+Capacity: with ``capacity_factor`` set, each expert takes at most
+``ceil(capacity_factor * tokens * k / E)`` assignments, earlier tokens first (Switch Transformer).
+A dropped assignment contributes zero: a token whose every choice is dropped gets a zero MoE
+output, so in a block it passes through unchanged on the residual path (h + 0). A token that loses
+only one of its k choices keeps the other's output at its original weight (no renormalisation).
+Expert parallelism (``llmsys_lab.parallel.expert_parallel``) is dropless.
+
+Losses: the auxiliary load-balancing loss of Switch / Mixtral, ``E * sum_i f_i P_i`` with f_i the
+fraction of top-k assignments to expert i and P_i its mean router probability (equal to
+transformers' ``load_balancing_loss_func``), and the router z-loss of ST-MoE,
+``mean(logsumexp(logits)^2)``, which keeps the router logits small.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configs import ModelConfig
+from .layers import SwiGLU
+from .validate import ConfigError, ShapeError, check_tensor
+
+DISPATCHES = ("loop", "sorted", "triton")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Shape and routing of one MoE layer."""
+
+    hidden_size: int
+    intermediate_size: int                 # of each routed expert
+    num_experts: int
+    top_k: int = 2
+    norm_topk_prob: bool = True            # Mixtral: renormalise the k weights; Qwen2-MoE: False
+    shared_expert_size: int = 0            # intermediate size of an always-on shared expert (0: none)
+    capacity_factor: float | None = None   # None: no capacity limit (no token dropped)
+    dispatch: str = "sorted"
+
+    def __post_init__(self):
+        for f in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"MoEConfig.{f} must be a positive int, got {v!r}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"MoEConfig.top_k = {self.top_k} is more than num_experts = {self.num_experts}")
+        if not isinstance(self.shared_expert_size, int) or self.shared_expert_size < 0:
+            raise ConfigError(f"MoEConfig.shared_expert_size must be an int >= 0, got {self.shared_expert_size!r}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"MoEConfig.capacity_factor must be > 0 (or None for no limit), "
+                              f"got {self.capacity_factor!r}")
+        if self.dispatch not in DISPATCHES:
+            raise ConfigError(f"MoEConfig.dispatch must be one of {', '.join(DISPATCHES)}, got {self.dispatch!r}")
+
+    def replace(self, **changes) -> "MoEConfig":
+        from dataclasses import replace
+        return replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "MoEConfig":
+        """From a transformers MixtralConfig or Qwen2MoeConfig."""
+        t = getattr(hf_config, "model_type", "")
+        if t == "mixtral":
+            return cls(hf_config.hidden_size, hf_config.intermediate_size, hf_config.num_local_experts,
+                       hf_config.num_experts_per_tok, norm_topk_prob=True)
+        if t == "qwen2_moe":
+            return cls(hf_config.hidden_size, hf_config.moe_intermediate_size, hf_config.num_experts,
+                       hf_config.num_experts_per_tok, norm_topk_prob=bool(hf_config.norm_topk_prob),
+                       shared_expert_size=hf_config.shared_expert_intermediate_size)
+        raise ConfigError(f"MoEConfig.from_hf knows 'mixtral' and 'qwen2_moe' configs, got {t!r}")
+
+
+@dataclass
+class Routing:
+    """What the router decided for N tokens."""
+
+    logits: torch.Tensor        # (N, E) router logits
+    probs: torch.Tensor         # (N, E) softmax, float32
+    weights: torch.Tensor       # (N, k) weights of the chosen experts (renormalised or not)
+    experts: torch.Tensor       # (N, k) chosen expert ids, best first
+    kept: torch.Tensor          # (N, k) bool: False where capacity dropped the assignment
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Assignments one expert may take: ceil(capacity_factor * tokens * k / E)."""
+    if not capacity_factor > 0:
+        raise ConfigError(f"capacity_factor must be > 0, got {capacity_factor!r}")
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk_prob: bool = True,
+          capacity_factor: float | None = None) -> Routing:
+    """x: (N, h) -> Routing. Softmax in float32 (as Mixtral and Qwen2-MoE), then top-k."""
+    num_experts = router_weight.shape[0]
+    if top_k > num_experts:
+        raise ConfigError(f"top_k = {top_k} is more than the {num_experts} experts")
+    logits = F.linear(x, router_weight)                                  # (N, E)
+    probs = torch.softmax(logits.float(), dim=-1)
+    top, experts = torch.topk(probs, top_k, dim=-1)                      # (N, k)
+    if norm_topk_prob:
+        top = top / top.sum(dim=-1, keepdim=True)
+    kept = torch.ones_like(experts, dtype=torch.bool)
+    if capacity_factor is not None:
+        kept = capacity_mask(experts, num_experts, capacity(x.shape[0], num_experts, top_k, capacity_factor))
+    return Routing(logits, probs, top.to(x.dtype), experts, kept)
+
+
+def capacity_mask(experts: torch.Tensor, num_experts: int, cap: int) -> torch.Tensor:
+    """(N, k) bool: an assignment is kept if fewer than `cap` earlier ones went to its expert.
+
+    "Earlier" is token order, and within a token its first choice before its second: position of
+    assignment (n, j) in its expert's queue = number of (n', j') with the same expert and
+    (n', j') before (n, j) in row-major order.
+    """
+    flat = experts.reshape(-1)                                           # (N k,) row-major
+    one_hot = F.one_hot(flat, num_experts)                               # (N k, E)
+    position = (one_hot.cumsum(0) - 1).gather(1, flat[:, None])[:, 0]    # place in its expert's queue
+    return (position < cap).reshape(experts.shape)
+
+
+def load_stats(routing: Routing, num_experts: int) -> dict:
+    """Per-expert load: assignments routed, kept and dropped, and the fraction routed to each."""
+    routed = torch.bincount(routing.experts.reshape(-1), minlength=num_experts)
+    kept = torch.bincount(routing.experts[routing.kept], minlength=num_experts)
+    n = routing.experts.shape[0]
+    return {
+        "routed": routed.tolist(), "kept": kept.tolist(), "dropped": (routed - kept).tolist(),
+        "fraction": (routed.float() / routed.sum()).tolist(),
+        "tokens_fully_dropped": int((~routing.kept).all(dim=-1).sum()),
+        "imbalance": float(routed.max() / (n * routing.experts.shape[1] / num_experts)),  # max / mean load
+    }
+
+
+def load_balancing_loss(router_logits, top_k: int, num_experts: int | None = None) -> torch.Tensor:
+    """Switch / Mixtral auxiliary loss: E * sum_i f_i P_i over all layers' tokens.
+
+    router_logits: one (N, E) tensor or a tuple of them (one per layer, as transformers passes).
+    f_i: top-k assignments to expert i per token (sums to k); P_i: mean router probability of
+    expert i. Uniform routing gives k; everything on one expert gives E * k (for k=1).
+    """
+    layers = router_logits if isinstance(router_logits, (tuple, list)) else (router_logits,)
+    if not layers:
+        raise ShapeError("load_balancing_loss needs at least one (tokens, experts) tensor of router logits")
+    logits = torch.cat([torch.as_tensor(t).reshape(-1, t.shape[-1]) for t in layers], dim=0)   # (N, E)
+    e = logits.shape[-1]
+    if num_experts is not None and num_experts != e:
+        raise ShapeError(f"router logits have {e} experts, num_experts says {num_experts}")
+    if top_k > e:
+        raise ConfigError(f"top_k = {top_k} is more than the {e} experts")
+    probs = torch.softmax(logits.float(), dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices                    # (N, k)
+    f = F.one_hot(chosen, e).float().sum(dim=(0, 1)) / logits.shape[0]  # (E,) sums to k
+    p = probs.mean(dim=0)                                                # (E,)
+    return e * (f * p).sum()
+
+
+def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE (Zoph et al., 2022): mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()
+
+
+# ---- dispatch --------------------------------------------------------------------------------
+def expert_weights(experts: nn.ModuleList):
+    """Stack the experts' weights: gate, up (E, i, h) and down (E, h, i)."""
+    return (torch.stack([m.gate_proj.weight for m in experts]), torch.stack([m.up_proj.weight for m in experts]),
+            torch.stack([m.down_proj.weight for m in experts]))
+
+
+def dispatch_loop(x: torch.Tensor, routing: Routing, experts: nn.ModuleList) -> torch.Tensor:
+    """Per expert: gather its tokens, run it, scale by the weights, scatter-add. x: (N, h)."""
+    out = torch.zeros_like(x)
+    for e, expert in enumerate(experts):
+        token, slot = torch.where((routing.experts == e) & routing.kept)  # (n_e,) each
+        if token.numel():
+            y = expert(x[token]) * routing.weights[token, slot, None]
+            out = out.index_add(0, token, y)
+    return out
+
+
+def sort_by_expert(routing: Routing, num_experts: int):
+    """The kept assignments sorted by expert: (token ids, flat slot ids, counts per expert)."""
+    flat = routing.experts.reshape(-1)                                  # (N k,)
+    keep = routing.kept.reshape(-1)
+    order = torch.argsort(torch.where(keep, flat, num_experts), stable=True)
+    order = order[: int(keep.sum())]                                    # dropped ones sort last: cut
+    counts = torch.bincount(flat[order], minlength=num_experts)         # (E,)
+    return order // routing.experts.shape[1], order, counts
+
+
+def grouped_swiglu(xs: torch.Tensor, counts: list[int], gate_w, up_w, down_w) -> torch.Tensor:
+    """Rows of xs are grouped by expert (counts[e] rows for expert e): one matmul per group."""
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            xe = xs[start:start + n]                                    # (n_e, h), contiguous
+            outs.append(F.linear(F.silu(F.linear(xe, gate_w[e])) * F.linear(xe, up_w[e]), down_w[e]))
+        start += n
+    return torch.cat(outs) if outs else xs.new_zeros(0, down_w.shape[1])
+
+
+def dispatch_sorted(x: torch.Tensor, routing: Routing, experts: nn.ModuleList) -> torch.Tensor:
+    """Sort assignments by expert, grouped matmul over contiguous slices, weight and un-permute."""
+    token, slot, counts = sort_by_expert(routing, len(experts))
+    xs = x[token]                                                       # (A, h) grouped by expert
+    ys = grouped_swiglu(xs, counts.tolist(), *expert_weights(experts))
+    ys = ys * routing.weights.reshape(-1)[slot, None]
+    return torch.zeros_like(x).index_add(0, token, ys)
+
+
+def dispatch_triton(x: torch.Tensor, routing: Routing, experts: nn.ModuleList) -> torch.Tensor:
+    """As ``dispatch_sorted``, with the experts' products in the Triton grouped-GEMM kernel (forward only)."""
+    from .kernels.moe_grouped_gemm import grouped_swiglu_triton
+
+    weights = expert_weights(experts)
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        raise ConfigError("the 'triton' dispatch is forward-only (inference): run it under torch.no_grad(), "
+                          "or use dispatch='sorted' for training")
+    token, slot, counts = sort_by_expert(routing, len(experts))
+    ys = grouped_swiglu_triton(x[token].contiguous(), counts, *weights)
+    ys = ys * routing.weights.reshape(-1)[slot, None]
+    return torch.zeros_like(x).index_add(0, token, ys)
+
+
+DISPATCH = {"loop": dispatch_loop, "sorted": dispatch_sorted, "triton": dispatch_triton}
+
+
+class MoE(nn.Module):
+    """Router + E SwiGLU experts (+ optional gated shared expert). Drop-in for a block's MLP.
+
+    Parameter names: ``gate.weight`` (E, h) the router, ``experts.N.{gate,up,down}_proj`` the kit's
+    SwiGLU, ``shared_expert.*`` and ``shared_expert_gate.weight`` (1, h). After each forward,
+    ``last_routing`` holds the router's decision (for the losses and ``load_stats``).
+    """
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(config.hidden_size, config.intermediate_size)
+                                     for _ in range(config.num_experts))
+        if config.shared_expert_size:
+            self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.last_routing: Routing | None = None
+
+    def forward(self, x: torch.Tensor, dispatch: str | None = None) -> torch.Tensor:
+        check_tensor(x, "x")
+        if x.shape[-1] != self.config.hidden_size:
+            raise ShapeError(f"x has {x.shape[-1]} features, the MoE layer expects {self.config.hidden_size}")
+        dispatch = dispatch or self.config.dispatch
+        if dispatch not in DISPATCH:
+            raise ConfigError(f"dispatch must be one of {', '.join(DISPATCHES)}, got {dispatch!r}")
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])                                # (N, h)
+        c = self.config
+        routing = route(flat, self.gate.weight, c.top_k, c.norm_topk_prob, c.capacity_factor)
+        self.last_routing = routing
+        out = DISPATCH[dispatch](flat, routing, self.experts)
+        if c.shared_expert_size:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return out.reshape(shape)
+
+    # ---- transformers weights -----------------------------------------------------------------
+    def load_hf_block(self, block) -> "MoE":
+        """Copy a transformers MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock (fused expert weights:
+        gate_up_proj (E, 2i, h) with gate rows first, down_proj (E, h, i))."""
+        self.load_state_dict(state_from_hf_block(block.state_dict()), strict=True)
+        return self
+
+
+def state_from_hf_block(sd: dict, prefix: str = "") -> dict:
+    """A transformers sparse-MoE block's state dict (fused experts) -> this module's names."""
+    out = {}
+    for key, v in sd.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if name == "experts.gate_up_proj":
+            gate, up = v.chunk(2, dim=1)                                   # (E, i, h) each
+            for e in range(v.shape[0]):
+                out[f"{prefix}experts.{e}.gate_proj.weight"] = gate[e]
+                out[f"{prefix}experts.{e}.up_proj.weight"] = up[e]
+        elif name == "experts.down_proj":
+            for e in range(v.shape[0]):
+                out[f"{prefix}experts.{e}.down_proj.weight"] = v[e]
+        else:
+            out[key] = v
+    return out
+
+
+# ---- an MoE LlamaLM --------------------------------------------------------------------------
+def moe_llama(config: ModelConfig, moe: MoEConfig):
+    """The kit's ``LlamaLM`` with every block's SwiGLU swapped for an ``MoE`` layer (a Mixtral)."""
+    from .model import LlamaLM
+
+    if moe.hidden_size != config.hidden_size:
+        raise ConfigError(f"MoEConfig.hidden_size = {moe.hidden_size} but the model's is {config.hidden_size}")
+    model = LlamaLM(config)
+    for layer in model.model.layers:
+        layer.mlp = MoE(moe)
+    return model
+
+
+def mixtral_from_hf(hf_model):
+    """Copy a transformers MixtralForCausalLM into ``moe_llama`` (same dtype and device)."""
+    cfg = hf_model.config
+    if getattr(cfg, "sliding_window", None):
+        raise ConfigError("the kit's attention has no sliding window: use a Mixtral config with sliding_window=None")
+    p = next(hf_model.parameters())
+    model = moe_llama(ModelConfig.from_hf(cfg), MoEConfig.from_hf(cfg)).to(device=p.device, dtype=p.dtype)
+    sd = hf_model.state_dict()
+    converted = {}
+    for i in range(cfg.num_hidden_layers):
+        converted.update(state_from_hf_block(sd, f"model.layers.{i}.mlp."))
+    converted.update({k: v for k, v in sd.items() if ".mlp." not in k})
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def router_logits_of(model) -> tuple:
+    """The last forward's router logits of every MoE layer of a model, in layer order."""
+    return tuple(m.last_routing.logits for m in model.modules() if isinstance(m, MoE) and m.last_routing)
