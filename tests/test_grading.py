@@ -246,6 +246,35 @@ def test_check_own_code_traces_what_the_code_really_calls():
         finish_own_code()
 
 
+def test_check_own_code_allows_what_the_test_gives_and_what_the_kit_calls_itself():
+    """A kit object the test hands to the student's code (allow=...) may be used, and the kit
+    functions it calls in turn are not the student's calls; a forbidden name is forbidden only when
+    the student's code calls it."""
+    from llmsys_lab.checks import CheckFailed, finish_own_code
+
+    ns = {"__name__": "__main__"}
+    exec("from llmsys_lab.kv_cache import KVCache\n"
+         "from llmsys_lab.configs import ModelConfig\n"
+         "def uses_given(cfg):\n    c = KVCache.for_model(cfg, 1, 8)\n    c.truncate(0)\n    return c\n"
+         "def truncate_itself(cfg):\n    c = KVCache.for_model(cfg, 1, 8)\n    return c.truncate(0)\n", ns)
+    from llmsys_lab.presets import get_preset
+
+    cfg = get_preset("llmsys-tiny")
+    grading.check_own_code(ns["uses_given"], allow=("KVCache",))
+    ns["uses_given"](cfg)
+    finish_own_code()                                        # KVCache's methods were allowed
+    grading.check_own_code(ns["uses_given"])
+    with pytest.raises(CheckFailed, match="KVCache.for_model"):
+        ns["uses_given"](cfg)                                # not allowed: the student's call into the kit
+    with pytest.raises(CheckFailed):
+        finish_own_code()
+    grading.check_own_code(ns["truncate_itself"], forbid=("truncate",), allow=("KVCache.for_model",))
+    with pytest.raises(CheckFailed, match="truncate"):
+        ns["truncate_itself"](cfg)                           # forbidden, called by the student's code
+    with pytest.raises(CheckFailed):
+        finish_own_code()
+
+
 # ---- the nbgrader cycle -------------------------------------------------------------------
 def fill_in(release, source, answer_ids):
     """A student's submission: the released notebook with some answers written in."""
