@@ -65,6 +65,8 @@ def figure_problems(code: str) -> list[str]:
                                                  ast.GeneratorExp))
             if isinstance(child, ast.Call) and _name(child):
                 calls.append((_name(child), in_loop))
+                if _name(child) == "set":             # ax.set(title=..., xlabel=..., ylabel=...)
+                    calls.extend((kw.arg, in_loop) for kw in child.keywords if kw.arg)
                 nonlocal makes_figure
                 makes_figure = makes_figure or _is_figure_maker(child)
             visit(child, loop)
@@ -136,6 +138,9 @@ def test_figure_check_catches_missing_title_labels_and_legend():
             "ax.set_title('t'); ax.set_xlabel('N (tokens)'); ax.set_ylabel('ms'); ax.legend()")
     assert figure_problems(good) == []
     assert figure_problems(good.replace("ax.set_title('t'); ", "")) == ["missing a title"]
+    assert figure_problems("fig, ax = plt.subplots()\nax.plot(a)\nax.set(title='t', xlabel='x (s)', ylabel='y')") == []
+    assert figure_problems("fig, ax = plt.subplots()\nax.plot(a)\nax.set(title='t', xlabel='x (s)')") == [
+        "missing a y-axis label"]
     assert figure_problems(good.replace(" ax.set_ylabel('ms');", "")) == ["missing a y-axis label"]
     assert figure_problems(good.replace("; ax.legend()", "")) == ["2 series but no legend"]
     two = "fig, ax = plt.subplots()\nax.plot(a)\nax.bar(b, c)\nax.set_title('t'); ax.set_xlabel('x'); ax.set_ylabel('y')"

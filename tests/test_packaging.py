@@ -22,10 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _site_dirs() -> list[str]:
     """This environment's site-packages folders (including ones it reaches through .pth files),
-    never the repository itself."""
+    never the repository itself nor a folder holding a copy of the kit."""
     dirs = [p for p in sys.path if p.rstrip("/").endswith("site-packages") and Path(p).is_dir()]
     dirs += [p for p in site.getsitepackages() if p not in dirs and Path(p).is_dir()]
-    return [d for d in dirs if not Path(d).resolve().is_relative_to(ROOT)]
+    # a site-packages folder inside the checkout (the kit's own .venv) is fine: it holds the
+    # dependencies, and the editable install's path hook there is not activated from a .pth line
+    return [d for d in dirs if Path(d).resolve() != ROOT and not Path(d, "llmsys_lab").exists()]
 
 
 @pytest.fixture(scope="module")
