@@ -126,6 +126,7 @@ class Outcome:
     produced: list[Request] = field(default_factory=list)     # appended a token (batch order)
     finished: list[Request] = field(default_factory=list)     # produced their last token (EOS or max_new_tokens)
     preempted: list[Request] = field(default_factory=list)    # back at the head of the queue
+    self_preempted: list[Request] = field(default_factory=list)   # of those, preempted for their own next token
     left: list[Request] = field(default_factory=list)         # finished or preempted, in the order they left
     copies: list = field(default_factory=list)                # copy-on-write block copies the KV store must do
 
@@ -134,7 +135,8 @@ class Outcome:
         """The iteration as plain data (ids), equal for the engine and the simulator on the same workload."""
         return {"prefill": [(r.id, n) for r, n in work.prefill], "decode": [r.id for r in work.decode],
                 "produced": [r.id for r in outcome.produced], "finished": [r.id for r in outcome.finished],
-                "preempted": [r.id for r in outcome.preempted]}
+                "preempted": [r.id for r in outcome.preempted],
+                "self_preempted": [r.id for r in outcome.self_preempted]}
 
 
 class Scheduler:
@@ -270,6 +272,7 @@ class Scheduler:
                 out.preempted.append(victim)
                 out.left.append(victim)
                 if victim is r:
+                    out.self_preempted.append(r)
                     continue                            # it keeps the token; the cache gets it at recomputation
             cow = self.blocks.append(r.id, tok)
             if cow is not None:
