@@ -93,14 +93,16 @@ def main(out=Path(__file__).parent / "results" / "paged_attention.json") -> int:
                  kernel_ms=unsplit["ms"], config=unsplit["config"], max_abs_err=unsplit["max_abs_err"],
                  kernel_bw_fraction=unsplit["bw_fraction"], speedup_vs_sdpa=unsplit["vs_sdpa"])
         rows.append(r)
-        print(f"b={b:>4} ctx={ctx:>5}  SDPA {sdpa_ms * 1e3:8.1f} us ({r['sdpa_bw_fraction']:5.1%} of copy bw)", flush=True)
+        print(f"b={b:>4} ctx={ctx:>5}  SDPA {sdpa_ms * 1e3:8.1f} us ({r['sdpa_bw_fraction']:5.1%} of copy bw)",
+              flush=True)
         for n, x in sorted(r["splits"].items()):
             tag = " <- auto" if n == auto else ""
             tag += " <- best" if n == best_splits else ""
-            print(f"    splits {n:>2}: {x['ms'] * 1e3:8.1f} us  {x['vs_sdpa']:5.2f}x SDPA  {x['bw_fraction']:5.1%} of copy bw"
-                  f"  cfg {x['config']}  err {x['max_abs_err']:.1e}{tag}", flush=True)
+            print(f"    splits {n:>2}: {x['ms'] * 1e3:8.1f} us  {x['vs_sdpa']:5.2f}x SDPA  "
+                  f"{x['bw_fraction']:5.1%} of copy bw  cfg {x['config']}  err {x['max_abs_err']:.1e}{tag}", flush=True)
         print(f"    unsplit {unsplit['vs_sdpa']:.2f}x SDPA; auto ({auto} splits) {chosen['vs_sdpa']:.2f}x SDPA, "
-              f"{r['auto_vs_unsplit']:.2f}x unsplit; best ({best_splits} splits) {best['vs_sdpa']:.2f}x SDPA", flush=True)
+              f"{r['auto_vs_unsplit']:.2f}x unsplit; best ({best_splits} splits) {best['vs_sdpa']:.2f}x SDPA",
+              flush=True)
     print("\ntargets: >= 0.9x SDPA at every shape; >= 85% of copy bandwidth at batch x context >= 32 x 2k")
     for name, pick in (("unsplit", lambda r: r["splits"][1]), ("auto", lambda r: r["splits"][r["auto_splits"]]),
                        ("best", lambda r: r["splits"][r["best_splits"]])):
