@@ -9,7 +9,9 @@ attention kernel (one launch for all of them); prefill chunks are laid side by s
 masked attention call. Only that attention call sees padding; the matmuls never do.
 
 Finished requests (EOS or max_new_tokens) leave after the iteration and are returned at once
-(streaming); their blocks go back to the pool for the next admission.
+(streaming); their blocks go back to the pool for the next admission. The engine only runs the
+model: tokens, completion and preemption are applied by ``Scheduler.postprocess``, the same path the
+simulator takes, so both produce the same schedule on the same workload (``log[i]["schedule"]``).
 
 Clocks: a request's ``arrival_step`` / ``admitted_step`` are iterations; ``arrival_time``,
 ``first_token_time``, ``finished_time`` and ``token_times`` are seconds since the engine's first

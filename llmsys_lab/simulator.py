@@ -4,7 +4,8 @@ Each request has a known prompt length and output length (its last token is END/
 iteration, a request being prefilled processes its prompt (or a chunk of it) and, when the prompt
 is complete, produces its first token; a running request produces one token. The cost model
 turns an iteration's work into seconds: a fixed cost, plus a cost per prefill token, per decode
-sequence and per cached token read by attention.
+sequence and per cached token read by attention. The tokens are applied by
+``Scheduler.postprocess``, exactly as in the engine (``SimResult.schedule`` equals the engine's log).
 
 The timeline records, per iteration, which request occupies which batch slot (a freed slot is
 reused by the next admitted request, most recently freed first) and whether it produced a token
