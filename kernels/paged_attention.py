@@ -10,6 +10,16 @@ One program handles one (sequence, K/V head) pair and all the query heads that s
 head (GQA), so every K/V byte is read from memory once. Decode is memory-bound (lesson 02):
 the speed that matters is bytes of K/V read per second.
 
+**Split-KV ("flash-decoding").** At small batch, batch x K/V heads programs cannot fill the GPU
+(1 x 8 programs on an H200's 132 SMs): each sequence's context is then split over `num_splits`
+programs; each attends to its range of token positions and writes a partial output, normalised by
+its own softmax sum, with its log-sum-exp lse = m + log(l). A second small kernel merges the
+partials per (sequence, query head) with lesson 06's two-block merge generalised to S blocks
+(llmsys_lab.flash.merge_stats): M = max_s lse_s, out = sum_s e^(lse_s - M) o_s / sum_s e^(lse_s - M).
+The merge is a Triton kernel rather than a PyTorch reduction because at batch 1 the whole decode
+step takes ~20 us and the half-dozen launches of an eager max / exp / multiply / sum / divide
+would cost about as much as the attention itself; one launch reads the partials once.
+
 Layouts: q (B, H, D); k_cache, v_cache (num_blocks, block_size, H_kv, D);
 block_tables (B, max_blocks) int32; context_lens (B,) int32. Output (B, H, D).
 """
@@ -23,13 +33,15 @@ from llmsys_lab.kernels._triton import tl, triton  # Triton, or a stand-in that 
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, scale,
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, part_ptr, lse_ptr, scale, num_heads,
                          stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
                          stride_btb, stride_ob, stride_oh,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)                         # 0 when the context is not split
     offs_g = tl.arange(0, GROUP_PAD)                 # query heads of this K/V head (padded for tl.dot)
     offs_d = tl.arange(0, HEAD_DIM)
     g_mask = offs_g < GROUP
@@ -38,12 +50,21 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, scale,
                 mask=g_mask[:, None], other=0.0)     # (GROUP_PAD, D)
 
     ctx = tl.load(len_ptr + b)
+    if NUM_SPLITS == 1:
+        lo = 0
+        hi = ctx
+    else:
+        # this program's token positions: the context cut into NUM_SPLITS ranges of whole BLOCK_N
+        # chunks (the last ranges may be short or empty)
+        per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, ctx)
     m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
-    for start in range(0, ctx, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)       # token positions of this chunk
-        n_mask = offs_n < ctx
+        n_mask = offs_n < hi
         # logical block -> physical block, then the row inside it: the paging step
         block = tl.load(bt_ptr + b * stride_btb + offs_n // BLOCK_SIZE, mask=n_mask, other=0)
         rows = block.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_ks + kvh * stride_kh
@@ -64,9 +85,65 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, scale,
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]     # an empty sequence gives 0, not NaN
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]     # an empty sequence (or range) gives 0, not NaN
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    else:
+        # partials (B, H, NUM_SPLITS, D) and lse (B, H, NUM_SPLITS), fp32; an empty range has lse = -inf
+        row = (b * num_heads + heads) * NUM_SPLITS + split                    # (GROUP_PAD,)
+        lse = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=g_mask[:, None])
+        tl.store(lse_ptr + row, lse, mask=g_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, num_heads, stride_ob, stride_oh,
+                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """One program per (sequence, query head): the log-sum-exp merge of its NUM_SPLITS partials."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < NUM_SPLITS
+    row = (b * num_heads + h) * NUM_SPLITS + offs_s                          # (SPLITS_PAD,)
+    lse = tl.load(lse_ptr + row, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)            # every range empty (a 0-token sequence): weights 0
+    w = tl.exp(lse - m)                                 # e^(m_s - M) l_s: the merge_stats weights
+    o = tl.load(part_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)      # (HEAD_DIM,)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+# Splits used by num_splits=None where there is no GPU to size them for (the interpreter): small,
+# so that the tests exercise the split path at interpreter speed.
+INTERPRETER_SPLITS = 2
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context: int, num_sms: int | None,
+                      block_n: int = 64, min_tokens_per_split: int = 256, max_splits: int = 32) -> int:
+    """How many programs share one sequence's context: enough to give every SM one program, no more.
+
+    The unsplit kernel runs batch x kv_heads programs; once that fills the SMs, splitting only adds
+    the partials' writes and the merge. Below that, split by ceil(num_sms / (batch x kv_heads)), but
+    give each split at least `min_tokens_per_split` tokens (a short range does not amortise its
+    program's start-up, the load of q and the write of a partial) and at most `max_splits`.
+    `num_sms` None (no GPU: the Triton interpreter) gives INTERPRETER_SPLITS.
+
+    These thresholds are a first guess from the arithmetic above: which shapes gain from splitting is
+    measured by ``benchmarks/paged_attention.py`` (split vs unsplit at every shape), and until that
+    measurement exists the kernel splits only when asked (``num_splits=None`` or a number).
+    """
+    if num_sms is None:
+        return INTERPRETER_SPLITS
+    programs = batch * kv_heads
+    if programs >= num_sms:
+        return 1
+    by_sms = -(-num_sms // programs)
+    by_length = max(1, max_context // max(min_tokens_per_split, block_n))
+    return max(1, min(by_sms, by_length, max_splits))
 
 
 def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, num_blocks: int,
@@ -100,12 +177,17 @@ def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, n
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
                            block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
-                           check: bool = True) -> torch.Tensor:
+                           check: bool = True, num_splits: int | None = 1) -> torch.Tensor:
     """softmax(q K^T * scale) V for each sequence's first context_lens[b] cached tokens.
 
     `check=False` skips check_block_tables (one small reduction and a device-to-host sync per call)
     where the caller built the tables itself and knows they are valid (the serving engine does), and
-    in timing loops after one checked call."""
+    in timing loops after one checked call.
+
+    `num_splits`: programs per (sequence, K/V head), each over a range of the context, merged by a
+    second kernel (split-KV, see the module docstring). 1 (the default) is the unsplit kernel; None
+    chooses with choose_num_splits from the shape and the GPU's SM count. The default stays 1 until
+    a GPU measurement (benchmarks/paged_attention.py) shows where splitting is never slower."""
     require_triton("the Triton paged decode kernel")
     if q.dim() != 3:
         raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
@@ -128,6 +210,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if block_tables.shape[0] != b or context_lens.shape != (b,):
         raise ValueError(f"block_tables must be (batch={b}, max_blocks) and context_lens (batch,), got "
                          f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
+        raise ValueError(f"num_splits must be None (choose from the shape) or an int >= 1, got {num_splits!r}")
     if block_n % block_size and block_size % block_n:
         raise ValueError(f"block_n = {block_n} and block_size = {block_size} must divide one another")
     devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}
@@ -140,13 +224,44 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_tables = block_tables.contiguous()
     out = torch.empty_like(q)
     group = h // h_kv
-    _paged_decode_kernel[(b, h_kv)](
-        q, k_cache, v_cache, block_tables, context_lens, out, scale or 1.0 / math.sqrt(d),
+    if num_splits is None:
+        # the longest context the tables allow: an upper bound known without a device-to-host sync
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else None
+        num_splits = choose_num_splits(b, h_kv, block_tables.shape[1] * block_size, sms, block_n)
+    if num_splits > 1:
+        part = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)    # (B, H, S, D)
+        lse = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)        # (B, H, S)
+    else:
+        part = lse = out                                  # not read: the kernel writes `out` directly
+    _paged_decode_kernel[(b, h_kv, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part, lse, scale or 1.0 / math.sqrt(d), h,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_N=block_n, IEEE=q.dtype == torch.float32, NUM_SPLITS=num_splits, num_warps=num_warps,
+        num_stages=num_stages)
+    if num_splits > 1:
+        _merge_splits_kernel[(b, h)](part, lse, out, h, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
+                                     SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=d)
     return out
+
+
+def merge_splits_reference(part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The PyTorch spec of the merge kernel, as lesson 06 derives it: fold the S partials with
+    merge_stats. part (B, H, S, D) outputs each normalised by its own sum, lse (B, H, S) = m + log l.
+    A partial (o_s, lse_s) is the stats (m = lse_s, l = 1) with numerator o_s."""
+    from llmsys_lab.flash import merge_stats
+
+    m, l = lse[..., 0], torch.ones_like(lse[..., 0])
+    num = part[..., 0, :].clone()
+    for s in range(1, lse.shape[-1]):
+        m_new, l = merge_stats(m, l, lse[..., s], torch.ones_like(l))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        num = (torch.exp(m - m_safe)[..., None] * num
+               + torch.exp(lse[..., s] - m_safe)[..., None] * part[..., s, :])
+        l = torch.where(torch.isnan(l), torch.zeros_like(l), l)
+        m = m_new
+    return num / torch.where(l > 0, l, torch.ones_like(l))[..., None]
 
 
 def paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale=None) -> torch.Tensor:

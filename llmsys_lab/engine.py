@@ -9,7 +9,9 @@ attention kernel (one launch for all of them); prefill chunks are laid side by s
 masked attention call. Only that attention call sees padding; the matmuls never do.
 
 Finished requests (EOS or max_new_tokens) leave after the iteration and are returned at once
-(streaming); their blocks go back to the pool for the next admission.
+(streaming); their blocks go back to the pool for the next admission. The engine only runs the
+model: tokens, completion and preemption are applied by ``Scheduler.postprocess``, the same path the
+simulator takes, so both produce the same schedule on the same workload (``log[i]["schedule"]``).
 
 Clocks: a request's ``arrival_step`` / ``admitted_step`` are iterations; ``arrival_time``,
 ``first_token_time``, ``finished_time`` and ``token_times`` are seconds since the engine's first
@@ -26,7 +28,7 @@ from .attention import scaled_dot_product_attention
 from .generate import check_token_ids
 from .paged import BlockManager
 from .paged_cache import PagedKVCache
-from .scheduler import Request, Scheduler
+from .scheduler import Outcome, Request, Scheduler
 
 
 # ---- decode-attention dispatch ------------------------------------------------------------------
@@ -102,36 +104,21 @@ class Engine:
             if r.arrival_time is None and r.arrival_step <= self.iteration:
                 r.arrival_time = began
         work = self.scheduler.schedule(self.iteration)
-        chunks = [(r, r.prefilled, n) for r, n in work.prefill] + [(r, r.prefilled, 1) for r in work.decode]
+        chunks = [(r, r.prefilled, n) for r, n in work.rows]
         if not chunks:
             return []
         logits = self._forward(chunks)
         next_tokens = logits.argmax(-1).tolist()             # one device-to-host copy per iteration
         now = time.perf_counter() - self.start
-        done = []
-        for (r, start, n), tok in zip(chunks, next_tokens):
-            if r not in self.scheduler.running:
-                continue                          # preempted earlier in this iteration: recomputed later
-            r.prefilled = start + n
-            if r.to_prefill > 0:                   # a chunk of a longer prompt: no token yet
-                continue
-            r.token_times.append(now)
-            if r.first_token_time is None:
-                r.first_token_time = now
-            r.output.append(tok)
-            if tok == self.eos or len(r.output) == r.max_new_tokens:
-                self.scheduler.complete(r, now)
-                done.append(r)
-                continue
-            victim = self.scheduler.reserve_next_token(r)
-            if victim is r:
-                continue                          # r itself was preempted: it will be recomputed
-            self.cache.copy_block(self.blocks.append(r.id, tok))
+        # tokens, completion and preemption: the scheduler's one bookkeeping path (the simulator's too)
+        outcome = self.scheduler.postprocess(work, next_tokens, now, eos=self.eos)
+        for cow in outcome.copies:
+            self.cache.copy_block(cow)
         self.log.append({"iteration": self.iteration, "requests": len(chunks), "tokens": sum(n for *_, n in chunks),
                          "kv_used": sum(r.num_tokens for r in self.scheduler.running),
                          "kv_reserved": (self.blocks.num_blocks - self.blocks.num_free) * self.blocks.block_size,
-                         "seconds": now})
-        return done
+                         "seconds": now, "schedule": Outcome.record(work, outcome)})
+        return outcome.finished
 
     def run(self):
         """Step until every queued request has finished; yield each finished request as it ends."""

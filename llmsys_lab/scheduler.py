@@ -15,6 +15,14 @@ to be prefilled again with its prompt plus what it had generated. Without chunke
 recomputation can be longer than the token budget (prompt + output > budget); such a request is
 recomputed in budget-sized chunks, so it can always come back.
 
+After the model (or the cost model) has run an iteration, ``Scheduler.postprocess`` applies its
+tokens: the engine and the simulator both call it, so they cannot disagree on the bookkeeping.
+Requests are processed in batch order (prefill rows, then decode rows). A request that produced a
+token keeps it, even when it is preempted in the same iteration (possibly by its own need for a
+block): the token is in its output and is recomputed into the cache with the rest at readmission.
+A request preempted before its turn in the batch order has not produced its token this iteration
+(its row is discarded and recomputed later).
+
 Clocks: fields ending in ``_step`` count iterations (1, 2, ...), fields ending in ``_time`` are
 seconds (wall clock in the engine, modelled seconds in the simulator). A watchdog raises
 ``SchedulerStalled`` with the scheduler's state when an iteration can run nothing although
@@ -97,15 +105,38 @@ class Work:
     """One iteration: which requests run, and how many of their tokens each processes."""
     prefill: list[tuple[Request, int]] = field(default_factory=list)   # (request, tokens this iteration)
     decode: list[Request] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
 
     @property
     def requests(self) -> list[Request]:
         return [r for r, _ in self.prefill] + self.decode
 
     @property
+    def rows(self) -> list[tuple[Request, int]]:
+        """(request, tokens) in batch order: prefill chunks, then decode rows; one new token per row."""
+        return self.prefill + [(r, 1) for r in self.decode]
+
+    @property
     def num_tokens(self) -> int:
         return sum(n for _, n in self.prefill) + len(self.decode)
+
+
+@dataclass
+class Outcome:
+    """What ``Scheduler.postprocess`` did with one iteration's tokens."""
+    produced: list[Request] = field(default_factory=list)     # appended a token (batch order)
+    finished: list[Request] = field(default_factory=list)     # produced their last token (EOS or max_new_tokens)
+    preempted: list[Request] = field(default_factory=list)    # back at the head of the queue
+    self_preempted: list[Request] = field(default_factory=list)   # of those, preempted for their own next token
+    left: list[Request] = field(default_factory=list)         # finished or preempted, in the order they left
+    copies: list = field(default_factory=list)                # copy-on-write block copies the KV store must do
+
+    @staticmethod
+    def record(work: Work, outcome: "Outcome") -> dict:
+        """The iteration as plain data (ids), equal for the engine and the simulator on the same workload."""
+        return {"prefill": [(r.id, n) for r, n in work.prefill], "decode": [r.id for r in work.decode],
+                "produced": [r.id for r in outcome.produced], "finished": [r.id for r in outcome.finished],
+                "preempted": [r.id for r in outcome.preempted],
+                "self_preempted": [r.id for r in outcome.self_preempted]}
 
 
 class Scheduler:
@@ -204,6 +235,49 @@ class Scheduler:
             n = min(need, budget)
             work.prefill.append((r, n))
             budget -= n
+
+    # ---- after the iteration ran --------------------------------------------------------------
+    def postprocess(self, work: Work, new_tokens: list[int], time: float, eos: int | None = None) -> Outcome:
+        """Apply iteration `work`'s results: `new_tokens[i]` is the token predicted for `work.rows[i]`
+        (ignored for a chunk that does not finish its prefill); `time` (seconds) stamps the tokens.
+
+        In batch order, each request still running: its processed tokens are now cached; if nothing
+        is left to prefill it appends its token; it completes on `eos` or at max_new_tokens (its
+        blocks go back to the pool); otherwise its token is stored, preempting the most recently
+        admitted request (possibly itself) if the pool has no block for it. A preempted request keeps
+        every token it has produced, this iteration's included.
+        """
+        rows = work.rows
+        if len(new_tokens) != len(rows):
+            raise ValueError(f"{len(new_tokens)} new tokens for an iteration of {len(rows)} rows")
+        out = Outcome()
+        for (r, n), tok in zip(rows, new_tokens):
+            if r not in self.running:
+                continue                                # preempted earlier in this iteration: recomputed later
+            r.prefilled += n
+            if r.to_prefill > 0:
+                continue                                # a chunk of a longer prompt: no token yet
+            r.output.append(tok)
+            r.token_times.append(time)
+            if r.first_token_time is None:
+                r.first_token_time = time
+            out.produced.append(r)
+            if tok == eos or len(r.output) == r.max_new_tokens:
+                self.complete(r, time)
+                out.finished.append(r)
+                out.left.append(r)
+                continue
+            victim = self.reserve_next_token(r)
+            if victim is not None:
+                out.preempted.append(victim)
+                out.left.append(victim)
+                if victim is r:
+                    out.self_preempted.append(r)
+                    continue                            # it keeps the token; the cache gets it at recomputation
+            cow = self.blocks.append(r.id, tok)
+            if cow is not None:
+                out.copies.append(cow)
+        return out
 
     def reserve_next_token(self, r: Request) -> Request | None:
         """Before r appends a token: make sure a block is there, preempting if the pool is dry.

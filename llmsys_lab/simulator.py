@@ -4,7 +4,8 @@ Each request has a known prompt length and output length (its last token is END/
 iteration, a request being prefilled processes its prompt (or a chunk of it) and, when the prompt
 is complete, produces its first token; a running request produces one token. The cost model
 turns an iteration's work into seconds: a fixed cost, plus a cost per prefill token, per decode
-sequence and per cached token read by attention.
+sequence and per cached token read by attention. The tokens are applied by
+``Scheduler.postprocess``, exactly as in the engine (``SimResult.schedule`` equals the engine's log).
 
 The timeline records, per iteration, which request occupies which batch slot (a freed slot is
 reused by the next admitted request, most recently freed first) and whether it produced a token
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .paged import BlockManager
-from .scheduler import Request, Scheduler, SchedulerStalled
+from .scheduler import Outcome, Request, Scheduler, SchedulerStalled
 
 
 @dataclass(frozen=True, init=False)
@@ -60,6 +61,7 @@ class SimResult:
     kv_used: list[int] = field(default_factory=list)         # tokens in the cache per iteration
     kv_reserved: list[int] = field(default_factory=list)     # slots of allocated blocks per iteration
     waiting: list[list[str]] = field(default_factory=list)   # arrived but not admitted, per iteration
+    schedule: list[dict] = field(default_factory=list)       # per iteration: Outcome.record (the engine logs the same)
 
     def table(self, first: int = 1, last: int | None = None, width: int = 5) -> str:
         """The lecture's grid: one row per batch slot, one column per iteration T1, T2, ..."""
@@ -102,39 +104,21 @@ def simulate(requests: list[SimRequest], policy: str = "continuous", max_batch: 
         for r in work.requests:
             if r.id not in slot_of:
                 slot_of[r.id] = free_slots.pop() if free_slots else len(slot_of) + len(free_slots)
-        producing = []
-        for r, n in work.prefill:
-            r.prefilled += n
-            if r.to_prefill == 0:
-                producing.append(r)
-            else:
-                cells[slot_of[r.id]] = (r.id, "prefill")
-        for r in work.decode:
-            r.prefilled += 1                             # its newest token's K/V are now cached
-        producing += work.decode
-        kv_tokens = sum(r.num_tokens for r in work.decode)
+        kv_tokens = sum(r.num_tokens for r in work.decode)       # K/V read by this iteration's decode rows
         clock += cost.time(sum(n for _, n in work.prefill), len(work.decode), kv_tokens)
-        for r in producing:
-            if r.finished or r not in sched.running:
-                continue                                 # preempted earlier in this iteration
-            r.token_times.append(clock)
-            if r.first_token_time is None:
-                r.first_token_time = clock
-            last = len(r.output) + 1 == r.max_new_tokens
-            cells[slot_of[r.id]] = (r.id, "END" if last else "token")
-            if last:
-                r.output.append(0)
-                sched.complete(r, clock)
-                free_slots.append(slot_of.pop(r.id))
-                continue
-            victim = sched.reserve_next_token(r)
-            if victim is not None:
-                free_slots.append(slot_of.pop(victim.id))
-                cells.pop(free_slots[-1], None)
-                if victim is r:
-                    continue
-            blocks.append(r.id, 0)
-            r.output.append(0)
+        # tokens, completion and preemption: the scheduler's one bookkeeping path (the engine's too);
+        # every token is 0 and a request ends at its max_new_tokens (its last token stands for END)
+        outcome = sched.postprocess(work, [0] * len(work.rows), clock)
+        finished, preempted = set(outcome.finished), set(outcome.preempted)
+        for r, n in work.prefill:
+            if r in sched.running and r.to_prefill > 0:
+                cells[slot_of[r.id]] = (r.id, "prefill")
+        for r in outcome.produced:
+            if r not in preempted:                       # a preempted request leaves this iteration's grid
+                cells[slot_of[r.id]] = (r.id, "END" if r in finished else "token")
+        for r in outcome.left:                           # slots freed in the order their requests left
+            free_slots.append(slot_of.pop(r.id))
+        result.schedule.append(Outcome.record(work, outcome))
         result.timeline.append(cells)
         result.iteration_end.append(clock)
         result.kv_used.append(sum(r.num_tokens for r in sched.running))

@@ -101,3 +101,77 @@ def test_the_check_can_be_skipped_by_a_caller_that_built_the_tables(device):
     q, kc, vc, bt, cl = make(device, torch.float32, 2, 4, 2, 32, 4, [5, 3])
     out = paged_attention_decode(q, kc, vc, bt, cl, block_n=16, check=False)
     torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, bt, cl), atol=2e-5, rtol=2e-5)
+
+
+# ---- split-KV (flash-decoding): the context of a sequence over several programs, merged by lse ----
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 4])
+@pytest.mark.parametrize("h,h_kv,block_size,lens", [
+    (4, 2, 4, [37]),                    # batch 1, GQA; 37 is a multiple of neither the block nor a split
+    (8, 2, 8, [50, 5, 23]),             # batch 3, GQA; 5 tokens: shorter than one split (other splits empty)
+])
+def test_split_kv_matches_the_reference_and_the_unsplit_kernel(device, num_splits, h, h_kv, block_size, lens):
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    q, kc, vc, bt, cl = make(device, dtype, len(lens), h, h_kv, 32, block_size, lens, seed=num_splits)
+    split = paged_attention_decode(q, kc, vc, bt, cl, block_n=8, num_splits=num_splits)
+    unsplit = paged_attention_decode(q, kc, vc, bt, cl, block_n=8, num_splits=1)
+    torch.testing.assert_close(split, paged_attention_reference(q, kc, vc, bt, cl), atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(split, unsplit, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_split_kv_empty_sequence_and_more_splits_than_chunks(device):
+    """A 0-token sequence gives zeros (every partial has lse = -inf); 4 splits of a 3-token context leave 3 empty."""
+    q, kc, vc, bt, cl = make(device, torch.float32, 2, 4, 2, 32, 4, [3, 6])
+    cl[1] = 0
+    out = paged_attention_decode(q, kc, vc, bt, cl, block_n=4, num_splits=4)
+    assert not torch.isnan(out).any() and torch.all(out[1] == 0)
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, bt, cl), atol=2e-5, rtol=2e-5)
+
+
+def test_split_kv_automatic_choice_runs_the_split_path(device):
+    q, kc, vc, bt, cl = make(device, torch.float32, 1, 4, 2, 32, 4, [29])
+    out = paged_attention_decode(q, kc, vc, bt, cl, block_n=8, num_splits=None)
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, bt, cl), atol=2e-5, rtol=2e-5)
+
+
+def test_merge_kernel_equals_lesson_06_merge_of_the_same_partials():
+    """The Triton merge against merge_splits_reference (llmsys_lab.flash.merge_stats folded over splits),
+    on partials with empty ranges (lse = -inf) and a row whose ranges are all empty."""
+    from llmsys_lab.kernels.paged_attention import _merge_splits_kernel, merge_splits_reference, triton
+
+    g = torch.Generator().manual_seed(0)
+    b, h, s, d = 2, 3, 3, 16
+    part = torch.randn(b, h, s, d, generator=g)
+    lse = torch.randn(b, h, s, generator=g) * 4
+    lse[0, 1, 2] = float("-inf")
+    part[0, 1, 2] = 0
+    lse[1, 2] = float("-inf")
+    part[1, 2] = 0
+    out = torch.empty(b, h, d)
+    _merge_splits_kernel[(b, h)](part, lse, out, h, out.stride(0), out.stride(1), NUM_SPLITS=s,
+                                 SPLITS_PAD=triton.next_power_of_2(s), HEAD_DIM=d)
+    ref = merge_splits_reference(part, lse)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[1, 2] == 0)
+    # and the merge is the softmax-weighted mean of the partials
+    w = torch.softmax(lse[0, 0], dim=0)
+    torch.testing.assert_close(out[0, 0], (w[:, None] * part[0, 0]).sum(0), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_bad_num_splits_is_refused(bad):
+    q, kc, vc, bt, cl = make("cpu", torch.float32, 2, 4, 2, 32, 4, [5, 3])
+    with pytest.raises(ValueError, match=f"num_splits must be None .* or an int >= 1, got {bad!r}"):
+        paged_attention_decode(q, kc, vc, bt, cl, num_splits=bad)
+
+
+def test_choose_num_splits():
+    from llmsys_lab.kernels.paged_attention import INTERPRETER_SPLITS, choose_num_splits
+
+    assert choose_num_splits(1, 8, 4096, None) == INTERPRETER_SPLITS             # no GPU: a fixed small number
+    assert choose_num_splits(1, 8, 4096, 132) == 16                               # ceil(132 / 8) programs each
+    assert choose_num_splits(8, 8, 4096, 132) == 3                                # ceil(132 / 64)
+    assert choose_num_splits(32, 8, 2048, 132) == 1                               # 256 programs fill 132 SMs
+    assert choose_num_splits(1, 8, 512, 132) == 2                                 # >= 256 tokens per split
+    assert choose_num_splits(1, 8, 100, 132) == 1
+    assert choose_num_splits(1, 1, 1 << 20, 132) == 32                            # capped at max_splits

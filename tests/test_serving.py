@@ -296,3 +296,91 @@ def test_engine_does_not_hang_when_the_pool_is_held_elsewhere(tiny):
     engine.add_request("a", tok("ROMEO.\n").input_ids, 3)
     with pytest.raises(SchedulerStalled, match="no request can run"):
         list(engine.run())
+
+
+# ---- one bookkeeping path: the engine and the simulator apply tokens the same way ---------------
+
+# Workloads on the bundled model's prompts (TEXTS), with preemption, self-preemption (the request that
+# needs a block is itself the most recently admitted) and chunked prefill on and off:
+# (output limits, arrival steps, scheduler settings)
+AGREEMENT_WORKLOADS = [
+    ([6, 8, 13, 6], [1, 3, 4, 4], dict(num_blocks=11, block_size=2, max_batch=2, policy="continuous", token_budget=16)),
+    ([12, 14, 8, 7], [1, 2, 3, 3], dict(num_blocks=13, block_size=2, max_batch=3, policy="continuous",
+                                        token_budget=7, chunked_prefill=True)),
+    ([12, 12, 6], [2, 2, 2], dict(num_blocks=10, block_size=2, max_batch=3, policy="static", token_budget=10,
+                                  chunked_prefill=True)),
+    ([10, 9, 13, 10], [1, 1, 2, 3], dict(num_blocks=14, block_size=2, max_batch=2, policy="static", token_budget=16)),
+]
+
+
+@pytest.mark.parametrize("limits,arrivals,kw", AGREEMENT_WORKLOADS)
+def test_engine_and_simulator_agree_iteration_by_iteration(tiny, reference, limits, arrivals, kw):
+    """Same per-iteration schedule (prefill chunks, decodes, tokens produced, completions, preemptions)
+    and the same token counts: both go through Scheduler.postprocess. The engine's requests end at
+    EOS or their limit; the simulator is given the lengths they reached."""
+    model, _ = tiny
+    prompts, ref = reference
+    engine = Engine(model, **kw)
+    for i, (n, t) in enumerate(zip(limits, arrivals)):
+        engine.add_request(f"r{i}", prompts[i], n, arrival_step=t)
+    done = {r.id: r for r in engine.run()}
+    sim = simulate([SimRequest(f"r{i}", len(prompts[i]), len(done[f"r{i}"].output), t)
+                    for i, t in enumerate(arrivals)], **kw)
+    # the engine logs the iterations that ran something; the simulator every iteration
+    assert {x["iteration"]: x["schedule"] for x in engine.log} == {
+        it: x for it, x in enumerate(sim.schedule, start=1) if x["prefill"] or x["decode"]}
+    assert engine.iteration == len(sim.schedule)
+    for rid, r in done.items():
+        s = sim.requests[rid]
+        assert (len(r.output), r.preemptions, r.admitted_step) == (len(s.output), s.preemptions, s.admitted_step)
+        assert r.output == ref[int(rid[1:])][:len(r.output)]                   # and the tokens are right
+    # the scheduler ran through every preempted iteration's victims and the queue is empty
+    assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.scheduler.has_work
+
+
+@pytest.mark.parametrize("limits,arrivals,kw", AGREEMENT_WORKLOADS)
+def test_a_preempted_request_keeps_the_token_of_its_iteration_in_the_simulator(limits, arrivals, kw):
+    """The rule (lesson 05, assignment 05): a preempted request keeps every token it generated,
+    this iteration's included; nothing is generated twice. Each token is produced once: one
+    timestamp per output token, and the iteration that preempts a request that produced a token
+    leaves it one token longer than before."""
+    lens = [6, 5, 9, 6, 7, 6, 8]                                               # the TEXTS prompts' lengths
+    reqs = [SimRequest(f"r{i}", lens[i], n, t) for i, (n, t) in enumerate(zip(limits, arrivals))]
+    sim = simulate(reqs, **kw)
+    preempted = [rid for x in sim.schedule for rid in x["preempted"]]
+    self_preempted = [rid for x in sim.schedule for rid in x["self_preempted"]]
+    assert self_preempted and len(preempted) > len(self_preempted), "a check of the workload: both kinds"
+    for r in sim.requests.values():
+        assert len(r.token_times) == len(r.output) == r.max_new_tokens, r.id
+    produced = {}
+    for x in sim.schedule:
+        for rid in x["produced"]:
+            produced[rid] = produced.get(rid, 0) + 1
+        for rid in x["self_preempted"]:
+            assert rid in x["produced"] and rid in x["preempted"]
+    assert produced == {r.id: r.output_len for r in reqs}                      # every token exactly once
+
+
+def test_a_self_preempted_request_keeps_its_token_in_the_engine(tiny, reference):
+    """The engine side of the rule, on a workload with self-preemption: the tokens equal generating
+    alone, and each was produced once (one timestamp per token)."""
+    model, _ = tiny
+    prompts, ref = reference
+    limits, arrivals, kw = AGREEMENT_WORKLOADS[0]
+    engine = Engine(model, **kw)
+    for i, (n, t) in enumerate(zip(limits, arrivals)):
+        engine.add_request(f"r{i}", prompts[i], n, arrival_step=t)
+    done = {r.id: r for r in engine.run()}
+    selfp = [rid for x in engine.log for rid in x["schedule"]["self_preempted"]]
+    assert selfp
+    for rid in selfp:
+        r = done[rid]
+        assert r.output == ref[int(rid[1:])][:len(r.output)] and len(r.token_times) == len(r.output)
+
+
+def test_postprocess_refuses_a_token_list_of_another_length():
+    sched = Scheduler(BlockManager(16, 4))
+    sched.add(Request("a", [1, 2], 3))
+    work = sched.schedule(1)
+    with pytest.raises(ValueError, match="2 new tokens for an iteration of 1 rows"):
+        sched.postprocess(work, [5, 6], 0.0)
