@@ -392,31 +392,15 @@ def test_no_source_is_an_error_and_no_source_flag_is_a_labelled_self_check(tmp_p
 
 
 # ---- machines without Triton ----------------------------------------------------------------
-NO_TRITON = """# hide Triton as on macOS: `import triton` raises ModuleNotFoundError, find_spec('triton') is None
-import sys
-from importlib.machinery import PathFinder
-
-
-class _WithoutTriton(PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name == "triton" or name.startswith("triton."):
-            return None
-        return super().find_spec(name, path, target)
-
-
-sys.meta_path[:] = [_WithoutTriton if finder is PathFinder else finder for finder in sys.meta_path]
-"""
+# hide Triton as on macOS: the import blocker tests/test_no_triton.py uses too
+NO_TRITON_SITE = Path(__file__).resolve().parent / "no_triton_site"
 
 
 def test_triton_parts_are_not_gradable_without_triton(tmp_path):
     """Assignment 6 on a machine where `import triton` fails: parts 1-2 pass, the kernel's three tests
     are 'not gradable on this machine' (excluded from score and maximum), the rest runs with notes."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(NO_TRITON)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(NO_TRITON_SITE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     out = tmp_path / "r.json"
     done = subprocess.run([sys.executable, "-m", "llmsys_lab", "grade",
                            str(ROOT / "solutions" / "06_flash_attention" / "flash_attention.ipynb"), "--timeout", "300",

@@ -12,7 +12,7 @@ import pytest
 
 from llmsys_lab.metrics import summarize
 from llmsys_lab.paged import BlockManager
-from llmsys_lab.simulator import CostModel, SimRequest, disaggregated_goodput, simulate
+from llmsys_lab.simulator import CostModel, SimRequest, disaggregated_goodput, lecture_requests, simulate
 from llmsys_lab.viz.block_view import SINGLE_REQUEST_ORDER, TWO_REQUEST_ORDER
 
 
@@ -53,13 +53,6 @@ def test_paged_two_request_figure():
     assert list(physical) != sorted(physical) and sorted(physical) == [1, 2, 3, 5, 7]
 
 
-def _requests_002():
-    static = lecture.get("static_batching_T1_T8").data["lengths"]
-    later = lecture.get("continuous_batching_T1_T8").data
-    return ([SimRequest(rid, 4, n) for rid, n in static.items()]
-            + [SimRequest(rid, 3, later["lengths"][rid], arrival=t) for rid, t in later["arrivals"].items()])
-
-
 def _rows(table: str) -> dict[str, str]:
     """The simulator's grid as {first request in the row: cells, '.' for idle}."""
     out = {}
@@ -70,12 +63,12 @@ def _rows(table: str) -> dict[str, str]:
 
 
 def test_static_batching_table_of_lecture_002():
-    sim = simulate(_requests_002()[:4], "static", max_batch=4)
+    sim = simulate(lecture_requests()[:4], "static", max_batch=4)
     assert _rows(sim.table(1, 8)) == lecture.get("static_batching_T1_T8").data["rows"]
 
 
 def test_continuous_batching_table_of_lecture_002():
-    reqs = _requests_002()
+    reqs = lecture_requests()
     assert _rows(simulate(reqs, "continuous", max_batch=4).table(1, 8)) == \
         lecture.get("continuous_batching_T1_T8").data["rows"]
     static = simulate(reqs, "static", max_batch=4)
