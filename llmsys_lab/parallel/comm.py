@@ -81,10 +81,23 @@ def all_gather(t: torch.Tensor, traffic: Traffic | None = None, group=None, dim:
     return torch.cat(parts, dim=dim)
 
 
-def _has_all_to_all(group=None) -> bool:
-    """gloo gained all_to_all in recent PyTorch releases; older ones (e.g. 2.11) raise
-    "Backend gloo does not support alltoall". NCCL has it."""
-    return dist.get_backend(group) != "gloo" or tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 13)
+_NO_ALL_TO_ALL: set[str] = set()      # backends found without all_to_all in this process
+
+
+def _exchange(recv: list, send: list, group=None) -> None:
+    """dist.all_to_all where the backend has it; older PyTorch's gloo (e.g. 2.11) answers "Backend
+    gloo does not support alltoall" (on every rank, before sending anything): then the same exchange
+    from point-to-point messages, remembered for the rest of the process."""
+    backend = dist.get_backend(group)
+    if backend not in _NO_ALL_TO_ALL:
+        try:
+            dist.all_to_all(recv, send, group=group)
+            return
+        except RuntimeError as err:
+            if "does not support" not in str(err):
+                raise
+            _NO_ALL_TO_ALL.add(backend)
+    _pairwise_all_to_all(recv, send, group)
 
 
 def _pairwise_all_to_all(recv: list, send: list, group=None) -> None:
@@ -110,10 +123,7 @@ def all_to_all(t: torch.Tensor, scatter_dim: int, gather_dim: int, traffic: Traf
                          f"into {world} ranks")
     send = [p.contiguous() for p in t.chunk(world, dim=scatter_dim)]
     recv = [torch.empty_like(p) for p in send]
-    if _has_all_to_all(group):
-        dist.all_to_all(recv, send, group=group)
-    else:
-        _pairwise_all_to_all(recv, send, group)
+    _exchange(recv, send, group)
     if traffic is not None:
         traffic.add(kind, (world - 1) / world * nbytes(t))
     return torch.cat(recv, dim=gather_dim)
