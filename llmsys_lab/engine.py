@@ -75,6 +75,7 @@ class Engine:
         # which attention decode rows take (see decode_attention): recorded, so results say what ran
         self.attention_path = decode_attention_path(self.use_kernel, model.lm_head.weight.dtype,
                                                     model.lm_head.weight.device)
+        self._decode_attention = decode_attention(self.attention_path)   # chosen once, called per layer
         self.blocks = BlockManager(num_blocks, block_size)
         self.cache = PagedKVCache(self.cfg, self.blocks, model.lm_head.weight.dtype, model.lm_head.weight.device)
         self.scheduler = Scheduler(self.blocks, policy, max_batch, token_budget, self.cfg.max_position_embeddings,
@@ -158,7 +159,7 @@ class Engine:
             o = torch.empty(len(ids), attn.num_heads, attn.head_dim, dtype=q.dtype, device=device)
             if dec:
                 # the tables come from the BlockManager: no need to check them again on every layer
-                o[dec_rows] = decode_attention(self.attention_path)(q[0, :, dec_rows].transpose(0, 1), kc, vc, bt, lens)
+                o[dec_rows] = self._decode_attention(q[0, :, dec_rows].transpose(0, 1), kc, vc, bt, lens)
             if pre:
                 q_rows, key_slots, mask, valid = padded
                 ks = kc.view(-1, *kc.shape[2:])[key_slots].permute(0, 2, 1, 3)     # (P, H_kv, keys, D)
