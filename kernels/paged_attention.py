@@ -124,24 +124,26 @@ INTERPRETER_SPLITS = 2
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, num_sms: int | None,
                       block_n: int = 64, min_tokens_per_split: int = 256, max_splits: int = 32) -> int:
-    """How many programs share one sequence's context: enough to give every SM one program, no more.
+    """How many programs share one sequence's context: about two programs per SM, no more.
 
     The unsplit kernel runs batch x kv_heads programs; once that fills the SMs, splitting only adds
-    the partials' writes and the merge. Below that, split by ceil(num_sms / (batch x kv_heads)), but
-    give each split at least `min_tokens_per_split` tokens (a short range does not amortise its
+    the partials' writes and the merge. Below that, split by ceil(2 num_sms / (batch x kv_heads)),
+    but give each split at least `min_tokens_per_split` tokens (a short range does not amortise its
     program's start-up, the load of q and the write of a partial) and at most `max_splits`.
     `num_sms` None (no GPU: the Triton interpreter) gives INTERPRETER_SPLITS.
 
-    These thresholds are a first guess from the arithmetic above: which shapes gain from splitting is
-    measured by ``benchmarks/paged_attention.py`` (split vs unsplit at every shape), and until that
-    measurement exists the kernel splits only when asked (``num_splits=None`` or a number).
+    Why two programs per SM, not one: measured on an H200 (benchmarks/paged_attention.py, batch 8,
+    context 4096, 64 programs unsplit), one per SM (3 splits) reached 0.90x SDPA and 4 to 8 splits
+    0.98x: programs do not all take equally long (a split may end mid-block), and a second program
+    per SM hides the first one's tail. At every measured shape this choice was never slower than the
+    unsplit kernel, so ``num_splits=None`` (this choice) is the kernel's default.
     """
     if num_sms is None:
         return INTERPRETER_SPLITS
     programs = batch * kv_heads
     if programs >= num_sms:
         return 1
-    by_sms = -(-num_sms // programs)
+    by_sms = -(-2 * num_sms // programs)
     by_length = max(1, max_context // max(min_tokens_per_split, block_n))
     return max(1, min(by_sms, by_length, max_splits))
 
@@ -177,7 +179,7 @@ def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, n
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
                            block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
-                           check: bool = True, num_splits: int | None = 1) -> torch.Tensor:
+                           check: bool = True, num_splits: int | None = None) -> torch.Tensor:
     """softmax(q K^T * scale) V for each sequence's first context_lens[b] cached tokens.
 
     `check=False` skips check_block_tables (one small reduction and a device-to-host sync per call)
@@ -185,9 +187,12 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     in timing loops after one checked call.
 
     `num_splits`: programs per (sequence, K/V head), each over a range of the context, merged by a
-    second kernel (split-KV, see the module docstring). 1 (the default) is the unsplit kernel; None
-    chooses with choose_num_splits from the shape and the GPU's SM count. The default stays 1 until
-    a GPU measurement (benchmarks/paged_attention.py) shows where splitting is never slower."""
+    second kernel (split-KV, see the module docstring). None (the default) chooses with
+    choose_num_splits from the shape and the GPU's SM count (measured never slower than unsplit on an
+    H200); 1 is the unsplit kernel; a number forces that many splits.
+
+    `block_n` (tokens per inner step) must be at least 16: the kernel's two products are tl.dot
+    calls, whose inner dimension the GPU compiler requires to be >= 16."""
     require_triton("the Triton paged decode kernel")
     if q.dim() != 3:
         raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
@@ -212,6 +217,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"{tuple(block_tables.shape)} and {tuple(context_lens.shape)}")
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         raise ValueError(f"num_splits must be None (choose from the shape) or an int >= 1, got {num_splits!r}")
+    if not isinstance(block_n, int) or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16 (tl.dot needs an inner dimension >= 16), got {block_n!r}")
     if block_n % block_size and block_size % block_n:
         raise ValueError(f"block_n = {block_n} and block_size = {block_size} must divide one another")
     devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}

@@ -113,8 +113,8 @@ def test_the_check_can_be_skipped_by_a_caller_that_built_the_tables(device):
 def test_split_kv_matches_the_reference_and_the_unsplit_kernel(device, num_splits, h, h_kv, block_size, lens):
     dtype = torch.float32 if device == "cpu" else torch.float16
     q, kc, vc, bt, cl = make(device, dtype, len(lens), h, h_kv, 32, block_size, lens, seed=num_splits)
-    split = paged_attention_decode(q, kc, vc, bt, cl, block_n=8, num_splits=num_splits)
-    unsplit = paged_attention_decode(q, kc, vc, bt, cl, block_n=8, num_splits=1)
+    split = paged_attention_decode(q, kc, vc, bt, cl, block_n=16, num_splits=num_splits)
+    unsplit = paged_attention_decode(q, kc, vc, bt, cl, block_n=16, num_splits=1)
     torch.testing.assert_close(split, paged_attention_reference(q, kc, vc, bt, cl), atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(split, unsplit, atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -123,14 +123,14 @@ def test_split_kv_empty_sequence_and_more_splits_than_chunks(device):
     """A 0-token sequence gives zeros (every partial has lse = -inf); 4 splits of a 3-token context leave 3 empty."""
     q, kc, vc, bt, cl = make(device, torch.float32, 2, 4, 2, 32, 4, [3, 6])
     cl[1] = 0
-    out = paged_attention_decode(q, kc, vc, bt, cl, block_n=4, num_splits=4)
+    out = paged_attention_decode(q, kc, vc, bt, cl, block_n=16, num_splits=4)
     assert not torch.isnan(out).any() and torch.all(out[1] == 0)
     torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, bt, cl), atol=2e-5, rtol=2e-5)
 
 
 def test_split_kv_automatic_choice_runs_the_split_path(device):
     q, kc, vc, bt, cl = make(device, torch.float32, 1, 4, 2, 32, 4, [29])
-    out = paged_attention_decode(q, kc, vc, bt, cl, block_n=8, num_splits=None)
+    out = paged_attention_decode(q, kc, vc, bt, cl, block_n=16, num_splits=None)
     torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, bt, cl), atol=2e-5, rtol=2e-5)
 
 
@@ -169,9 +169,17 @@ def test_choose_num_splits():
     from llmsys_lab.kernels.paged_attention import INTERPRETER_SPLITS, choose_num_splits
 
     assert choose_num_splits(1, 8, 4096, None) == INTERPRETER_SPLITS             # no GPU: a fixed small number
-    assert choose_num_splits(1, 8, 4096, 132) == 16                               # ceil(132 / 8) programs each
-    assert choose_num_splits(8, 8, 4096, 132) == 3                                # ceil(132 / 64)
+    assert choose_num_splits(1, 8, 4096, 132) == 16                               # ceil(264 / 8) = 33, but >= 256 tokens per split
+    assert choose_num_splits(8, 8, 4096, 132) == 5                                # ceil(2 x 132 / 64)
     assert choose_num_splits(32, 8, 2048, 132) == 1                               # 256 programs fill 132 SMs
     assert choose_num_splits(1, 8, 512, 132) == 2                                 # >= 256 tokens per split
     assert choose_num_splits(1, 8, 100, 132) == 1
     assert choose_num_splits(1, 1, 1 << 20, 132) == 32                            # capped at max_splits
+
+
+@pytest.mark.parametrize("bad", [8, 4, 24, 16.0])
+def test_bad_block_n_is_refused_before_the_compiler_sees_it(bad):
+    """tl.dot needs an inner dimension >= 16 on a GPU: refuse it with a message, not a compiler trace."""
+    q, kc, vc, bt, cl = make("cpu", torch.float32, 2, 4, 2, 32, 4, [5, 3])
+    with pytest.raises(ValueError, match=f"block_n must be a power of two >= 16 .*got {bad!r}"):
+        paged_attention_decode(q, kc, vc, bt, cl, block_n=bad)

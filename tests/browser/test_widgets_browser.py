@@ -137,7 +137,7 @@ LESSONS = [
            steps=(Step("prev", click("◀ prev"), expect=r"^step 15 of 16: query block 3 \(rows 6\.\.7\) x key block 2"),
                   Step("prev-again", click("◀ prev"), expect=r"^step 14 of 16: query block 3 .* x key block 1"),
                   Step("next", click("next ▶"), expect=r"^step 15 of 16: "))),
-    Lesson("pending/08_parallelism.ipynb", widget="llmsys-pipeline-view",
+    Lesson("08_parallelism.ipynb", widget="llmsys-pipeline-view",
            initial=r"^1F1B, 4 stages, 8 micro-batches: time 33 of 33",
            steps=(Step("gpipe", toggle("gpipe"), expect=r"^GPipe, 4 stages, 8 micro-batches: time 33 of 33"),
                   Step("more-micro-batches", drag_slider("micro-batches", 60),
