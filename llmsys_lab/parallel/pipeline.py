@@ -243,6 +243,9 @@ def check_pipeline(batch_size: int = 4, seq: int = 9, micro_batches: int = 4, se
     ref_loss = lm_loss(ref, batch)
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    # one untimed step first: the first messages between two ranks set up their connection (and a GPU
+    # its kernels), which would otherwise land in the first schedule's timeline (seconds, not ms)
+    run_pipeline(Stage(LlamaLM(cfg).to(batch.device), rank, world), batch, micro_batches, SCHEDULES[0], Traffic())
     out = {}
     for kind in SCHEDULES:
         torch.manual_seed(seed)
