@@ -12,7 +12,10 @@ reports, for one (tokens, hidden) shape in bf16:
   reason they are slower;
 * ms (triton.testing.do_bench median), and the ratio ``speedup_vs_separate`` = separate ms / this ms.
 
-Before timing, each implementation's outputs are checked against the separate ops. Results go to
+Before timing, each implementation's outputs are compared with the separate ops': ``new_residual_equal``
+(bit for bit) and ``max_abs_err_normed``. The fused kernel normalises the bf16-rounded sum, as eager does;
+torch.compile may normalise the fp32 sum before rounding it, so its normed output can differ from eager's
+in the last bf16 bit. Results go to
 benchmarks/results/fusion.json with a hardware fingerprint and the copy bandwidth.
 
     python benchmarks/fusion.py            # the grid (a GPU)
