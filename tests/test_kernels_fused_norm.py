@@ -147,3 +147,29 @@ def test_cpu_tensors_on_a_gpu_machine_are_refused():
 @pytest.mark.parametrize("hidden", [1024, 4096, 5120, 8192, 20000])
 def test_llm_sized_rows_on_the_gpu(hidden):
     check_against_reference(*make((33, hidden), torch.bfloat16, "cuda", seed=hidden))
+
+
+def test_without_triton_the_reference_runs_and_the_kernel_names_the_fix():
+    """macOS / native Windows: the module imports, the PyTorch spec works, the kernel raises TritonUnavailable."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    blocker = Path(__file__).resolve().parent / "no_triton_site"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    code = """
+import torch, llmsys_lab
+from llmsys_lab._runtime import TritonUnavailable
+from llmsys_lab.kernels.fused_norm import fused_add_rmsnorm, fused_add_rmsnorm_reference
+x = torch.randn(2, 8)
+print(llmsys_lab.triton_mode(), tuple(fused_add_rmsnorm_reference(x, x, torch.ones(8))[0].shape))
+try:
+    fused_add_rmsnorm(x, x, torch.ones(8))
+except TritonUnavailable as err:
+    print("TritonUnavailable", "pip install triton" in str(err))
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["unavailable (2, 8)", "TritonUnavailable True"]
