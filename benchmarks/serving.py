@@ -4,14 +4,25 @@
 (a) transformers `generate` with static padded batches, as many requests per batch as fit the
     budget when each reserves its maximum length;
 (b) transformers' own continuous batching (`init_continuous_batching` manager) with the same blocks;
-(c) the kit's engine, static batching; (d) the kit's engine, continuous batching on the paged cache.
+(c) the kit's engine, static batching; (d) the kit's engine, continuous batching on the paged cache;
+(e) transformers' fastest documented single-GPU path: `generate` with a static KV cache
+    (`cache_implementation="static"`), which makes `generate` torch.compile the decode step
+    (mode "reduce-overhead": CUDA graphs), in static batches as (a).
+
+Every system reports TTFT and TPOT percentiles (p50, p90, p99); a system that cannot run (version,
+error, time limit) is reported with the reason instead of numbers.
 
 Output-token throughput counts only the tokens each request asked for (a static batch that runs
 longer for its slowest member does not get credit for the padding). Prints a table and saves
 benchmarks/results/serving.json with a hardware fingerprint.
+
+    python benchmarks/serving.py            # on a GPU: the two suites, saved to benchmarks/results/serving.json
+    python benchmarks/serving.py --tiny     # on any machine: a few requests on the bundled model (a smoke run,
+                                            # saved only with --out)
 """
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import time
@@ -53,9 +64,15 @@ def sync():
         torch.cuda.synchronize()
 
 
+PERCENTILES = (50, 90, 99)
+
+
 def latency_stats(ttft: list[float], tpot: list[float]) -> dict:
-    return {"ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90),
-            "tpot_p50": percentile(tpot, 50), "tpot_p90": percentile(tpot, 90)}
+    """ttft_p50 .. tpot_p99 in seconds (the same percentiles as llmsys_lab.metrics.summarize)."""
+    if not ttft:
+        raise RuntimeError("no per-token timestamps were recorded: TTFT and TPOT cannot be measured")
+    return {**{f"ttft_p{p}": percentile(ttft, p) for p in PERCENTILES},
+            **{f"tpot_p{p}": percentile(tpot, p) for p in PERCENTILES}}
 
 
 class StepClock(StoppingCriteria):
@@ -70,6 +87,17 @@ class StepClock(StoppingCriteria):
         sync()
         self.times.append(time.perf_counter())
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class StopAfter(StoppingCriteria):
+    """Stops every sequence after `steps` decoding steps (the warm-up of (e): shapes, not tokens, matter)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.calls = steps, 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        return torch.full((input_ids.shape[0],), self.calls >= self.steps, dtype=torch.bool, device=input_ids.device)
 
 
 def hf_static(hf, prompts, limits, batch):
@@ -94,6 +122,72 @@ def hf_static(hf, prompts, limits, batch):
                 tpot.append((clock.times[n - 1] - clock.times[0]) / (n - 1))
     sync()
     return {"seconds": time.perf_counter() - start, "tokens": useful, **latency_stats(ttft, tpot)}
+
+
+def hf_static_compiled(hf, prompts, limits, batch, max_len, time_limit=600.0, warmup_steps=16):
+    """(e) `generate` with a static KV cache and torch.compile, in static batches of `batch` as (a).
+
+    With `cache_implementation="static"` the cache is preallocated at a fixed size, so every decode step
+    has the same shapes and `generate` compiles the model's forward for decoding by itself (transformers'
+    CompileConfig: inductor, mode "reduce-overhead", i.e. CUDA graphs; the prefill runs eagerly).
+    Compiled code is specialised to shapes, so every batch gets the same one: prompts left-padded to the
+    longest prompt of the workload, `max_new_tokens` the largest limit of the workload (a request's tokens
+    count, and its TPOT is timed, only up to its own limit, as in (a)), and a short last batch filled up
+    with copies of its last request (not counted). The cache then holds `batch` sequences of
+    longest prompt + largest limit <= `max_len` tokens: within the KV budget of (a). Compilation and
+    CUDA-graph capture happen in an untimed warm-up of that shape, stopped after `warmup_steps` steps.
+    Going past `time_limit` seconds (compilation included) stops the run with an error saying so."""
+    width, new_tokens = max(map(len, prompts)), max(limits)
+    if width + new_tokens > max_len:
+        raise ValueError(f"a static cache of {width} + {new_tokens} tokens per sequence exceeds the KV budget's "
+                         f"{max_len}")
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  cache_implementation="static")
+
+    def padded(ps):
+        ps = ps + [ps[-1]] * (batch - len(ps))                       # a full batch: one shape for every call
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device=hf.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=hf.device)
+        return ids, mask
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()      # compiled code of another model (the other suite) would count against its limits
+    graphs = lambda: counters["stats"]["unique_graphs"]                       # noqa: E731
+    graphs_before = graphs()
+    t0 = time.perf_counter()
+    ids, mask = padded(prompts[:batch])
+    hf.generate(input_ids=ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList([StopAfter(warmup_steps)]),
+                **kwargs)
+    sync()
+    compile_seconds = time.perf_counter() - t0
+    graphs_warm = graphs()
+    start, useful, ttft, tpot = time.perf_counter(), 0, [], []
+    for i in range(0, len(prompts), batch):
+        if time.perf_counter() - t0 > time_limit:
+            raise TimeoutError(f"stopped after {i} of {len(prompts)} requests: over the {time_limit:.0f} s limit "
+                               f"(compilation took {compile_seconds:.0f} s)")
+        ps, ls = prompts[i:i + batch], limits[i:i + batch]
+        ids, mask = padded(ps)
+        clock = StepClock()
+        hf.generate(input_ids=ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
+        useful += sum(ls)
+        for n in ls:
+            ttft.append(clock.times[0] - start)
+            if n > 1:
+                tpot.append((clock.times[n - 1] - clock.times[0]) / (n - 1))
+    sync()
+    seconds = time.perf_counter() - start
+    # what torch.compile did: graphs made in the warm-up, and any made while the clock ran (their compile
+    # time is then inside `seconds`)
+    compiled, late = graphs_warm - graphs_before, graphs() - graphs_warm
+    r = {"seconds": seconds, "tokens": useful, "compiled_graphs": compiled, "graphs_compiled_while_timed": late,
+         "compile_seconds": compile_seconds, "static_cache_tokens": batch * (width + new_tokens),
+         **latency_stats(ttft, tpot)}
+    if not compiled:
+        r["note"] = ("generate did not compile the decode step (transformers compiles it on a GPU only): "
+                     "this is the static cache without torch.compile")
+    return r
 
 
 def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens, timeout=120):
@@ -148,9 +242,10 @@ def kit(model, prompts, limits, num_blocks, policy, max_batch, token_budget):
     sync()
     s = summarize(list(done.values()), engine.log[-1]["seconds"])
     util = sum(x["kv_used"] for x in engine.log) / sum(x["kv_reserved"] for x in engine.log)
-    return {"seconds": s["duration"], "tokens": s["output_tokens"], "ttft_p50": s["ttft"]["p50"],
-            "ttft_p90": s["ttft"]["p90"], "tpot_p50": s["tpot"]["p50"], "tpot_p90": s["tpot"]["p90"],
-            "kv_utilisation": util, "iterations": engine.iteration}
+    return {"seconds": s["duration"], "tokens": s["output_tokens"],
+            **{f"{k}_p{p}": s[k][f"p{p}"] for k in ("ttft", "tpot") for p in PERCENTILES},
+            "kv_utilisation": util, "iterations": engine.iteration,
+            "cuda_graphs": bool(getattr(engine, "cuda_graphs", False))}
 
 
 def run_suite(name, hf, kit_model, prompts, limits, max_len, seqs_in_budget):
@@ -159,8 +254,11 @@ def run_suite(name, hf, kit_model, prompts, limits, max_len, seqs_in_budget):
     print(f"\n{name}: {len(prompts)} requests, KV budget {budget_tokens:,} tokens "
           f"({seqs_in_budget} sequences of {max_len}), block size {BLOCK}", flush=True)
     rows = {}
+    # (e) runs before (b): transformers' continuous batching switches the model's attention to its paged
+    # implementation, and (e) must run on the model as (a) did
     systems = [
         ("(a) HF generate, static batches", lambda: hf_static(hf, prompts, limits, seqs_in_budget)),
+        ("(e) HF static cache + compile", lambda: hf_static_compiled(hf, prompts, limits, seqs_in_budget, max_len)),
         ("(b) HF continuous batching", lambda: hf_continuous(hf, prompts, limits, num_blocks, 4096)),
         # static: a batch is admitted at once, so its whole prefill must fit one iteration (as in generate)
         ("(c) kit engine, static", lambda: kit(kit_model, prompts, limits, num_blocks, "static", seqs_in_budget,
@@ -177,9 +275,11 @@ def run_suite(name, hf, kit_model, prompts, limits, max_len, seqs_in_budget):
         if "error" in r:
             print(f"  {label:<34} FAILED: {r['error']}", flush=True)
         else:
-            extra = "".join(f"  {k} {r[k] * 1e3:.0f}ms" for k in ("ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90") if k in r)
+            extra = "".join(f"  {k} {r[k] * 1e3:.0f}ms" for k in
+                            [f"{m}_p{p}" for m in ("ttft", "tpot") for p in PERCENTILES] if k in r)
             util = f"  KV util {r['kv_utilisation']:.0%}" if "kv_utilisation" in r else ""
             print(f"  {label:<34} {r['throughput']:>9.0f} tok/s  ({r['seconds']:.1f} s){extra}{util}", flush=True)
+    rows = dict(sorted(rows.items()))                     # (a) .. (e), whatever order they ran in
     base = rows["(a) HF generate, static batches"].get("throughput")
     for label, r in rows.items():
         if base and "throughput" in r:
@@ -187,10 +287,18 @@ def run_suite(name, hf, kit_model, prompts, limits, max_len, seqs_in_budget):
     return rows
 
 
-def main(out=Path(__file__).parent / "results" / "serving.json") -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path, default=None,
+                        help="where to save (default benchmarks/results/serving.json; --tiny saves only where told)")
+    parser.add_argument("--tiny", action="store_true", help="a few requests on the bundled model, on any device")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        return tiny(args.out)
     if not torch.cuda.is_available():
-        print("no CUDA GPU: nothing to measure")
+        print("no CUDA GPU: nothing to measure (--tiny runs a small smoke test on this machine)")
         return 0
+    out = args.out or Path(__file__).parent / "results" / "serving.json"
     torch.manual_seed(0)
     results = {}
     cfg = SERVING_MODEL
@@ -207,5 +315,19 @@ def main(out=Path(__file__).parent / "results" / "serving.json") -> int:
     return 0
 
 
+def tiny(out: Path | None) -> int:
+    """Every system on 6 short requests to the bundled model, on this machine's device: checks that the
+    script runs (on a CPU, transformers does not compile (e), which the row says); the numbers mean nothing."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    tiny_hf = AutoModelForCausalLM.from_pretrained(TINY_MODEL_PATH, dtype=torch.float32).to(device).eval()
+    tiny_kit = LlamaLM.from_pretrained(device=device)
+    prompts, limits = workload(6, 1, (4, 20), (2, 12), 4096)
+    rows = run_suite(f"llmsys-tiny on {device} (smoke run)", tiny_hf, tiny_kit, prompts, limits, 32, 4)
+    if out is not None:
+        save_results(out, {"results": {"llmsys-tiny": rows}, "tiny": True})
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main(*(Path(a) for a in sys.argv[1:])))
+    sys.exit(main())

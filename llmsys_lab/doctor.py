@@ -41,6 +41,7 @@ WITHOUT_TRITON = [
     ("lesson 06", "the Triton kernels (softmax, the four FlashAttention steps, the forward/backward "
                   "kernel) do not run; their source is shown and the PyTorch tiled version runs"),
     ("assignment 06", "the kernel parts are \"not gradable on this machine\" (neither passed nor failed)"),
+    ("assignment 07", "the fused-kernel part is \"not gradable on this machine\"; the split-KV merge is graded"),
 ]
 # On GPUs older than Ampere (Colab's T4, compute capability 7.5).
 PRE_AMPERE = ("compute capability below 8.0: kernels take their pre-Hopper paths without tensor-core "

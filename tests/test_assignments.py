@@ -105,7 +105,8 @@ def graded(tmp_path_factory):
 
 def test_there_are_six_assignments():
     assert [n.split("/")[0] for n in NAMES] == ["01_attention", "02_estimators", "03_kv_cache", "04_paged_kv",
-                                                "05_continuous_batching", "06_flash_attention", "08_parallelism",
+                                                "05_continuous_batching", "06_flash_attention", "07_performance",
+                                                "08_parallelism",
                                                 "10_speculative_decoding"]
 
 

@@ -53,7 +53,7 @@ def test_without_triton_off_linux_the_doctor_lists_limits_not_problems(monkeypat
     assert report.ok, report.problems
     assert report.versions["triton"] is None and report.triton.startswith("unavailable")
     assert [where for where, _ in report.limited] == ["lesson 00", "lesson 04", "lesson 05", "lesson 06",
-                                                      "assignment 06"]
+                                                      "assignment 06", "assignment 07"]
     assert "limited on this machine:" in str(report) and "not gradable on this machine" in str(report)
 
 
