@@ -198,12 +198,11 @@ def engine_has_graph_flag() -> bool:
     return "cuda_graphs" in inspect.signature(Engine).parameters
 
 
-def time_engine(model, batch: int, context: int, plan: Plan, cuda_graphs: bool | None, seed: int = 0) -> dict:
-    """The engine's decode iteration: B requests with `context`-token prompts, stepped until every one is
-    in decode, then `warmup` + timed decode-only iterations."""
-    device = model.lm_head.weight.device
-    steps = plan.warmup + plan.repeats * plan.iters
-    max_new = steps + 16                                       # nobody finishes while the clock runs
+def decoding_engine(model, batch: int, context: int, max_new: int, cuda_graphs: bool | None,
+                    seed: int = 0) -> Engine:
+    """An engine with `batch` requests of `context`-token prompts, stepped until every one of them is in
+    decode (the last logged iteration decoded the whole batch). `cuda_graphs` None: the engine's default
+    (an engine without the flag)."""
     num_blocks = batch * math.ceil((context + max_new + 1) / BLOCK) + 4
     kw = {} if cuda_graphs is None else {"cuda_graphs": cuda_graphs}
     engine = Engine(model, num_blocks, block_size=BLOCK, max_batch=batch, token_budget=max(4096, context),
@@ -218,6 +217,14 @@ def time_engine(model, batch: int, context: int, plan: Plan, cuda_graphs: bool |
         prefill_iters += 1
         if prefill_iters > 4 * batch + 8:
             raise RuntimeError(f"the engine did not reach {batch} decoding requests in {prefill_iters} iterations")
+    return engine
+
+
+def time_engine(model, batch: int, context: int, plan: Plan, cuda_graphs: bool | None) -> dict:
+    """The engine's decode iteration: `warmup` + timed decode-only iterations of a decoding_engine."""
+    device = model.lm_head.weight.device
+    steps = plan.warmup + plan.repeats * plan.iters
+    engine = decoding_engine(model, batch, context, steps + 16, cuda_graphs)   # nobody finishes while timed
     for _ in range(plan.warmup):
         engine.step()
     first = len(engine.log)
