@@ -32,7 +32,6 @@ never stored as the lesson's GPU results).
 from __future__ import annotations
 
 import argparse
-import copy
 import inspect
 import math
 import statistics
@@ -43,11 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from llmsys_lab.benchmarking import save_results
 from llmsys_lab.engine import Engine
 from llmsys_lab.model import LlamaLM
+from llmsys_lab.plain_decode import PlainDecode, check_plain_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 16
@@ -90,82 +89,6 @@ def tiny_model() -> LlamaLM:
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# ---- the plain decode step -------------------------------------------------------------------
-class PlainDecode:
-    """The same model's decode step written directly in PyTorch over a static, contiguous KV cache.
-
-    Everything a CUDA graph needs: fixed shapes (the cache holds `max_len` positions per sequence,
-    keys past a sequence's position are masked out), inputs in static buffers (`tokens`, `positions`)
-    and no host sync (the next tokens stay on the device, written back into `tokens`).
-    The query heads that share one K/V head attend as `group` query rows against that head's keys,
-    so SDPA reads every cached K/V byte once without repeating K/V (grouped-query attention).
-    """
-
-    def __init__(self, model: LlamaLM, batch: int, max_len: int):
-        cfg, w = model.config, model.lm_head.weight
-        self.model, self.batch, self.max_len = model, batch, max_len
-        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)    # (L, B, H_kv, S, D)
-        self.k = torch.zeros(shape, dtype=w.dtype, device=w.device)
-        self.v = torch.zeros(shape, dtype=w.dtype, device=w.device)
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=w.device)       # static input buffers
-        self.positions = torch.zeros(batch, dtype=torch.long, device=w.device)
-        self.rows = torch.arange(batch, device=w.device)
-        self.keys = torch.arange(max_len, device=w.device)
-        self.rope = model.model.layers[0].self_attn.rope
-
-    def fill_random(self, context: int, generator=None) -> None:
-        """Every sequence holds `context` cached tokens (random K/V: the bytes, not the values, set the time)."""
-        self.k.normal_(generator=generator)
-        self.v.normal_(generator=generator)
-        self.positions.fill_(context)
-
-    @torch.no_grad()
-    def step(self) -> torch.Tensor:
-        """Append the K/V of `tokens` at `positions`, attend, return logits (B, vocab); the argmax
-        goes back into `tokens` for the next step."""
-        m, b, g = self.model, self.batch, self.heads // self.kv_heads
-        x = m.model.embed_tokens(self.tokens)                                          # (B, hidden)
-        cos, sin = self.rope.cos_sin(self.positions[:, None])                          # (B, 1, D)
-        visible = (self.keys[None, :] <= self.positions[:, None])[:, None, None, :]    # (B, 1, 1, S)
-        for li, layer in enumerate(m.model.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(b, self.heads, 1, self.head_dim)                   # (B, H, 1, D)
-            k = attn.k_proj(h).view(b, self.kv_heads, 1, self.head_dim)                # (B, H_kv, 1, D)
-            v = attn.v_proj(h).view(b, self.kv_heads, 1, self.head_dim)
-            q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
-            kc, vc = self.k[li], self.v[li]                                            # (B, H_kv, S, D)
-            kc[self.rows, :, self.positions] = k[:, :, 0]
-            vc[self.rows, :, self.positions] = v[:, :, 0]
-            qg = q.view(b, self.kv_heads, g, self.head_dim)                            # (B, H_kv, G, D)
-            o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=visible)          # (B, H_kv, G, D)
-            x = x + attn.o_proj(o.reshape(b, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        logits = m.lm_head(m.model.norm(x))                                            # (B, vocab)
-        self.tokens.copy_(logits.argmax(-1))
-        return logits
-
-
-def check_plain_step(model: LlamaLM, batch: int = 2, length: int = 12, seed: int = 0) -> float:
-    """The plain step is the model: decoding a sequence token by token with it gives the logits of the
-    model's own forward pass over the whole sequence (fp32 copy, so the check is tight). Returns max |err|."""
-    ref_model = copy.deepcopy(model).float()
-    dev = ref_model.lm_head.weight.device
-    ids = torch.randint(1, model.config.vocab_size, (batch, length),
-                        generator=torch.Generator().manual_seed(seed)).to(dev)
-    with torch.no_grad():
-        want = ref_model(ids).float()                                                   # (B, T, vocab)
-    plain = PlainDecode(ref_model, batch, length)
-    err = 0.0
-    for t in range(length):
-        plain.tokens.copy_(ids[:, t])
-        plain.positions.fill_(t)
-        err = max(err, (plain.step().float() - want[:, t]).abs().max().item())
-    del ref_model, plain
-    return err
 
 
 # ---- timing -----------------------------------------------------------------------------------

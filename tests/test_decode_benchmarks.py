@@ -17,27 +17,33 @@ def benchmarks_on_path():
     sys.path.remove(str(ROOT / "benchmarks"))
 
 
-def test_plain_decode_step_is_the_model(benchmarks_on_path):
+def test_plain_decode_step_is_the_model():
     """The plain step decoding token by token reproduces the model's forward pass; a wrong K/V slot fails."""
-    import decode_step as ds
     from llmsys_lab.model import load_tiny
+    from llmsys_lab.plain_decode import PlainDecode, check_plain_step
 
     model, _ = load_tiny()
-    assert ds.check_plain_step(model, batch=2, length=6) < 1e-4
+    assert check_plain_step(model, batch=2, length=6) < 1e-4
     ids = torch.tensor([5, 9, 13])
     want = model(ids[None])[0, -1]
-    plain = ds.PlainDecode(model, 1, 6)
+    plain = PlainDecode(model, 1, 6)
     for t in range(3):
         plain.tokens.fill_(int(ids[t]))
         plain.positions.fill_(t)
         got = plain.step()[0]
     assert (got - want).abs().max() < 1e-4
-    broken = ds.PlainDecode(model, 1, 6)
+    broken = PlainDecode(model, 1, 6)
     for t in range(3):                              # every token written at slot 0: the K/V history is lost
         broken.tokens.fill_(int(ids[t]))
         broken.positions.fill_(0)
         got = broken.step()[0]
     assert (got - want).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="batch must be a positive int, got 0"):
+        PlainDecode(model, 0, 6)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        PlainDecode(model, 1, model.config.max_position_embeddings + 1)
+    with pytest.raises(ValueError, match=r"context must be in 0..5"):
+        PlainDecode(model, 1, 6).fill_random(6)
 
 
 def test_decode_step_tiny_writes_every_rung(benchmarks_on_path, tmp_path):
