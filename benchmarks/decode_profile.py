@@ -42,7 +42,7 @@ LAUNCH = re.compile(r"LaunchKernel|GraphLaunch|LaunchCooperativeKernel")
 
 def short(name: str) -> str:
     """A kernel's or op's name without template arguments and signature (for tables and the figure)."""
-    name = re.sub(r"^void ", "", name)
+    name = re.sub(r"^void ", "", name).replace("(anonymous namespace)::", "")
     for cut in ("<", "("):
         if cut in name and not name.startswith(cut):
             name = name[:name.index(cut)]

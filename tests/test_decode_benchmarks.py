@@ -109,3 +109,13 @@ def test_trace_summary_counts_kernels_gaps_and_launches(benchmarks_on_path):
     assert s["cpu_ops"][0] == {"name": "aten::linear", "calls": 0.5, "cpu_us": 15.0}    # aten::mm is nested
     with pytest.raises(RuntimeError, match="expected 3"):
         dp.summarise(trace, 3)
+
+
+def test_kernel_names_are_shortened_for_tables(benchmarks_on_path):
+    import decode_profile as dp
+
+    assert dp.short("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>(int)") == \
+        "at::native::vectorized_elementwise_kernel"
+    assert dp.short("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>(float*)") == \
+        "at::native::cunn_SoftMaxForward"
+    assert dp.short("_paged_decode_kernel") == "_paged_decode_kernel"
