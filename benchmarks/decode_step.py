@@ -207,7 +207,7 @@ def roofline(model, batch: int, context: int, bandwidth: float) -> dict:
     return {"ms": (weights + kv) / bandwidth * 1e3, "weight_bytes": weights, "kv_bytes": kv}
 
 
-def run_rung(name, fn) -> dict:
+def run_rung(fn) -> dict:
     try:
         return fn()
     except Exception as exc:  # noqa: BLE001 - a rung that cannot run is reported, not hidden
@@ -234,17 +234,16 @@ def measure(model, plan: Plan, tiny: bool) -> dict:
         for batch in plan.batches:
             r = {"batch": batch, "context": context, "rungs": {}}
             rungs = r["rungs"]
-            rungs["engine eager"] = run_rung("engine eager", lambda: time_engine(
+            rungs["engine eager"] = run_rung(lambda: time_engine(
                 model, batch, context, plan, False if graph_flag else None))
             if not on_gpu:
                 rungs["engine + CUDA graphs"] = {"not_available": no_graphs}
             elif not graph_flag:
                 rungs["engine + CUDA graphs"] = {"not_available": "Engine has no cuda_graphs flag"}
             else:
-                rungs["engine + CUDA graphs"] = run_rung("engine + CUDA graphs",
-                                                         lambda: time_engine(model, batch, context, plan, True))
-            rungs["plain eager"] = run_rung("plain eager", lambda: time_plain(model, batch, context, plan, False))
-            rungs["plain + CUDA graph"] = (run_rung("plain + CUDA graph", lambda: time_plain(
+                rungs["engine + CUDA graphs"] = run_rung(lambda: time_engine(model, batch, context, plan, True))
+            rungs["plain eager"] = run_rung(lambda: time_plain(model, batch, context, plan, False))
+            rungs["plain + CUDA graph"] = (run_rung(lambda: time_plain(
                 model, batch, context, plan, True)) if on_gpu else {"not_available": no_graphs})
             rungs["roofline"] = roofline(model, batch, context, bw)
             base, eager = rungs[BASELINE].get("ms"), rungs["plain eager"].get("ms")

@@ -50,7 +50,8 @@ class PlainDecode:
     def fill_random(self, context: int, generator=None) -> None:
         """Every sequence holds `context` cached tokens (random K/V: the bytes, not the values, set the time)."""
         if not 0 <= context < self.max_len:
-            raise ValueError(f"context must be in 0..{self.max_len - 1} (the next token needs a free slot), got {context}")
+            raise ValueError(f"context must be in 0..{self.max_len - 1} (the next token needs a free slot), "
+                             f"got {context}")
         self.k.normal_(generator=generator)
         self.v.normal_(generator=generator)
         self.positions.fill_(context)

@@ -78,7 +78,8 @@ class SplitKVView(View):
     def __init__(self, batch: int = 1, splits: int = 1, heads: int = 32, kv_heads: int = 8, context: int = 4096,
                  num_sms: int = H200_SMS, block_n: int = 64):
         """The defaults are benchmarks/paged_attention.py's shapes (32 query heads, 8 K/V heads) on an H200."""
-        for name, v in (("heads", heads), ("kv_heads", kv_heads), ("context", context), ("num_sms", num_sms), ("block_n", block_n)):
+        for name, v in (("heads", heads), ("kv_heads", kv_heads), ("context", context), ("num_sms", num_sms),
+                        ("block_n", block_n)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if heads % kv_heads:
