@@ -165,16 +165,17 @@ def gpu_model():
 
 
 def _serve_workload(model, prompts, **kw):
-    """7 requests of different lengths, 2 of them arriving later: decode batches of 7, 6, ..., 1 rows
-    (partial buckets 3, 5, 6, 7), and graphed iterations between eager prefill iterations."""
+    """8 requests of different lengths, the last arriving later: decode batches of 7, 6, ..., 1 rows
+    (partially filled buckets of 8, 4 and 2, and full ones), and graphed iterations before and after an
+    eager one that prefills the latecomer."""
     engine = Engine(model, num_blocks=120, block_size=4, max_batch=8, eos_token_id=None, **kw)
-    limits = [3, 6, 9, 12, 15, 18, 21]
-    arrivals = [0, 0, 0, 0, 0, 5, 9]
-    for i, (p, n, t) in enumerate(zip(prompts, limits, arrivals)):
+    limits = [3, 6, 9, 12, 15, 18, 21, 10]
+    arrivals = [0, 0, 0, 0, 0, 0, 0, 8]
+    for i, (p, n, t) in enumerate(zip(prompts + prompts[1:2], limits, arrivals)):
         engine.add_request(i, p, n, arrival_step=t)
     done = {r.id: r for r in engine.run()}
-    assert sorted(done) == list(range(7)) and all(len(done[i].output) == limits[i] for i in range(7))
-    return engine, [done[i].output for i in range(7)]
+    assert sorted(done) == list(range(8)) and all(len(done[i].output) == limits[i] for i in range(8))
+    return engine, [done[i].output for i in range(8)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (captures and replays CUDA graphs)")
@@ -189,7 +190,7 @@ def test_cuda_graph_replay_gives_the_tokens_of_eager_decode(gpu_model, prompts, 
     for x in graphed.log:
         assert x["graph"] == (not x["schedule"]["prefill"]), x
     sizes = {len(x["schedule"]["decode"]) for x in graphed.log if x["graph"]}
-    assert {7, 5, 3, 1} <= sizes                                    # partially filled buckets of 8 and 4
+    assert {7, 6, 5, 3, 1} <= sizes                                 # partially filled buckets of 8 and 4
     assert graphed.graphs.captured == sorted({bucket_for(graphed.buckets, n) for n in sizes})
     assert not any(x["graph"] for x in eager.log)
     # padding rows wrote only to the scratch block: the real blocks hold what eager decoding wrote
