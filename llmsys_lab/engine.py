@@ -98,6 +98,8 @@ class Engine:
     use_kernel: decode rows through the Triton paged kernel (default: on a GPU only).
     cuda_graphs: replay decode iterations from CUDA graphs; None = on when the model is on a CUDA GPU
         and decode rows take the paged kernel; True elsewhere is an error (ValueError).
+        ``engine.cuda_graphs`` says what runs, ``engine.graph_buckets`` the decode batch sizes that are
+        captured (each at its first use; ``engine.graphs.captured`` lists those captured so far).
     num_splits: the paged kernel's split-KV count: an int for every batch, or None to choose it per
         bucket from the shape (kernels.paged_attention.choose_num_splits).
     """
@@ -235,7 +237,11 @@ class Engine:
         return fn
 
     def _hooked(self) -> bool:
-        """A forward hook on any module would be skipped by a graph replay: run eagerly then."""
+        """A forward hook on any module (or a global one) would be skipped by a graph replay: run eagerly then."""
+        from torch.nn.modules import module
+
+        if module._global_forward_hooks or module._global_forward_pre_hooks:
+            return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
 
     # ---- the packed forward pass (selective batching) --------------------------------------
