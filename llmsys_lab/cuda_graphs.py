@@ -20,9 +20,11 @@ A graph replays fixed kernels on fixed addresses, so:
   stream first (compiling the Triton kernels and initialising cuBLAS outside the capture), then once
   under ``torch.cuda.graph``. Warm-up on the real inputs is harmless: it writes the same K/V to the same
   slots that the replay writes again.
+* **Memory.** All buckets' graphs share one memory pool (their intermediates overlap; they never
+  run at once, and a replay's output is read before the next replay).
 * **Nothing syncs inside.** The captured step checks nothing on the host that needs the device's
   values (the engine validated tokens and tables when it built them), and the paged kernel's split
-  count is a fixed per bucket, so its launch grid never changes between replays.
+  count is fixed per bucket, so its launch grid never changes between replays.
 """
 from __future__ import annotations
 
@@ -66,6 +68,9 @@ class DecodeGraphs:
         self.step, self.buckets, self.pad, self.warmup = step, list(buckets), list(pad), warmup
         self.stage = torch.zeros(3, self.buckets[-1], dtype=torch.int64, device=device)   # static inputs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}           # bucket -> (graph, out)
+        # one memory pool for every bucket's graph: they never run at the same time, and each one's
+        # output is read before the next replay, so their intermediates may share addresses
+        self.pool = torch.cuda.graph_pool_handle()
 
     @property
     def captured(self) -> list[int]:
@@ -93,6 +98,6 @@ class DecodeGraphs:
                 self.step(stage)
         torch.cuda.current_stream(stage.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):                       # records; runs nothing until replay()
+        with torch.cuda.graph(graph, pool=self.pool):       # records; runs nothing until replay()
             out = self.step(stage)
         return graph, out
