@@ -78,7 +78,7 @@ def test_the_engine_runs_the_models_forward_pass_through_its_blocks(tiny, prompt
             assert seen["block"][it * layers + li] == ((1, n, hidden), "PackedPagedBatch", li)
             assert seen["attn"][it * layers + li] == ((1, n, hidden), "PackedPagedBatch", li)
     for i, p in enumerate(prompts[:2]):
-        assert done[i].output == generate(model, [p], 3).new_tokens[0]
+        assert done[i].output == generate(model, [p], 3, eos_token_id=None).new_tokens[0]
 
 
 def test_the_models_packed_entry_refuses_a_batch_shaped_input(tiny):
@@ -198,9 +198,10 @@ def test_cuda_graph_replay_gives_the_tokens_of_eager_decode(gpu_model, prompts, 
     assert graphed.cache.k.shape[1] == n + 1 and eager.cache.k.shape[1] == n
     torch.testing.assert_close(graphed.cache.k[:, :n], eager.cache.k, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(graphed.cache.v[:, :n], eager.cache.v, atol=1e-4, rtol=1e-4)
+    assert bool(graphed.cache.k[:, n].abs().sum() > 0)                # ... which got the padding rows' K
     # and the tokens are those of generating each prompt alone
     for i, out in enumerate(g_out[:3]):
-        assert out == generate(gpu_model, [prompts[i]], len(out)).new_tokens[0]
+        assert out == generate(gpu_model, [prompts[i]], len(out), eos_token_id=None).new_tokens[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (captures and replays CUDA graphs)")
