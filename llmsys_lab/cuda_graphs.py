@@ -50,6 +50,16 @@ def bucket_for(buckets: list[int], n: int) -> int:
     return buckets[i]
 
 
+def padded_stage(tokens: list[int], lens: list[int], rows: list[int], size: int, pad: list[int]) -> torch.Tensor:
+    """The (3, size) int64 stage of a decode batch of len(tokens) rows padded to `size` with `pad`
+    columns (token, context length, table row): rows 0 tokens, 1 context lengths, 2 table rows."""
+    fill = size - len(tokens)
+    if fill < 0:
+        raise ValueError(f"{len(tokens)} rows do not fit a bucket of {size}")
+    return torch.tensor([tokens + [pad[0]] * fill, lens + [pad[1]] * fill, rows + [pad[2]] * fill],
+                        dtype=torch.int64)
+
+
 class DecodeGraphs:
     """One CUDA graph per bucket of a decode step `step(stage) -> next tokens`, `stage` (3, bucket) int64.
 
@@ -79,11 +89,8 @@ class DecodeGraphs:
     def run(self, tokens: list[int], lens: list[int], rows: list[int]) -> torch.Tensor:
         n = len(tokens)
         size = bucket_for(self.buckets, n)
-        fill = size - n
-        host = torch.tensor([tokens + [self.pad[0]] * fill, lens + [self.pad[1]] * fill,
-                             rows + [self.pad[2]] * fill], dtype=torch.int64)              # (3, bucket)
         stage = self.stage[:, :size]
-        stage.copy_(host)                                   # the only per-iteration input copy
+        stage.copy_(padded_stage(tokens, lens, rows, size, self.pad))   # the only per-iteration input copy
         if size not in self.graphs:
             self.graphs[size] = self._capture(stage)
         graph, out = self.graphs[size]

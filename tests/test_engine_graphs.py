@@ -4,13 +4,13 @@ iterations from CUDA graphs on a GPU with the same tokens as eager execution."""
 import pytest
 import torch
 
-from llmsys_lab.cuda_graphs import bucket_for, decode_buckets
+from llmsys_lab.cuda_graphs import bucket_for, decode_buckets, padded_stage
 from llmsys_lab.engine import Engine, serve
 from llmsys_lab.forward_batch import KVLayout, PackedPagedBatch
 from llmsys_lab.generate import generate
 from llmsys_lab.kv_cache import KVCache
 from llmsys_lab.layers import LlamaBlock
-from llmsys_lab.paged_cache import PagedBatch
+from llmsys_lab.paged_cache import PagedBatch, PagedKVCache
 from llmsys_lab.validate import ShapeError
 
 TEXTS = ["ROMEO.\n", "To be, or not", "KING.\nMy lords, I pray you", "HAMLET.\nWhat", "JULIET.\nO Romeo",
@@ -153,6 +153,33 @@ def test_bad_engine_settings_are_refused_with_a_reason(tiny, kw, msg):
     model = tiny[0]
     with pytest.raises(ValueError, match=msg):
         Engine(model, num_blocks=8, block_size=4, **kw)
+
+
+def test_padding_rows_of_a_decode_bucket_touch_only_the_scratch_block(tiny, prompts):
+    """What a graph replays, run eagerly on a CPU (the paged kernel in the interpreter): a decode batch
+    of 3 rows padded to a bucket of 4 gives the 3 rows' tokens and K/V of the unpadded batch, and the
+    padding row writes only the scratch block past the pool."""
+    model, _ = tiny
+    engine = Engine(model, num_blocks=30, block_size=4, max_batch=4, eos_token_id=None, use_kernel=True)
+    # the graphed engine's set-up: one scratch block past the pool, the padding row of the tables on it
+    engine.cache = PagedKVCache(model.config, engine.blocks, scratch_blocks=1)
+    engine._tables[4] = 30
+    for i, p in enumerate(prompts[:3]):
+        engine.add_request(i, p, 5)
+    engine.step()                                                       # the prefill
+    reqs = engine.scheduler.running
+    tokens, lens, rows = [r.output[-1] for r in reqs], [r.num_tokens for r in reqs], [engine._table_row(r) for r in reqs]
+    plain = engine._decode_step(padded_stage(tokens, lens, rows, 3, [0, 1, 4])).tolist()
+    k_plain = engine.cache.k.clone()
+    assert not k_plain[:, 30].any()                                     # nothing in the scratch block yet
+    stage = padded_stage(tokens, lens, rows, 4, [0, 1, 4])
+    assert stage[:, 3].tolist() == [0, 1, 4]
+    padded = engine._decode_step(stage).tolist()
+    assert padded[:3] == plain
+    torch.testing.assert_close(engine.cache.k[:, :30], k_plain[:, :30], atol=1e-5, rtol=1e-5)
+    assert engine.cache.k[:, 30, 0].any() and not engine.cache.k[:, 30, 1:].any()   # slot 0 of the scratch block
+    with pytest.raises(ValueError, match="5 rows do not fit a bucket of 4"):
+        padded_stage([1] * 5, [1] * 5, [0] * 5, 4, [0, 1, 4])
 
 
 # ---- CUDA graphs on a GPU ---------------------------------------------------------------------------
