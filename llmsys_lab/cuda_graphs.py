@@ -64,7 +64,7 @@ class DecodeGraphs:
     """One CUDA graph per bucket of a decode step `step(stage) -> next tokens`, `stage` (3, bucket) int64.
 
     `pad` is the stage column of a padding row (token, context length, table row): a row that reads
-    and writes only the scratch block. ``run(host_stage)`` pads the iteration's (3, n) columns to the
+    and writes only the scratch block. ``run(tokens, lens, rows)`` pads the iteration's n rows to the
     bucket, copies them into the static buffer, captures the bucket's graph if it is new, replays it
     and returns the first n next tokens (a view of the graph's static output: read it before the
     next replay).
