@@ -168,7 +168,8 @@ def test_padding_rows_of_a_decode_bucket_touch_only_the_scratch_block(tiny, prom
         engine.add_request(i, p, 5)
     engine.step()                                                       # the prefill
     reqs = engine.scheduler.running
-    tokens, lens, rows = [r.output[-1] for r in reqs], [r.num_tokens for r in reqs], [engine._table_row(r) for r in reqs]
+    tokens, lens = [r.output[-1] for r in reqs], [r.num_tokens for r in reqs]
+    rows = [engine._table_row(r) for r in reqs]
     plain = engine._decode_step(padded_stage(tokens, lens, rows, 3, [0, 1, 4])).tolist()
     k_plain = engine.cache.k.clone()
     assert not k_plain[:, 30].any()                                     # nothing in the scratch block yet
