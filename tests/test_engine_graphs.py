@@ -123,6 +123,24 @@ def test_device_block_tables_follow_the_block_manager_through_preemption(tiny, p
         assert r.output == generate(model, [prompts[i]], limits[i]).new_tokens[0][:len(r.output)]
 
 
+def test_one_token_chunks_in_the_middle_of_a_prompt_see_only_their_prefix(tiny):
+    """With chunked prefill and a budget of 2, a request decoding beside a prefilling one leaves the
+    latter one token per iteration: one-token rows that are not decode rows. On the kernel path such a
+    row reads s + 1 keys, not the whole prompt's (whose later slots are not written yet): the tokens
+    equal generating alone. (Before the packed batch the engine gave the kernel the table's length
+    and request "b" came out wrong.)"""
+    model, tok = tiny
+    p0, p1 = tok("ROMEO.\n").input_ids, tok("KING.\nMy lords, I pray you").input_ids
+    engine = Engine(model, num_blocks=40, block_size=4, max_batch=2, token_budget=2, chunked_prefill=True,
+                    use_kernel=True, eos_token_id=None)
+    a = engine.add_request("a", p0, 12)
+    b = engine.add_request("b", p1, 4, arrival_step=3)
+    list(engine.run())
+    assert any(x["schedule"]["prefill"] == [("b", 1)] and x["schedule"]["decode"] == ["a"] for x in engine.log)
+    assert a.output == generate(model, [p0], 12, eos_token_id=None).new_tokens[0]
+    assert b.output == generate(model, [p1], 4, eos_token_id=None).new_tokens[0]
+
+
 # ---- CUDA graphs: settings and buckets -------------------------------------------------------------
 
 def test_decode_buckets():
