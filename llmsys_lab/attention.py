@@ -172,7 +172,8 @@ class MultiHeadAttention(nn.Module):
             if positions is None:
                 start = kv_cache.seq_len if kv_cache is not None else 0
                 positions = torch.arange(start, start + x.shape[1], device=x.device)
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            cos, sin = self.rope.cos_sin(positions)          # one rotation for q and k
+            q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
         weights = None
         if kv_cache is None:
             out, weights = scaled_dot_product_attention(q, k, v, causal=causal, mask=mask, return_weights=True)
