@@ -282,7 +282,7 @@ class Engine:
         # where this step's new K/V go, computed once for all layers
         write = torch.tensor([x for r, s, n in chunks for x in self.blocks.slots(r.id, s, s + n)], device=device)
         dec = [j for j, (_, s, n) in enumerate(chunks) if self.use_kernel and n == 1]
-        pre = [j for j in range(len(chunks)) if j not in dec]
+        pre = sorted(set(range(len(chunks))) - set(dec))
         batch = PackedPagedBatch(self.cache, pos, write,
                                  logit_rows=torch.tensor([b - 1 for b in bounds[1:]], device=device))
         if dec:
