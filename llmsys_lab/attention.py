@@ -172,10 +172,20 @@ class MultiHeadAttention(nn.Module):
             if positions is None:
                 start = kv_cache.seq_len if kv_cache is not None else 0
                 positions = torch.arange(start, start + x.shape[1], device=x.device)
-            q, k = self.rope(q, positions), self.rope(k, positions)
-        if kv_cache is not None:             # Q is never cached: only the new queries are needed
+            cos, sin = self.rope.cos_sin(positions)          # one rotation for q and k
+            q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
+        weights = None
+        if kv_cache is None:
+            out, weights = scaled_dot_product_attention(q, k, v, causal=causal, mask=mask, return_weights=True)
+        elif return_weights or not hasattr(kv_cache, "attend"):
+            # the weights need the padded (B, H, T, S) layout: append and attend here (also for a
+            # cache object that only has update(), as the lesson-03 exercise builds)
             k, v = kv_cache.update(layer_idx, k, v)
-        out, weights = scaled_dot_product_attention(q, k, v, causal=causal, mask=mask, return_weights=True)
+            out, weights = scaled_dot_product_attention(q, k, v, causal=causal, mask=mask, return_weights=True)
+        else:
+            # the KV interface (llmsys_lab/forward_batch.py): the cache or batch layout stores the new
+            # K/V and attends (Q is never cached: only the new queries are needed)
+            out = kv_cache.attend(layer_idx, q, k, v, causal=causal, mask=mask)
         b, h, t, d = out.shape
         out = self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))      # concat heads, project
         return (out, weights) if return_weights else out

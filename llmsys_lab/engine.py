@@ -8,6 +8,30 @@ queries attend to its own K/V, read through its block table. Decode rows go thro
 attention kernel (one launch for all of them); prefill chunks are laid side by side in one padded,
 masked attention call. Only that attention call sees padding; the matmuls never do.
 
+**One forward pass.** The engine does not run the layers itself: it builds the iteration's layout,
+a ``PackedPagedBatch`` (positions, slot mapping, logit rows, the decode rows' block tables and
+context lengths, the prefill chunks' padded layout; llmsys_lab/forward_batch.py), and calls the
+model, ``model(packed_token_ids, kv_cache=batch)``. The model's attention layers call the layout's
+``attend``: the same ``LlamaLM`` / ``LlamaBlock`` / ``MultiHeadAttention`` code that ``generate``,
+``paged_generate`` and speculative decoding run on the contiguous and paged caches.
+
+**CUDA graphs for decode** (llmsys_lab/cuda_graphs.py). When every scheduled row is a decode row
+and decode rows take the Triton paged kernel, the iteration is padded up to a bucket size (1, 2, 4,
+8, 16, 32, 48, ...; ``graph_buckets``) and replayed from a CUDA graph captured for that bucket (at
+its first use); padding rows write to a scratch block of the KV pool that no sequence owns, and
+their tokens are dropped. Prefill and mixed iterations run eagerly. ``cuda_graphs=None`` turns
+graphs on where they can run (a CUDA model with the paged kernel). Forward hooks do not run on a
+replay, so an iteration runs eagerly whenever a module of the model has a forward hook.
+``log[i]["graph"]`` says whether iteration i was replayed. The paged kernel's split count
+(``num_splits``) is fixed per bucket, eager or graphed, so both run the same kernels.
+
+**Incremental host work.** Each running request owns a row of a device-side block-table tensor
+for as long as it runs; a row is uploaded only when the request's table changed (a new block, or
+a copy-on-write / prefix-cache swap of its last block), and released when the request leaves. A
+decode iteration then sends one (3, batch) tensor (tokens, context lengths, table rows) to the
+device; positions and slots are computed there. What stays per request is reading its last token
+and length (O(1) each); prefill chunks still list their keys' slots (they are new work anyway).
+
 Finished requests (EOS or max_new_tokens) leave after the iteration and are returned at once
 (streaming); their blocks go back to the pool for the next admission. The engine only runs the
 model: tokens, completion and preemption are applied by ``Scheduler.postprocess``, the same path the
@@ -24,7 +48,8 @@ import time
 import torch
 
 from ._runtime import triton_available
-from .attention import scaled_dot_product_attention
+from .cuda_graphs import DecodeGraphs, bucket_for, decode_buckets
+from .forward_batch import PackedPagedBatch
 from .generate import check_token_ids
 from .paged import BlockManager
 from .paged_cache import PagedKVCache
@@ -54,36 +79,81 @@ def decode_attention_path(use_kernel: bool, dtype=None, device=None) -> str:
     return KERNEL_PATH
 
 
-def decode_attention(path: str):
+def decode_attention(path: str, num_splits: int | None = None):
     """The function for `path`. The engine builds the block tables itself, so the kernel skips its
-    host-side table check (one reduction and a device-to-host sync per call and layer)."""
+    host-side table check (one reduction and a device-to-host sync per call and layer); its split
+    count is fixed by the caller (a CUDA graph needs the same launch grid on every replay)."""
     import functools
 
     from .kernels.paged_attention import paged_attention_decode, paged_attention_reference
 
-    return functools.partial(paged_attention_decode, check=False) if path == KERNEL_PATH else paged_attention_reference
+    if path == KERNEL_PATH:
+        return functools.partial(paged_attention_decode, check=False, num_splits=num_splits)
+    return paged_attention_reference
 
 
 class Engine:
+    """Continuous batching on the paged KV cache (see the module docstring).
+
+    use_kernel: decode rows through the Triton paged kernel (default: on a GPU only).
+    cuda_graphs: replay decode iterations from CUDA graphs; None = on when the model is on a CUDA GPU
+        and decode rows take the paged kernel; True elsewhere is an error (ValueError).
+        ``engine.cuda_graphs`` says what runs, ``engine.graph_buckets`` the decode batch sizes that are
+        captured (each at its first use; ``engine.graphs.captured`` lists those captured so far).
+    num_splits: the paged kernel's split-KV count: an int for every batch, or None to choose it per
+        bucket from the shape (kernels.paged_attention.choose_num_splits).
+    """
+
     def __init__(self, model, num_blocks: int, block_size: int = 16, policy: str = "continuous",
                  max_batch: int = 8, token_budget: int = 2048, chunked_prefill: bool = False,
-                 eos_token_id: int | None = 0, use_kernel: bool | None = None):
+                 eos_token_id: int | None = 0, use_kernel: bool | None = None, cuda_graphs: bool | None = None,
+                 num_splits: int | None = None):
         self.model, self.cfg = model, model.config
+        weight = model.lm_head.weight
+        device = weight.device
         # the Triton paged-attention kernel for decode rows: by default on a GPU only (on a CPU
         # the interpreter would run it, correct but slow)
-        self.use_kernel = model.lm_head.weight.is_cuda if use_kernel is None else use_kernel
+        self.use_kernel = weight.is_cuda if use_kernel is None else use_kernel
         # which attention decode rows take (see decode_attention): recorded, so results say what ran
-        self.attention_path = decode_attention_path(self.use_kernel, model.lm_head.weight.dtype,
-                                                    model.lm_head.weight.device)
-        self._decode_attention = decode_attention(self.attention_path)   # chosen once, called per layer
+        self.attention_path = decode_attention_path(self.use_kernel, weight.dtype, device)
+        if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
+                                       or num_splits < 1):
+            raise ValueError(f"num_splits must be None (chosen per batch bucket) or an int >= 1, got {num_splits!r}")
+        self.num_splits = num_splits
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True, False or None (on where possible), got {cuda_graphs!r}")
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda" and self.attention_path == KERNEL_PATH
+        elif cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA GPU, but it is on {device}: a CUDA graph "
+                             "records and replays GPU kernel launches (use cuda_graphs=False or None)")
+        elif cuda_graphs and self.attention_path != KERNEL_PATH:
+            raise ValueError(f"cuda_graphs=True needs decode rows on the {KERNEL_PATH}, but they take the "
+                             f"{self.attention_path} (use cuda_graphs=False or None)")
+        self.cuda_graphs = cuda_graphs
         self.blocks = BlockManager(num_blocks, block_size)
-        self.cache = PagedKVCache(self.cfg, self.blocks, model.lm_head.weight.dtype, model.lm_head.weight.device)
         self.scheduler = Scheduler(self.blocks, policy, max_batch, token_budget, self.cfg.max_position_embeddings,
                                    chunked_prefill)
+        # graphs pad decode batches with rows that use one scratch block past the pool (id num_blocks)
+        self.cache = PagedKVCache(self.cfg, self.blocks, weight.dtype, device, scratch_blocks=int(cuda_graphs))
+        self.buckets = decode_buckets(max_batch)           # decode batch sizes (split counts are per bucket)
+        self.graph_buckets = list(self.buckets) if cuda_graphs else []
+        # device-side block tables: row i belongs to one running request while it runs; the last row is
+        # the padding rows' (every entry the scratch block)
+        self.max_blocks_per_seq = min(self.blocks.blocks_needed(self.cfg.max_position_embeddings), num_blocks)
+        self._tables = torch.zeros(max_batch + 1, self.max_blocks_per_seq, dtype=torch.int32, device=device)
+        self._tables[max_batch] = num_blocks if cuda_graphs else 0
+        self._free_rows = list(range(max_batch - 1, -1, -1))
+        self._row: dict[Request, int] = {}                 # running request -> its row of _tables
+        self._uploaded: dict[Request, tuple] = {}          # request -> (table, blocks, last block) on the device
+        self._decode_fns: dict[int, object] = {}           # bucket -> decode attention function
+        self._modules = list(model.modules())
+        self.graphs = (DecodeGraphs(self._decode_step, self.buckets, pad=[0, 1, max_batch], device=device)
+                       if cuda_graphs else None)
         self.eos = eos_token_id
         self.iteration = 0
         self.start = None
-        self.log: list[dict] = []            # per iteration: requests, tokens, KV used/reserved, seconds
+        self.log: list[dict] = []            # per iteration: requests, tokens, KV used/reserved, seconds, graph
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, request_id, prompt: list[int], max_new_tokens: int, arrival_step: int = 0) -> Request:
@@ -105,20 +175,21 @@ class Engine:
             if r.arrival_time is None and r.arrival_step <= self.iteration:
                 r.arrival_time = began
         work = self.scheduler.schedule(self.iteration)
-        chunks = [(r, r.prefilled, n) for r, n in work.rows]
-        if not chunks:
+        if not work.prefill and not work.decode:
             return []
-        logits = self._forward(chunks)
-        next_tokens = logits.argmax(-1).tolist()             # one device-to-host copy per iteration
+        next_tokens, graphed = self._forward(work)       # one device-to-host copy per iteration
         now = time.perf_counter() - self.start
         # tokens, completion and preemption: the scheduler's one bookkeeping path (the simulator's too)
         outcome = self.scheduler.postprocess(work, next_tokens, now, eos=self.eos)
         for cow in outcome.copies:
             self.cache.copy_block(cow)
-        self.log.append({"iteration": self.iteration, "requests": len(chunks), "tokens": sum(n for *_, n in chunks),
+        for r in outcome.left:                           # finished or preempted: its table row is free
+            self._release_row(r)
+        self.log.append({"iteration": self.iteration, "requests": len(work.prefill) + len(work.decode),
+                         "tokens": work.num_tokens,
                          "kv_used": sum(r.num_tokens for r in self.scheduler.running),
                          "kv_reserved": (self.blocks.num_blocks - self.blocks.num_free) * self.blocks.block_size,
-                         "seconds": now, "schedule": Outcome.record(work, outcome)})
+                         "seconds": now, "graph": graphed, "schedule": Outcome.record(work, outcome)})
         return outcome.finished
 
     def run(self):
@@ -126,51 +197,104 @@ class Engine:
         while self.scheduler.has_work:
             yield from self.step()
 
+    # ---- device-side block tables (updated only where they changed) ----------------------------
+    def _table_row(self, r: Request) -> int:
+        """r's row of the device block tables, uploading the entries that changed since the last upload."""
+        row = self._row.get(r)
+        if row is None:
+            row = self._row[r] = self._free_rows.pop()
+        table = self.blocks.table(r.id)
+        blocks = table.blocks
+        seen = self._uploaded.get(r)
+        if seen is not None and seen[0] is table and seen[1] == len(blocks) and seen[2] == blocks[-1]:
+            return row                                           # unchanged: nothing to send
+        # only the last block of a table can change in place (copy on write, a prefix-cache hit)
+        first = 0 if seen is None or seen[0] is not table else max(0, min(seen[1], len(blocks)) - 1)
+        self._tables[row, first:len(blocks)] = torch.tensor(blocks[first:], dtype=torch.int32)
+        self._uploaded[r] = (table, len(blocks), blocks[-1])
+        return row
+
+    def _release_row(self, r: Request) -> None:
+        row = self._row.pop(r, None)
+        if row is not None:
+            self._free_rows.append(row)
+            self._uploaded.pop(r, None)
+
+    def _decode_fn(self, rows: int):
+        """Decode attention for a batch of `rows` decode rows: the split count is the bucket's."""
+        bucket = bucket_for(self.buckets, rows)
+        fn = self._decode_fns.get(bucket)
+        if fn is None:
+            splits = self.num_splits
+            if splits is None and self.attention_path == KERNEL_PATH:
+                from .kernels.paged_attention import choose_num_splits
+
+                w = self.model.lm_head.weight
+                sms = torch.cuda.get_device_properties(w.device).multi_processor_count if w.is_cuda else None
+                splits = choose_num_splits(bucket, self.cfg.num_kv_heads,
+                                           self.max_blocks_per_seq * self.blocks.block_size, sms)
+            fn = self._decode_fns[bucket] = decode_attention(self.attention_path, splits or 1)
+        return fn
+
+    def _hooked(self) -> bool:
+        """A forward hook on any module (or a global one) would be skipped by a graph replay: run eagerly then."""
+        from torch.nn.modules import module
+
+        if module._global_forward_hooks or module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)
+
     # ---- the packed forward pass (selective batching) --------------------------------------
-    def _forward(self, chunks) -> torch.Tensor:
-        m, device = self.model, self.model.lm_head.weight.device
+    def _forward(self, work) -> tuple[list[int], bool]:
+        """Next token of every row of `work` (batch order), and whether a CUDA graph produced them."""
+        if self.use_kernel and not work.prefill:
+            # every row decodes: tokens, context lengths (the new token included) and table rows
+            reqs = work.decode
+            tokens = [r.output[-1] for r in reqs]
+            lens = [r.num_tokens for r in reqs]
+            rows = [self._table_row(r) for r in reqs]
+            if self.graphs is not None and not self._hooked():
+                return self.graphs.run(tokens, lens, rows).tolist(), True
+            stage = torch.tensor([tokens, lens, rows], dtype=torch.int64).to(self._tables.device)
+            return self._decode_step(stage).tolist(), False
+        return self._mixed_step(work).tolist(), False
+
+    def _decode_step(self, stage: torch.Tensor) -> torch.Tensor:
+        """A decode batch from its (3, B) int64 stage on the device: tokens, context lengths, table rows.
+        Everything else is computed on the device, with no host sync: CUDA graphs capture this."""
+        tokens, lens, rows = stage[0], stage[1], stage[2]
+        positions = lens - 1                                                   # (B,) the new token's
+        tables = self._tables.index_select(0, rows)                            # (B, W) int32
+        bs = self.blocks.block_size
+        slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
+        batch = PackedPagedBatch(self.cache, positions, slots, block_tables=tables, context_lens=lens.int(),
+                                 decode_attention=self._decode_fn(stage.shape[1]))
+        return self.model(tokens, kv_cache=batch).argmax(-1)                   # (B,) greedy next tokens
+
+    def _mixed_step(self, work) -> torch.Tensor:
+        """Any iteration, eagerly: prefill chunks through padded masked attention, decode rows (one
+        new token; on the kernel path) through the paged decode attention."""
+        device = self._tables.device
+        chunks = [(r, r.prefilled, n) for r, n in work.rows]
         ids = torch.tensor([t for r, s, n in chunks for t in r.token_slice(s, s + n)], device=device)
         pos = torch.tensor([p for _, s, n in chunks for p in range(s, s + n)], device=device)
         bounds = torch.tensor([0] + [n for *_, n in chunks]).cumsum(0).tolist()
         # where this step's new K/V go, computed once for all layers
         write = torch.tensor([x for r, s, n in chunks for x in self.blocks.slots(r.id, s, s + n)], device=device)
-        # decode rows (one new token) read K/V through the block table with the Triton kernel on a
-        # GPU; prefill chunks (and every row on a CPU) go through one padded attention call
         dec = [j for j, (_, s, n) in enumerate(chunks) if self.use_kernel and n == 1]
-        pre = [j for j in range(len(chunks)) if j not in dec]
+        pre = sorted(set(range(len(chunks))) - set(dec))
+        batch = PackedPagedBatch(self.cache, pos, write,
+                                 logit_rows=torch.tensor([b - 1 for b in bounds[1:]], device=device))
         if dec:
-            bt, lens = self.cache.block_tables([chunks[j][0].id for j in dec])
-            dec_rows = torch.tensor([bounds[j] for j in dec], device=device)
+            # a one-token row sees its s + 1 tokens (for a decode row: all of them)
+            rows = torch.tensor([self._table_row(chunks[j][0]) for j in dec], device=device)
+            batch.decode_rows = torch.tensor([bounds[j] for j in dec], device=device)
+            batch.block_tables = self._tables.index_select(0, rows)
+            batch.context_lens = torch.tensor([chunks[j][1] + 1 for j in dec], dtype=torch.int32, device=device)
+            batch.decode_attention = self._decode_fn(len(dec))
         if pre:
-            padded = self._padded_batch([chunks[j] for j in pre], [bounds[j] for j in pre], device)
-        x = m.model.embed_tokens(ids)                                           # (N, hidden)
-        rope = m.model.layers[0].self_attn.rope
-        cos, sin = rope.cos_sin(pos)                         # the same rotation in every layer
-        for li, layer in enumerate(m.model.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)[None]     # (1, H, N, D)
-            k = attn.k_proj(h).view(-1, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None]
-            v = attn.v_proj(h).view(-1, attn.num_kv_heads, attn.head_dim).transpose(0, 1)[None]
-            q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
-            kc, vc = self.cache.k[li], self.cache.v[li]                         # (blocks, block_size, H_kv, D)
-            kc.view(-1, *kc.shape[2:])[write] = k[0].transpose(0, 1)
-            vc.view(-1, *vc.shape[2:])[write] = v[0].transpose(0, 1)
-            o = torch.empty(len(ids), attn.num_heads, attn.head_dim, dtype=q.dtype, device=device)
-            if dec:
-                # the tables come from the BlockManager: no need to check them again on every layer
-                o[dec_rows] = self._decode_attention(q[0, :, dec_rows].transpose(0, 1), kc, vc, bt, lens)
-            if pre:
-                q_rows, key_slots, mask, valid = padded
-                ks = kc.view(-1, *kc.shape[2:])[key_slots].permute(0, 2, 1, 3)     # (P, H_kv, keys, D)
-                vs = vc.view(-1, *vc.shape[2:])[key_slots].permute(0, 2, 1, 3)
-                qs = q[0][:, q_rows].transpose(0, 1)                                # (P, H, queries, D)
-                out = scaled_dot_product_attention(qs, ks, vs, mask=mask).transpose(1, 2)   # (P, queries, H, D)
-                o[q_rows[valid]] = out[valid]
-            x = x + attn.o_proj(o.reshape(len(ids), -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last = torch.tensor([b - 1 for b in bounds[1:]], device=device)
-        return m.lm_head(m.model.norm(x[last]))                                # (requests, vocab)
+            batch.prefill = self._padded_batch([chunks[j] for j in pre], [bounds[j] for j in pre], device)
+        return self.model(ids, kv_cache=batch).argmax(-1)                      # (requests,)
 
     def _padded_batch(self, chunks, offsets, device):
         """Index tensors that put P chunks side by side, padded to the longest, for one attention call.

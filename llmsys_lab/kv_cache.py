@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .configs import ModelConfig
+from .forward_batch import KVLayout
 from .validate import ShapeError, check_tensor
 
 
@@ -20,7 +21,9 @@ class CacheError(ValueError):
     """The cache cannot take this update (full, wrong batch, wrong dtype or device)."""
 
 
-class KVCache:
+class KVCache(KVLayout):
+    """Implements the model's KV interface (forward_batch.KVLayout): update() appends, attend() attends."""
+
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
                  dtype=torch.float32, device="cpu"):
         for name, v in (("num_layers", num_layers), ("batch", batch), ("num_kv_heads", num_kv_heads),

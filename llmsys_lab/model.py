@@ -85,25 +85,42 @@ class LlamaLM(nn.Module):
         """Logits (B, T, vocab) for the T new tokens.
 
         attention_mask: (B, past + T), True/1 for real tokens and False/0 for (left) padding;
-        positions then count real tokens only, as in transformers. kv_cache: holds `past`
-        tokens; the new tokens' K/V are appended to it.
+        positions then count real tokens only, as in transformers. kv_cache: any object with the
+        KV interface (llmsys_lab/forward_batch.py): it holds `past` tokens, and every attention
+        layer hands it the new tokens' q, k, v (``kv_cache.attend(layer_idx, q, k, v)``).
+
+        With a packed layout (``kv_cache.packed``, the serving engine's PackedPagedBatch) the same
+        layers run on the packed (N,) token ids as one (1, N, hidden) row: positions come from the
+        layout, and the result is (R, vocab), the logits of the layout's ``logit_rows``.
         """
-        self.check_input(input_ids, kv_cache)
-        b, t = input_ids.shape
-        past = kv_cache.seq_len if kv_cache is not None else 0
+        packed = getattr(kv_cache, "packed", False)
         key_mask = None
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
-            if tuple(attention_mask.shape) != (b, past + t):
-                raise ShapeError(f"attention_mask must have shape (batch, past + new) = {(b, past + t)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]       # (B, T)
-            key_mask = attention_mask[:, None, None, :]                                     # (B, 1, 1, S)
+        if packed:
+            if attention_mask is not None:
+                raise ValueError("a packed batch carries its own layout: pass no attention_mask")
+            kv_cache.check_input(input_ids)
+            positions = kv_cache.positions                                                  # (N,)
         else:
-            positions = torch.arange(past, past + t, device=input_ids.device)
-        x = self.model.embed_tokens(input_ids)
+            self.check_input(input_ids, kv_cache)
+            b, t = input_ids.shape
+            past = kv_cache.seq_len if kv_cache is not None else 0
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+                if tuple(attention_mask.shape) != (b, past + t):
+                    raise ShapeError(f"attention_mask must have shape (batch, past + new) = {(b, past + t)}, "
+                                     f"got {tuple(attention_mask.shape)}")
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]       # (B, T)
+                key_mask = attention_mask[:, None, None, :]                                     # (B, 1, 1, S)
+            else:
+                positions = torch.arange(past, past + t, device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)              # (B, T, hidden); packed: (N, hidden)
+        if packed:
+            x = x[None]                                     # one row of N tokens: (1, N, hidden)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, positions=positions, mask=key_mask, kv_cache=kv_cache, layer_idx=i)
+        if packed:
+            rows = kv_cache.logit_rows
+            x = x[0] if rows is None else x[0, rows]        # (R, hidden): only the rows that predict
         return self.lm_head(self.model.norm(x))
 
 

@@ -11,18 +11,30 @@ from __future__ import annotations
 import torch
 
 from .configs import ModelConfig
+from .forward_batch import KVLayout
 from .paged import BlockManager, CopyOnWrite
 
 
 class PagedKVCache:
-    def __init__(self, cfg: ModelConfig, manager: BlockManager, dtype=torch.float32, device="cpu"):
+    """`scratch_blocks` extra blocks after the manager's pool (ids num_blocks, ...) that the manager
+    never hands out: the serving engine points the padding rows of a CUDA-graphed decode batch at
+    one, so they write and read there and never touch a real sequence's block."""
+
+    def __init__(self, cfg: ModelConfig, manager: BlockManager, dtype=torch.float32, device="cpu",
+                 scratch_blocks: int = 0):
+        if not isinstance(scratch_blocks, int) or isinstance(scratch_blocks, bool) or scratch_blocks < 0:
+            raise ValueError(f"scratch_blocks must be an int >= 0, got {scratch_blocks!r}")
         self.cfg, self.manager = cfg, manager
-        shape = (cfg.num_layers, manager.num_blocks, manager.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.scratch_blocks = scratch_blocks
+        shape = (cfg.num_layers, manager.num_blocks + scratch_blocks, manager.block_size, cfg.num_kv_heads,
+                 cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        """Bytes of the pool's K and V (scratch blocks not counted: they hold no sequence)."""
+        per_block = self.k[:, 0].numel() * self.k.element_size()
+        return 2 * per_block * self.manager.num_blocks
 
     def slots(self, seq_id, start: int, count: int) -> torch.Tensor:
         return torch.tensor(self.manager.slots(seq_id, start, start + count), dtype=torch.long, device=self.k.device)
@@ -56,7 +68,7 @@ class PagedKVCache:
         return bt.to(self.k.device), lens.to(self.k.device)
 
 
-class PagedBatch:
+class PagedBatch(KVLayout):
     """The `kv_cache` argument of LlamaLM.forward for a batch of sequences in a PagedKVCache.
 
     Rows are left-padded: row b's last `new_counts[b]` columns are its new tokens, whose

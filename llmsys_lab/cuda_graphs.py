@@ -1,0 +1,110 @@
+"""CUDA graphs for the engine's decode iterations: launch a whole forward pass with one call.
+
+A decode iteration of a small model is a few hundred tiny kernels (per layer: norms, four
+projections, RoPE, the K/V write, paged attention, the MLP); at small batch each takes a few
+microseconds on the GPU, while Python and the launch path take longer to issue it. A CUDA graph
+records the launches once and replays them with one call: no Python, no per-kernel launch cost.
+
+A graph replays fixed kernels on fixed addresses, so:
+
+* **Buckets.** A graph is captured per decode batch size in ``decode_buckets(max_batch)``
+  (1, 2, 4, 8, 16, 32, 48, 64, ...); a batch of n runs the smallest bucket >= n, its extra rows
+  padding. Each graph is captured lazily, the first time its bucket is needed.
+* **Static inputs.** Every input lives in one static (3, max bucket) int64 buffer: row 0 the tokens,
+  row 1 the context lengths (the new token included), row 2 the row of each request's block table in
+  the engine's device-side table. Positions, slots and block tables are derived from it inside the
+  graph. Before a replay the engine copies the iteration's values into it (one host-to-device copy);
+  padding rows point at a scratch block that no sequence owns, so their K/V writes land there, and
+  their tokens are dropped.
+* **Warm-up, then capture** (PyTorch's ``torch.cuda.graphs`` recipe): the step runs twice on a side
+  stream first (compiling the Triton kernels and initialising cuBLAS outside the capture), then once
+  under ``torch.cuda.graph``. Warm-up on the real inputs is harmless: it writes the same K/V to the same
+  slots that the replay writes again.
+* **Memory.** All buckets' graphs share one memory pool (their intermediates overlap; they never
+  run at once, and a replay's output is read before the next replay).
+* **Nothing syncs inside.** The captured step checks nothing on the host that needs the device's
+  values (the engine validated tokens and tables when it built them), and the paged kernel's split
+  count is fixed per bucket, so its launch grid never changes between replays.
+"""
+from __future__ import annotations
+
+import bisect
+from typing import Callable
+
+import torch
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """Batch sizes to capture: powers of two up to 32, then every 16, and max_batch itself."""
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+    sizes = [b for b in (1, 2, 4, 8, 16, 32) if b < max_batch] + list(range(48, max_batch, 16))
+    return sizes + [max_batch]
+
+
+def bucket_for(buckets: list[int], n: int) -> int:
+    """The smallest bucket that holds n rows."""
+    i = bisect.bisect_left(buckets, n)
+    if n < 1 or i == len(buckets):
+        raise ValueError(f"a decode batch of {n} rows does not fit the buckets {buckets}")
+    return buckets[i]
+
+
+def padded_stage(tokens: list[int], lens: list[int], rows: list[int], size: int, pad: list[int]) -> torch.Tensor:
+    """The (3, size) int64 stage of a decode batch of len(tokens) rows padded to `size` with `pad`
+    columns (token, context length, table row): rows 0 tokens, 1 context lengths, 2 table rows."""
+    fill = size - len(tokens)
+    if fill < 0:
+        raise ValueError(f"{len(tokens)} rows do not fit a bucket of {size}")
+    return torch.tensor([tokens + [pad[0]] * fill, lens + [pad[1]] * fill, rows + [pad[2]] * fill],
+                        dtype=torch.int64)
+
+
+class DecodeGraphs:
+    """One CUDA graph per bucket of a decode step `step(stage) -> next tokens`, `stage` (3, bucket) int64.
+
+    `pad` is the stage column of a padding row (token, context length, table row): a row that reads
+    and writes only the scratch block. ``run(tokens, lens, rows)`` pads the iteration's n rows to the
+    bucket, copies them into the static buffer, captures the bucket's graph if it is new, replays it
+    and returns the first n next tokens (a view of the graph's static output: read it before the
+    next replay).
+    """
+
+    def __init__(self, step: Callable[[torch.Tensor], torch.Tensor], buckets: list[int], pad: list[int],
+                 device: torch.device, warmup: int = 2):
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+        self.step, self.buckets, self.pad, self.warmup = step, list(buckets), list(pad), warmup
+        self.stage = torch.zeros(3, self.buckets[-1], dtype=torch.int64, device=device)   # static inputs
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}           # bucket -> (graph, out)
+        # one memory pool for every bucket's graph: they never run at the same time, and each one's
+        # output is read before the next replay, so their intermediates may share addresses
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @property
+    def captured(self) -> list[int]:
+        return sorted(self.graphs)
+
+    def run(self, tokens: list[int], lens: list[int], rows: list[int]) -> torch.Tensor:
+        n = len(tokens)
+        size = bucket_for(self.buckets, n)
+        stage = self.stage[:, :size]
+        stage.copy_(padded_stage(tokens, lens, rows, size, self.pad))   # the only per-iteration input copy
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(stage)
+        graph, out = self.graphs[size]
+        graph.replay()
+        return out[:n]
+
+    def _capture(self, stage: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        side = torch.cuda.Stream(device=stage.device)
+        side.wait_stream(torch.cuda.current_stream(stage.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):                    # compile / initialise outside the capture
+                self.step(stage)
+        torch.cuda.current_stream(stage.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):       # records; runs nothing until replay()
+            out = self.step(stage)
+        return graph, out
