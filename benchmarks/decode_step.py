@@ -147,7 +147,9 @@ def time_engine(model, batch: int, context: int, plan: Plan, cuda_graphs: bool |
     """The engine's decode iteration: `warmup` + timed decode-only iterations of a decoding_engine."""
     device = model.lm_head.weight.device
     steps = plan.warmup + plan.repeats * plan.iters
-    engine = decoding_engine(model, batch, context, steps + 16, cuda_graphs)   # nobody finishes while timed
+    # nobody finishes while timed: the first admitted request also decodes while the later ones prefill
+    # (up to 4 x batch + 8 iterations, decoding_engine's bound)
+    engine = decoding_engine(model, batch, context, steps + 4 * batch + 16, cuda_graphs)
     for _ in range(plan.warmup):
         engine.step()
     first = len(engine.log)

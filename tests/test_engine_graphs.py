@@ -25,6 +25,15 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
+def ktiny():
+    """The tiny model where the paged kernel runs: compiled on a GPU, else in the interpreter on a CPU
+    (on a GPU machine Triton compiles for the GPU and cannot read CPU tensors)."""
+    from llmsys_lab.model import load_tiny
+
+    return load_tiny(device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module")
 def prompts(tiny):
     return [tiny[1](t).input_ids for t in TEXTS]
 
@@ -37,11 +46,11 @@ def test_every_layout_implements_the_kv_interface():
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])
-def test_the_engine_runs_the_models_forward_pass_through_its_blocks(tiny, prompts, use_kernel):
+def test_the_engine_runs_the_models_forward_pass_through_its_blocks(ktiny, prompts, use_kernel):
     """Forward hooks on the model, every LlamaBlock and every attention module see each iteration once,
     with the packed (1, N, hidden) row and the engine's PackedPagedBatch as the KV layout; the tokens
     equal generating alone. (The engine used to run its own copy of the layers: the hooks never fired.)"""
-    model, _ = tiny
+    model, _ = ktiny
     seen = {"model": [], "block": [], "attn": []}
 
     def on_model(mod, args, kwargs, out):
@@ -67,7 +76,7 @@ def test_the_engine_runs_the_models_forward_pass_through_its_blocks(tiny, prompt
             h.remove()
     layers = len(model.model.layers)
     iterations = len(engine.log)
-    assert iterations == 3 and [x["graph"] for x in engine.log] == [False] * 3     # a CPU: no graphs
+    assert iterations == 3 and [x["graph"] for x in engine.log] == [False] * 3     # hooks: never a graph
     assert len(seen["model"]) == iterations
     assert len(seen["block"]) == len(seen["attn"]) == iterations * layers
     hidden = model.config.hidden_size
@@ -95,12 +104,12 @@ def test_the_models_packed_entry_refuses_a_batch_shaped_input(tiny):
 
 # ---- incremental device-side block tables --------------------------------------------------------
 
-def test_device_block_tables_follow_the_block_manager_through_preemption(tiny, prompts):
+def test_device_block_tables_follow_the_block_manager_through_preemption(ktiny, prompts):
     """Rows are uploaded only when a table changed, yet in every iteration each decoding request's
     device row holds the blocks its context was read from (a block added after the forward is sent
     before the next one); preempted and finished requests give their rows back.
     (Decode rows on the kernel path: the Triton interpreter on a CPU.) Tokens equal generating alone."""
-    model, _ = tiny
+    model, _ = ktiny
     limits = [6, 8, 13, 6]
     engine = Engine(model, num_blocks=11, block_size=2, max_batch=2, token_budget=16, use_kernel=True)
     reqs = [engine.add_request(f"r{i}", prompts[i], n, arrival_step=t)
@@ -123,13 +132,13 @@ def test_device_block_tables_follow_the_block_manager_through_preemption(tiny, p
         assert r.output == generate(model, [prompts[i]], limits[i]).new_tokens[0][:len(r.output)]
 
 
-def test_one_token_chunks_in_the_middle_of_a_prompt_see_only_their_prefix(tiny):
+def test_one_token_chunks_in_the_middle_of_a_prompt_see_only_their_prefix(ktiny):
     """With chunked prefill and a budget of 2, a request decoding beside a prefilling one leaves the
     latter one token per iteration: one-token rows that are not decode rows. On the kernel path such a
     row reads s + 1 keys, not the whole prompt's (whose later slots are not written yet): the tokens
     equal generating alone. (Before the packed batch the engine gave the kernel the table's length
     and request "b" came out wrong.)"""
-    model, tok = tiny
+    model, tok = ktiny
     p0, p1 = tok("ROMEO.\n").input_ids, tok("KING.\nMy lords, I pray you").input_ids
     engine = Engine(model, num_blocks=40, block_size=4, max_batch=2, token_budget=2, chunked_prefill=True,
                     use_kernel=True, eos_token_id=None)
@@ -173,14 +182,16 @@ def test_bad_engine_settings_are_refused_with_a_reason(tiny, kw, msg):
         Engine(model, num_blocks=8, block_size=4, **kw)
 
 
-def test_padding_rows_of_a_decode_bucket_touch_only_the_scratch_block(tiny, prompts):
+def test_padding_rows_of_a_decode_bucket_touch_only_the_scratch_block(ktiny, prompts):
     """What a graph replays, run eagerly on a CPU (the paged kernel in the interpreter): a decode batch
     of 3 rows padded to a bucket of 4 gives the 3 rows' tokens and K/V of the unpadded batch, and the
     padding row writes only the scratch block past the pool."""
-    model, _ = tiny
-    engine = Engine(model, num_blocks=30, block_size=4, max_batch=4, eos_token_id=None, use_kernel=True)
+    model, _ = ktiny
+    engine = Engine(model, num_blocks=30, block_size=4, max_batch=4, eos_token_id=None, use_kernel=True,
+                    cuda_graphs=False)
     # the graphed engine's set-up: one scratch block past the pool, the padding row of the tables on it
-    engine.cache = PagedKVCache(model.config, engine.blocks, scratch_blocks=1)
+    engine.cache = PagedKVCache(model.config, engine.blocks, model.lm_head.weight.dtype, model.lm_head.weight.device,
+                                scratch_blocks=1)
     engine._tables[4] = 30
     for i, p in enumerate(prompts[:3]):
         engine.add_request(i, p, 5)
@@ -188,12 +199,13 @@ def test_padding_rows_of_a_decode_bucket_touch_only_the_scratch_block(tiny, prom
     reqs = engine.scheduler.running
     tokens, lens = [r.output[-1] for r in reqs], [r.num_tokens for r in reqs]
     rows = [engine._table_row(r) for r in reqs]
-    plain = engine._decode_step(padded_stage(tokens, lens, rows, 3, [0, 1, 4])).tolist()
+    dev = model.lm_head.weight.device
+    plain = engine._decode_step(padded_stage(tokens, lens, rows, 3, [0, 1, 4]).to(dev)).tolist()
     k_plain = engine.cache.k.clone()
     assert not k_plain[:, 30].any()                                     # nothing in the scratch block yet
     stage = padded_stage(tokens, lens, rows, 4, [0, 1, 4])
     assert stage[:, 3].tolist() == [0, 1, 4]
-    padded = engine._decode_step(stage).tolist()
+    padded = engine._decode_step(stage.to(dev)).tolist()
     assert padded[:3] == plain
     torch.testing.assert_close(engine.cache.k[:, :30], k_plain[:, :30], atol=1e-5, rtol=1e-5)
     assert engine.cache.k[:, 30, 0].any() and not engine.cache.k[:, 30, 1:].any()   # slot 0 of the scratch block

@@ -169,10 +169,10 @@ def test_choose_num_splits():
     from llmsys_lab.kernels.paged_attention import INTERPRETER_SPLITS, choose_num_splits
 
     assert choose_num_splits(1, 8, 4096, None) == INTERPRETER_SPLITS             # no GPU: a fixed small number
-    assert choose_num_splits(1, 8, 4096, 132) == 16                               # ceil(264 / 8) = 33, but >= 256 tokens per split
+    assert choose_num_splits(1, 8, 4096, 132) == 32                               # ceil(264 / 8) = 33, but >= 128 tokens per split
     assert choose_num_splits(8, 8, 4096, 132) == 5                                # ceil(2 x 132 / 64)
     assert choose_num_splits(32, 8, 2048, 132) == 1                               # 256 programs fill 132 SMs
-    assert choose_num_splits(1, 8, 512, 132) == 2                                 # >= 256 tokens per split
+    assert choose_num_splits(1, 8, 512, 132) == 4                                 # >= 128 tokens per split
     assert choose_num_splits(1, 8, 100, 132) == 1
     assert choose_num_splits(1, 1, 1 << 20, 132) == 32                            # capped at max_splits
 
