@@ -109,3 +109,11 @@ def test_bad_model_or_layer_is_named(tiny_moe):
         RoutingView.record(dense, tok, TEXT)
     with pytest.raises(ConfigError, match=r"x must be \(tokens, hidden\) = \(2, 128\)"):
         RoutingView(["a", "b"], torch.zeros(3, 128), torch.zeros(8, 128))
+
+
+def test_missing_bundled_model_names_the_training_command(monkeypatch, tmp_path):
+    import llmsys_lab.moe as moe
+
+    monkeypatch.setattr(moe, "TINY_MOE_PATH", tmp_path / "llmsys-tiny-moe")
+    with pytest.raises(FileNotFoundError, match="scripts/train_tiny_moe.py"):
+        moe.load_tiny_moe()
