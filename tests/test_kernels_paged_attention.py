@@ -134,7 +134,7 @@ def test_split_kv_automatic_choice_runs_the_split_path(device):
     torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, bt, cl), atol=2e-5, rtol=2e-5)
 
 
-def test_merge_kernel_equals_lesson_06_merge_of_the_same_partials():
+def test_merge_kernel_equals_lesson_06_merge_of_the_same_partials(device):
     """The Triton merge against merge_splits_reference (llmsys_lab.flash.merge_stats folded over splits),
     on partials with empty ranges (lse = -inf) and a row whose ranges are all empty."""
     from llmsys_lab.kernels.paged_attention import _merge_splits_kernel, merge_splits_reference, triton
@@ -147,7 +147,8 @@ def test_merge_kernel_equals_lesson_06_merge_of_the_same_partials():
     part[0, 1, 2] = 0
     lse[1, 2] = float("-inf")
     part[1, 2] = 0
-    out = torch.empty(b, h, d)
+    part, lse = part.to(device), lse.to(device)           # the kernel runs where Triton compiles: the GPU if any
+    out = torch.empty(b, h, d, device=device)
     _merge_splits_kernel[(b, h)](part, lse, out, h, out.stride(0), out.stride(1), NUM_SPLITS=s,
                                  SPLITS_PAD=triton.next_power_of_2(s), HEAD_DIM=d)
     ref = merge_splits_reference(part, lse)

@@ -311,12 +311,12 @@ def test_tile_schedule_covers_each_slice_once():
     assert group.tolist() == [0, 2, 2, 2] and row.tolist() == [0, 5, 13, 21] and offsets.tolist() == [0, 5, 5, 22]
 
 
-def test_triton_dispatch_equals_sorted_and_is_forward_only():
+def test_triton_dispatch_equals_sorted_and_is_forward_only(device):
     torch.manual_seed(0)
-    moe = MoE(MoEConfig(H, I, E, shared_expert_size=16))
-    x = torch.randn(29, H)
+    moe = MoE(MoEConfig(H, I, E, shared_expert_size=16)).to(device)     # the kernel runs where Triton compiles
+    x = torch.randn(29, H, device=device)
     with torch.no_grad():
-        assert torch.allclose(moe(x, "triton"), moe(x, "sorted"), atol=1e-5)
+        assert torch.allclose(moe(x, "triton"), moe(x, "sorted"), atol=1e-4)
     with pytest.raises(ConfigError, match="forward-only"):
         moe(x, "triton")
 
