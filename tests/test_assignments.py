@@ -106,7 +106,7 @@ def graded(tmp_path_factory):
 def test_there_are_six_assignments():
     assert [n.split("/")[0] for n in NAMES] == ["01_attention", "02_estimators", "03_kv_cache", "04_paged_kv",
                                                 "05_continuous_batching", "06_flash_attention", "08_parallelism",
-                                                "10_speculative_decoding"]
+                                                "09_moe", "10_speculative_decoding"]
 
 
 @pytest.mark.parametrize("name", NAMES)
