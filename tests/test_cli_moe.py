@@ -127,3 +127,29 @@ def test_dense_presets_keep_their_default_precision(capsys):
     assert code == 0, err
     e = json.loads(out)
     assert e["precision"] == "mixed" and "kind" not in e
+
+
+def test_expected_experts_touched_matches_sampled_uniform_routing():
+    """E (1 - (1 - k/E)^B) against B tokens that each pick k distinct experts uniformly at random."""
+    from llmsys_lab.estimators.moe import expected_experts_touched
+
+    g = torch.Generator().manual_seed(0)
+    for E, k, B in ((8, 2, 1), (8, 2, 3), (60, 4, 5), (60, 4, 16)):
+        picks = torch.rand(4000, B, E, generator=g).argsort(-1)[..., :k]            # (trials, B, k)
+        touched = torch.zeros(4000, E).scatter_(1, picks.reshape(4000, -1), 1.0).sum(1).mean()
+        assert expected_experts_touched(E, k, B) == pytest.approx(float(touched), rel=0.02), (E, k, B)
+    assert expected_experts_touched(8, 2, 0) == 0
+    with pytest.raises(ValueError, match="tokens"):
+        expected_experts_touched(8, 2, -1)
+
+
+def test_decode_of_one_sequence_reads_only_the_active_weights():
+    from llmsys_lab.estimators.memory import kv_bytes_per_token
+    from llmsys_lab.estimators.moe import moe_decode_cost, moe_param_breakdown
+
+    cfg = MOE_PRESETS["mixtral-8x7b"]
+    cost = moe_decode_cost(cfg, 1, 1000, "bf16")
+    active = moe_param_breakdown(cfg)["active"]
+    assert cost.bytes == pytest.approx(2 * active + 1001 * kv_bytes_per_token(cfg.base, "bf16"))
+    big = moe_decode_cost(cfg, 256, 1000, "bf16")                                    # 256 tokens touch all 8
+    assert big.bytes == pytest.approx(2 * moe_param_breakdown(cfg)["total"] + 256 * 1001 * kv_bytes_per_token(cfg.base, "bf16"))
