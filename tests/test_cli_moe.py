@@ -43,7 +43,8 @@ def test_mixtral_params_equal_transformers_model(mixtral_json):
     p = mixtral_json["params"]
     assert p["total"] == total and p["active"] == total - unused
     assert round(p["total"] / 1e9, 1) == 46.7 and round(p["active"] / 1e9, 1) == 12.9   # Mixtral's paper: 47B / 13B
-    assert mixtral_json["kind"] == "moe" and mixtral_json["moe"]["num_experts"] == 8 and mixtral_json["moe"]["top_k"] == 2
+    assert mixtral_json["kind"] == "moe"
+    assert mixtral_json["moe"]["num_experts"] == 8 and mixtral_json["moe"]["top_k"] == 2
 
 
 def test_mixtral_memory_and_flops_per_token(mixtral_json):
@@ -152,4 +153,5 @@ def test_decode_of_one_sequence_reads_only_the_active_weights():
     active = moe_param_breakdown(cfg)["active"]
     assert cost.bytes == pytest.approx(2 * active + 1001 * kv_bytes_per_token(cfg.base, "bf16"))
     big = moe_decode_cost(cfg, 256, 1000, "bf16")                                    # 256 tokens touch all 8
-    assert big.bytes == pytest.approx(2 * moe_param_breakdown(cfg)["total"] + 256 * 1001 * kv_bytes_per_token(cfg.base, "bf16"))
+    kv = 256 * 1001 * kv_bytes_per_token(cfg.base, "bf16")
+    assert big.bytes == pytest.approx(2 * moe_param_breakdown(cfg)["total"] + kv)

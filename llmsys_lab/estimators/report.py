@@ -159,7 +159,7 @@ def format_moe_report(cfg, batch: int = 1, seq: int = 4096, dtype: str = "bf16",
     from .moe import format_dense_vs_moe, moe_forward_flops_table
 
     e = estimate_moe(cfg, batch, seq, dtype, gpu, causal)
-    p, m, g_mem = e["params"], e["moe"], get_gpu(gpu).memory
+    p, m, g_mem, touched = e["params"], e["moe"], get_gpu(gpu).memory, e["experts_touched_per_layer"]
     shared = f" + a shared expert of {m['shared_expert_size']}" if m["shared_expert_size"] else ""
     lines = [f"{cfg.name}: batch {batch}, sequence {seq}, {dtype}, {gpu}" + (", causal" if causal else ""),
              f"MoE: {m['num_experts']} experts of intermediate size {m['expert_intermediate_size']}, top-{m['top_k']}"
@@ -168,7 +168,8 @@ def format_moe_report(cfg, batch: int = 1, seq: int = 4096, dtype: str = "bf16",
     lines += ["", "parameters (total: stored; active: used by one token)"]
     lines += [f"  {k:<11}{v:>16,}" for k, v in p.items()]
     lines += [f"  active / total = {e['active_fraction']:.3f}",
-              "", f"forward FLOPs ({'causal' if causal else 'non-causal'} attention; each token runs {m['top_k']} experts)",
+              "", f"forward FLOPs ({'causal' if causal else 'non-causal'} attention; "
+                  f"each token runs {m['top_k']} experts)",
               format_flops_table(moe_forward_flops_table(cfg, batch, seq, causal), cfg.base),
               f"= {e['forward_flops'] / 1e12:.2f} TFLOPs forward, {e['forward_flops_per_token'] / 1e9:.2f} GFLOPs "
               f"per token (active), {3 * e['forward_flops'] / 1e12:.2f} TFLOPs training",
@@ -179,9 +180,10 @@ def format_moe_report(cfg, batch: int = 1, seq: int = 4096, dtype: str = "bf16",
               f"  KV cache per token  {e['kv_bytes_per_token'] / 1024:9.1f} KiB",
               f"  KV cache / request  {e['kv_bytes_per_request'] / GiB:9.3f} GiB  ({seq} tokens)",
               f"  max batch on {gpu}: {e['max_batch_on_gpu']} sequences of {seq} tokens"
-              + (f" (the weights alone do not fit in its {g_mem / GiB:.0f} GiB)" if e["weights_bytes"] >= g_mem else ""),
-              f"  experts touched per layer (uniform routing): prefill {e['experts_touched_per_layer']['prefill']:.1f}, "
-              f"decode {e['experts_touched_per_layer']['decode']:.2f} of {m['num_experts']}",
+              + (f" (the weights alone do not fit in its {g_mem / GiB:.0f} GiB)"
+                 if e["weights_bytes"] >= g_mem else ""),
+              f"  experts touched per layer (uniform routing): prefill {touched['prefill']:.1f}, "
+              f"decode {touched['decode']:.2f} of {m['num_experts']}",
               f"  arithmetic intensity: prefill {e['arithmetic_intensity']['prefill']:.1f}, "
               f"decode {e['arithmetic_intensity']['decode']:.1f} FLOPs/byte "
               f"(ridge {e['arithmetic_intensity']['ridge']:.1f}): prefill {e['bound']['prefill']}-bound, "
