@@ -10,14 +10,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="check versions, device and Triton mode; list fixes")
     est = sub.add_parser("estimate", help="parameters, FLOPs, memory and roofline of a model preset")
-    est.add_argument("model", nargs="?", help="preset name, e.g. llama-2-7b (see --list)")
+    est.add_argument("model", nargs="?", help="preset name, e.g. llama-2-7b or mixtral-8x7b (see --list)")
     est.add_argument("--list", action="store_true", help="list the model presets and GPUs, then exit")
     est.add_argument("--batch", type=int, default=1)
     est.add_argument("--seq", type=int, default=4096)
     est.add_argument("--dtype", default="bf16")
     est.add_argument("--gpu", default="A100-80GB")
     est.add_argument("--causal", action="store_true", help="count only the causal half of attention")
-    est.add_argument("--precision", default="mixed", help="training precision: fp32, mixed (bf16 autocast), mixed-zero")
+    est.add_argument("--precision", default=None, help="training precision: fp32, mixed (bf16 autocast; the "
+                     "default), mixed-zero (dense presets only)")
     est.add_argument("--json", action="store_true", help="print JSON instead of tables")
     from .parallel.estimate import add_arguments as add_parallel_arguments
     add_parallel_arguments(est)          # --tp --pp --dp --zero --micro-batches
@@ -49,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 def _estimate(args) -> int:
     import json
 
+    from .estimators.moe import MoEModelConfig
     from .estimators.report import estimate, format_listing, format_report
-    from .presets import get_preset
+    from .presets import resolve_preset
     from .parallel.estimate import ParallelPlan, estimate_parallel, report_from_args
     from .validate import ConfigError
 
@@ -61,10 +63,12 @@ def _estimate(args) -> int:
         print("error: name a model preset (python -m llmsys_lab estimate --list shows them)", file=sys.stderr)
         return 2
     try:
-        cfg = get_preset(args.model)
-        kw = dict(causal=args.causal, precision=args.precision)
+        cfg = resolve_preset(args.model)
         plan = ParallelPlan(args.tp, args.pp, args.dp, args.zero, args.micro_batches)
         parallel = not (plan.devices == 1 and plan.zero == 0 and plan.micro_batches == 1)
+        if isinstance(cfg, MoEModelConfig):
+            return _estimate_moe(cfg, args, parallel)
+        kw = dict(causal=args.causal, precision=args.precision or "mixed")
         if args.json:
             result = estimate(cfg, args.batch, args.seq, args.dtype, args.gpu, **kw)
             if parallel:
@@ -79,6 +83,28 @@ def _estimate(args) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _estimate_moe(cfg, args, parallel: bool) -> int:
+    """An MoE preset: parameters (total and active), FLOPs, weight and KV memory, dense vs MoE. What the
+    dense report has and this one does not (training memory, parallel plans) is refused, not ignored."""
+    import json
+
+    from .estimators.report import estimate_moe, format_moe_report
+    from .validate import ConfigError
+
+    if parallel:
+        raise ConfigError(f"{cfg.name} is an MoE preset: parallel plans (--tp/--pp/--dp/--zero/--micro-batches) are "
+                          "estimated for dense presets only (expert parallelism: llmsys_lab.parallel.expert_parallel, "
+                          "lesson 09)")
+    if args.precision is not None:
+        raise ConfigError(f"{cfg.name} is an MoE preset: training memory is estimated for dense presets only, so "
+                          f"--precision {args.precision} has nothing to change")
+    if args.json:
+        print(json.dumps(estimate_moe(cfg, args.batch, args.seq, args.dtype, args.gpu, args.causal), indent=1))
+    else:
+        print(format_moe_report(cfg, args.batch, args.seq, args.dtype, args.gpu, args.causal))
     return 0
 
 

@@ -38,3 +38,19 @@ def get_preset(name: str) -> ModelConfig:
     close = difflib.get_close_matches(key, PRESETS, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"unknown model preset {name!r}.{hint} Known presets: {', '.join(PRESETS)}")
+
+
+def resolve_preset(name: str):
+    """A dense preset (``ModelConfig``) or an MoE preset (``estimators.moe.MoEModelConfig``) by name,
+    case-insensitive; an unknown name gets both lists and a suggestion (the CLI's ``estimate``)."""
+    from .estimators.moe import MOE_PRESETS
+
+    key = name.lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    if key in MOE_PRESETS:
+        return MOE_PRESETS[key]
+    close = difflib.get_close_matches(key, [*PRESETS, *MOE_PRESETS], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown model preset {name!r}.{hint} Known presets: {', '.join(PRESETS)}; "
+                      f"MoE presets: {', '.join(MOE_PRESETS)}")

@@ -82,9 +82,11 @@ def moe_param_breakdown(cfg: MoEModelConfig) -> dict[str, int]:
     return parts
 
 
-def moe_forward_flops_table(cfg: MoEModelConfig, batch: int = 1, seq: int = 4096, causal: bool = False) -> list[FlopRow]:
-    """The dense table's attention, norm, residual and LM-head rows, with the MLP rows replaced by the MoE's."""
-    rows = [r for r in forward_flops_table(cfg.base, batch, seq, causal) if r.category != "mlp"]
+def moe_forward_flops_table(cfg: MoEModelConfig, batch: int = 1, seq: int = 4096, causal: bool = False,
+                            past: int = 0) -> list[FlopRow]:
+    """The dense table's attention, norm, residual and LM-head rows, with the MLP rows replaced by the MoE's.
+    past: tokens already in the KV cache (decode: seq=1, past=context), as in ``forward_flops_table``."""
+    rows = [r for r in forward_flops_table(cfg.base, batch, seq, causal, past=past) if r.category != "mlp"]
     b, s, h, m = batch, seq, cfg.base.hidden_size, cfg.moe
     i, k, E = m.intermediate_size, m.top_k, m.num_experts
     moe_rows = [
@@ -111,6 +113,49 @@ def moe_forward_flops(cfg: MoEModelConfig, batch: int = 1, seq: int = 4096, caus
                       matmul_only: bool = False) -> int:
     return sum(r.total(cfg.base.num_layers) for r in moe_forward_flops_table(cfg, batch, seq, causal)
                if r.matmul or not matmul_only)
+
+
+def expected_experts_touched(num_experts: int, top_k: int, tokens: int) -> float:
+    """Expected number of distinct experts that `tokens` tokens route to in one layer, each token choosing
+    k of the E experts uniformly at random: E (1 - (1 - k/E)^tokens). One token touches exactly k; a
+    few dozen tokens already touch nearly all E, so a batched decode step reads every expert's weights.
+    (A real router is not uniform; this is the model of the estimate, not a measurement.)"""
+    if tokens < 0:
+        raise ConfigError(f"tokens must be >= 0, got {tokens}")
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def moe_weight_bytes_read(cfg: MoEModelConfig, tokens: int, dtype: str = "bf16") -> float:
+    """Weight bytes one forward step over `tokens` tokens reads: everything but the routed experts, plus the
+    experts those tokens are expected to touch (``expected_experts_touched``) in every layer."""
+    from .memory import dtype_bytes
+
+    p, m, L = moe_param_breakdown(cfg), cfg.moe, cfg.base.num_layers
+    per_expert = 3 * m.hidden_size * m.intermediate_size
+    routed = L * m.num_experts * per_expert
+    touched = L * expected_experts_touched(m.num_experts, m.top_k, tokens) * per_expert
+    return (p["total"] - routed + touched) * dtype_bytes(dtype)
+
+
+def moe_prefill_cost(cfg: MoEModelConfig, batch: int, prompt: int, dtype: str = "bf16"):
+    """Roofline cost of a prefill (as ``roofline.prefill_cost``): the experts the prompt tokens touch are read."""
+    from .memory import kv_bytes_per_token
+    from .roofline import StepCost
+
+    moved = moe_weight_bytes_read(cfg, batch * prompt, dtype) + batch * prompt * kv_bytes_per_token(cfg.base, dtype)
+    return StepCost("prefill", moe_forward_flops(cfg, batch, prompt, causal=True), moved)
+
+
+def moe_decode_cost(cfg: MoEModelConfig, batch: int, context: int, dtype: str = "bf16"):
+    """Roofline cost of one decode step (as ``roofline.decode_cost``): `batch` new tokens touch
+    E (1 - (1 - k/E)^batch) experts per layer; every sequence's KV cache is read."""
+    from .memory import kv_bytes_per_token
+    from .roofline import StepCost
+
+    rows = moe_forward_flops_table(cfg, batch, 1, causal=True, past=context)
+    flops = sum(r.total(cfg.base.num_layers) for r in rows)
+    moved = moe_weight_bytes_read(cfg, batch, dtype) + batch * (context + 1) * kv_bytes_per_token(cfg.base, dtype)
+    return StepCost("decode", flops, moved)
 
 
 def dense_equivalent(cfg: MoEModelConfig) -> ModelConfig:
