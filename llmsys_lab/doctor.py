@@ -40,6 +40,9 @@ WITHOUT_TRITON = [
                   "instead of the Triton kernel (Engine.attention_path says which ran)"),
     ("lesson 06", "the Triton kernels (softmax, the four FlashAttention steps, the forward/backward "
                   "kernel) do not run; their source is shown and the PyTorch tiled version runs"),
+    ("lesson 07", "the split-KV paged decode kernel and the fused residual add + RMSNorm kernel are not run; "
+                  "the log-sum-exp merge runs in PyTorch and every GPU measurement is read from stored results"),
+    ("lesson 09", "the Triton grouped-GEMM dispatch is not run; the loop and sorted dispatches are"),
     ("assignment 06", "the kernel parts are \"not gradable on this machine\" (neither passed nor failed)"),
     ("assignment 07", "the fused-kernel part is \"not gradable on this machine\"; the split-KV merge is graded"),
 ]

@@ -53,7 +53,7 @@ def test_without_triton_off_linux_the_doctor_lists_limits_not_problems(monkeypat
     assert report.ok, report.problems
     assert report.versions["triton"] is None and report.triton.startswith("unavailable")
     assert [where for where, _ in report.limited] == ["lesson 00", "lesson 04", "lesson 05", "lesson 06",
-                                                      "assignment 06", "assignment 07"]
+                                                      "lesson 07", "lesson 09", "assignment 06", "assignment 07"]
     assert "limited on this machine:" in str(report) and "not gradable on this machine" in str(report)
 
 
@@ -74,3 +74,20 @@ def test_triton_is_not_required_where_its_marker_excludes_it(monkeypatch):
     env = {**default_environment(), "sys_platform": "darwin"}
     monkeypatch.setattr("packaging.markers.default_environment", lambda: env)
     assert "triton" not in doctor_mod._required_ranges() and "torch" in doctor_mod._required_ranges()
+
+
+def test_every_lesson_and_assignment_that_skips_triton_work_is_listed():
+    """A notebook that prints "Triton unavailable: ..." somewhere (triton_note) must be in the doctor's list."""
+    from pathlib import Path
+
+    from llmsys_lab.doctor import WITHOUT_TRITON
+
+    root = Path(__file__).resolve().parent.parent
+    listed = {where for where, _ in WITHOUT_TRITON}
+    found = set()
+    for kind, pattern in (("lesson", "notebooks/[0-9]*.ipynb"), ("assignment", "solutions/[0-9]*/*.ipynb")):
+        for nb in root.glob(pattern):
+            if "triton_note(" in nb.read_text():
+                number = (nb.name if kind == "lesson" else nb.parent.name)[:2]
+                found.add(f"{kind} {number}")
+    assert found and found <= listed, f"not in doctor.WITHOUT_TRITON: {sorted(found - listed)}"
