@@ -100,6 +100,15 @@ class StopAfter(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.calls >= self.steps, dtype=torch.bool, device=input_ids.device)
 
 
+def record_latencies(clock, limits, start, ttft, tpot) -> None:
+    """A static batch's requests, timed by the batch's step clock: each one's first token came at the first step
+    (TTFT from `start`, when every request arrived), and its own last token at step limits[i] (TPOT over the rest)."""
+    for n in limits:
+        ttft.append(clock.times[0] - start)
+        if n > 1:
+            tpot.append((clock.times[n - 1] - clock.times[0]) / (n - 1))
+
+
 def hf_static(hf, prompts, limits, batch):
     """(a) Static batches in arrival order; the whole batch runs until its longest request is done.
     Request i's token k counts as delivered when step k of its batch finishes (as if streamed)."""
@@ -116,10 +125,7 @@ def hf_static(hf, prompts, limits, batch):
         hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(ls), do_sample=False,
                     pad_token_id=0, eos_token_id=None, stopping_criteria=StoppingCriteriaList([clock]))
         useful += sum(ls)
-        for n in ls:
-            ttft.append(clock.times[0] - start)
-            if n > 1:
-                tpot.append((clock.times[n - 1] - clock.times[0]) / (n - 1))
+        record_latencies(clock, ls, start, ttft, tpot)
     sync()
     return {"seconds": time.perf_counter() - start, "tokens": useful, **latency_stats(ttft, tpot)}
 
@@ -172,10 +178,7 @@ def hf_static_compiled(hf, prompts, limits, batch, max_len, time_limit=600.0, wa
         clock = StepClock()
         hf.generate(input_ids=ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
         useful += sum(ls)
-        for n in ls:
-            ttft.append(clock.times[0] - start)
-            if n > 1:
-                tpot.append((clock.times[n - 1] - clock.times[0]) / (n - 1))
+        record_latencies(clock, ls, start, ttft, tpot)
     sync()
     seconds = time.perf_counter() - start
     # what torch.compile did: graphs made in the warm-up, and any made while the clock ran (their compile

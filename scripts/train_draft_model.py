@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from train_tiny_model import encode, read_texts, split_corpus  # noqa: E402
+from train_tiny_model import bundled_tokens  # noqa: E402
 
 
 def draft_config():
@@ -50,16 +50,11 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     from llmsys_lab.model import TINY_MODEL_PATH
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_PATH)
-    train_docs, val_docs = split_corpus(read_texts(args.corpus))
-    train_ids, val_ids = encode(tokenizer, train_docs), encode(tokenizer, val_docs)
-    print(f"{len(train_ids):,} training tokens, {len(val_ids):,} validation tokens, device {device}")
+    device, tokenizer, train_ids, val_ids = bundled_tokens(args.corpus, args.seed, args.device)
 
     target = AutoModelForCausalLM.from_pretrained(TINY_MODEL_PATH, dtype=torch.float32).to(device).eval()
     hf_cfg = draft_config().to_hf()

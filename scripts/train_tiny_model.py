@@ -82,6 +82,23 @@ def encode(tokenizer, docs: list[str]):
     return torch.tensor(ids, dtype=torch.long)
 
 
+def bundled_tokens(corpus: Path, seed: int, device: str | None):
+    """(device, tokenizer, train_ids, val_ids) with llmsys-tiny's own tokenizer and split: what the models
+    trained next to it (the draft model, the MoE variant) start from, so they share its vocabulary."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmsys_lab.model import TINY_MODEL_PATH
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_PATH)
+    train_docs, val_docs = split_corpus(read_texts(corpus))
+    train_ids, val_ids = encode(tokenizer, train_docs), encode(tokenizer, val_docs)
+    print(f"{len(train_ids):,} training tokens, {len(val_ids):,} validation tokens, device {device}")
+    return device, tokenizer, train_ids, val_ids
+
+
 def train_model(tokenizer, train_ids, val_ids, out: Path, steps: int, batch: int, seq: int, lr: float,
                 device: str, seed: int) -> dict:
     import torch

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from train_tiny_model import encode, read_texts, split_corpus  # noqa: E402
+from train_tiny_model import bundled_tokens  # noqa: E402
 
 OUT = ROOT / "llmsys_lab/models/llmsys-tiny-moe"
 
@@ -89,19 +89,13 @@ def main() -> int:
     import torch.nn.functional as F
 
     import llmsys_lab  # noqa: F401  (before transformers: sets Triton up on machines without a GPU)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig, MixtralForCausalLM
 
     from llmsys_lab.estimators.moe import moe_param_breakdown
-    from llmsys_lab.model import TINY_MODEL_PATH
     from llmsys_lab.moe import (MoE, load_balancing_loss, load_stats, mixtral_from_hf, moe_llama, router_logits_of,
                                 router_z_loss)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_PATH)
-    train_docs, val_docs = split_corpus(read_texts(args.corpus))
-    train_ids, val_ids = encode(tokenizer, train_docs), encode(tokenizer, val_docs)
-    print(f"{len(train_ids):,} training tokens, {len(val_ids):,} validation tokens, device {device}")
+    device, tokenizer, train_ids, val_ids = bundled_tokens(args.corpus, args.seed, args.device)
 
     cfg = moe_model_config()
     model = moe_llama(cfg.base, cfg.moe).to(device)
