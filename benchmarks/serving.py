@@ -7,7 +7,8 @@
 (c) the kit's engine, static batching; (d) the kit's engine, continuous batching on the paged cache;
 (e) transformers' fastest documented single-GPU path: `generate` with a static KV cache
     (`cache_implementation="static"`), which makes `generate` torch.compile the decode step
-    (mode "reduce-overhead": CUDA graphs), in static batches as (a).
+    (mode "reduce-overhead": CUDA graphs), in static batches as (a);
+(f) = (d) with CUDA graphs off (every iteration launched from Python), to show what graphs are worth.
 
 Every system reports TTFT and TPOT percentiles (p50, p90, p99); a system that cannot run (version,
 error, time limit) is reported with the reason instead of numbers.
@@ -23,6 +24,7 @@ benchmarks/results/serving.json with a hardware fingerprint.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import sys
 import time
@@ -238,17 +240,22 @@ def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens, timeout=120
     return {"seconds": seconds, "tokens": tokens, "attention": attention, **latency_stats(ttft, tpot)}
 
 
-def kit(model, prompts, limits, num_blocks, policy, max_batch, token_budget):
+def kit(model, prompts, limits, num_blocks, policy, max_batch, token_budget, cuda_graphs=None):
     sync()
+    # CUDA graphs are captured before the clock starts (a server's start-up; (e) compiles in an
+    # untimed warm-up, (b) warms up before its clock too); the row says how long that took
     engine, done = serve(model, prompts, limits, num_blocks=num_blocks, block_size=BLOCK, policy=policy,
-                         max_batch=max_batch, token_budget=token_budget, eos_token_id=None)
+                         max_batch=max_batch, token_budget=token_budget, eos_token_id=None, capture_graphs=True,
+                         cuda_graphs=cuda_graphs)
     sync()
     s = summarize(list(done.values()), engine.log[-1]["seconds"])
     util = sum(x["kv_used"] for x in engine.log) / sum(x["kv_reserved"] for x in engine.log)
     return {"seconds": s["duration"], "tokens": s["output_tokens"],
             **{f"{k}_p{p}": s[k][f"p{p}"] for k in ("ttft", "tpot") for p in PERCENTILES},
             "kv_utilisation": util, "iterations": engine.iteration,
-            "cuda_graphs": bool(getattr(engine, "cuda_graphs", False))}
+            "cuda_graphs": bool(getattr(engine, "cuda_graphs", False)),
+            "graphed_iterations": sum(bool(x.get("graph")) for x in engine.log),
+            "capture_seconds": engine.capture_seconds}
 
 
 def run_suite(name, hf, kit_model, prompts, limits, max_len, seqs_in_budget, compile_limit=600.0):
@@ -258,18 +265,28 @@ def run_suite(name, hf, kit_model, prompts, limits, max_len, seqs_in_budget, com
           f"({seqs_in_budget} sequences of {max_len}), block size {BLOCK}", flush=True)
     rows = {}
     # (e) runs before (b): transformers' continuous batching switches the model's attention to its paged
-    # implementation, and (e) must run on the model as (a) did
+    # implementation, and (e) must run on the model as (a) did. Between systems the previous one's memory
+    # is released (gc: an engine and its graphs form a reference cycle), and the log says what is held.
     systems = [
         ("(a) HF generate, static batches", lambda: hf_static(hf, prompts, limits, seqs_in_budget)),
         ("(e) HF static cache + compile", lambda: hf_static_compiled(hf, prompts, limits, seqs_in_budget, max_len,
                                                                          time_limit=compile_limit)),
-        ("(b) HF continuous batching", lambda: hf_continuous(hf, prompts, limits, num_blocks, 4096)),
         # static: a batch is admitted at once, so its whole prefill must fit one iteration (as in generate)
         ("(c) kit engine, static", lambda: kit(kit_model, prompts, limits, num_blocks, "static", seqs_in_budget,
                                                seqs_in_budget * max(map(len, prompts)))),
         ("(d) kit engine, continuous", lambda: kit(kit_model, prompts, limits, num_blocks, "continuous", 256, 4096)),
+        # (d) without CUDA graphs: what replaying whole iterations is worth, in the same run
+        ("(f) kit engine, continuous, no CUDA graphs",
+         lambda: kit(kit_model, prompts, limits, num_blocks, "continuous", 256, 4096, cuda_graphs=False)),
+        # last: its manager keeps GPU memory after it is destroyed, which the kit rows would lose
+        ("(b) HF continuous batching", lambda: hf_continuous(hf, prompts, limits, num_blocks, 4096)),
     ]
     for label, fn in systems:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            print(f"  [{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated before {label.split(' ', 1)[0]}]",
+                  flush=True)
         try:
             r = fn()
             r["throughput"] = r["tokens"] / r["seconds"]
@@ -277,12 +294,12 @@ def run_suite(name, hf, kit_model, prompts, limits, max_len, seqs_in_budget, com
             r = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         rows[label] = r
         if "error" in r:
-            print(f"  {label:<34} FAILED: {r['error']}", flush=True)
+            print(f"  {label:<44} FAILED: {r['error']}", flush=True)
         else:
             extra = "".join(f"  {k} {r[k] * 1e3:.0f}ms" for k in
                             [f"{m}_p{p}" for m in ("ttft", "tpot") for p in PERCENTILES] if k in r)
             util = f"  KV util {r['kv_utilisation']:.0%}" if "kv_utilisation" in r else ""
-            print(f"  {label:<34} {r['throughput']:>9.0f} tok/s  ({r['seconds']:.1f} s){extra}{util}", flush=True)
+            print(f"  {label:<44} {r['throughput']:>9.0f} tok/s  ({r['seconds']:.1f} s){extra}{util}", flush=True)
     rows = dict(sorted(rows.items()))                     # (a) .. (e), whatever order they ran in
     base = rows["(a) HF generate, static batches"].get("throughput")
     for label, r in rows.items():

@@ -1,17 +1,29 @@
-"""CUDA graphs for the engine's decode iterations: launch a whole forward pass with one call.
+"""CUDA graphs for the engine's iterations: launch a whole forward pass with one call.
 
-A decode iteration of a small model is a few hundred tiny kernels (per layer: norms, four
-projections, RoPE, the K/V write, paged attention, the MLP); at small batch each takes a few
-microseconds on the GPU, while Python and the launch path take longer to issue it. A CUDA graph
-records the launches once and replays them with one call: no Python, no per-kernel launch cost.
+An iteration of a small model is a few hundred tiny kernels (per layer: norms, four projections,
+RoPE, the K/V write, paged attention, the MLP); at small batch each takes a few microseconds on the
+GPU, while Python and the launch path take longer to issue it. A CUDA graph records the launches
+once and replays them with one call: no Python, no per-kernel launch cost.
+
+What makes every iteration graphable, prefill chunks included, is that on the paged-kernel path
+**every packed token is a decode row**: a token at position p of its sequence is one query that
+attends to keys 0 .. p of its sequence, read through the sequence's block table, i.e. a row of the
+paged decode kernel with context length p + 1. Causality is in the context lengths; a prefill chunk
+of n tokens is n rows sharing one block table. So an iteration is fully described by three numbers
+per packed token (token id, context length, row of the block-table tensor), whatever mix of prefill
+and decode it holds. (Each prefill row re-reads its prefix: n^2 / 2 key reads for a chunk of n
+instead of n, served mostly from L2 at the chunk sizes an engine schedules; a varlen prefill kernel
+reads them once. Lesson 07 measures what this costs and what the graph saves.)
 
 A graph replays fixed kernels on fixed addresses, so:
 
-* **Buckets.** A graph is captured per decode batch size in ``decode_buckets(max_batch)``
-  (1, 2, 4, 8, 16, 32, 48, 64, ...); a batch of n runs the smallest bucket >= n, its extra rows
-  padding. Each graph is captured lazily, the first time its bucket is needed.
+* **Buckets.** A graph is captured per iteration size in ``graph_buckets(max_batch, max_tokens)``:
+  1, 2, 4, 8, 16, 32, 48, 64, ... up to max_batch (decode batches), then a quarter of each octave
+  (320, 384, 448, 512, 640, ...) up to max_tokens. An iteration of n packed tokens runs the smallest
+  bucket >= n, its extra rows padding. Each graph is captured the first time its bucket is needed,
+  or all of them up front with ``capture_all`` (what a server does at start-up).
 * **Static inputs.** Every input lives in one static (3, max bucket) int64 buffer: row 0 the tokens,
-  row 1 the context lengths (the new token included), row 2 the row of each request's block table in
+  row 1 the context lengths (the new token included), row 2 the row of each token's block table in
   the engine's device-side table. Positions, slots and block tables are derived from it inside the
   graph. Before a replay the engine copies the iteration's values into it (one host-to-device copy);
   padding rows point at a scratch block that no sequence owns, so their K/V writes land there, and
@@ -21,7 +33,8 @@ A graph replays fixed kernels on fixed addresses, so:
   under ``torch.cuda.graph``. Warm-up on the real inputs is harmless: it writes the same K/V to the same
   slots that the replay writes again.
 * **Memory.** All buckets' graphs share one memory pool (their intermediates overlap; they never
-  run at once, and a replay's output is read before the next replay).
+  run at once, and a replay's output is read before the next replay). ``capture_all`` captures the
+  largest bucket first, so the smaller ones fit in the memory it reserved.
 * **Nothing syncs inside.** The captured step checks nothing on the host that needs the device's
   values (the engine validated tokens and tables when it built them), and the paged kernel's split
   count is fixed per bucket, so its launch grid never changes between replays.
@@ -42,16 +55,48 @@ def decode_buckets(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+def graph_buckets(max_batch: int, max_tokens: int | None = None) -> list[int]:
+    """Iteration sizes to capture: the decode buckets up to max_batch, then steps of a quarter of the
+    power of two below (at least 16) up to max_tokens (prefill and mixed iterations)."""
+    sizes = decode_buckets(max_batch)
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        n = max_batch
+        while n < max_tokens:
+            step = max(16, (1 << (n.bit_length() - 1)) // 4)
+            n = min((n // step + 1) * step, max_tokens)
+            sizes.append(n)
+    return sizes
+
+
 def bucket_for(buckets: list[int], n: int) -> int:
     """The smallest bucket that holds n rows."""
     i = bisect.bisect_left(buckets, n)
     if n < 1 or i == len(buckets):
-        raise ValueError(f"a decode batch of {n} rows does not fit the buckets {buckets}")
+        raise ValueError(f"an iteration of {n} rows does not fit the buckets {buckets}")
     return buckets[i]
 
 
+def paged_rows(chunks) -> tuple[list[int], list[int], list[int], list[int]]:
+    """An iteration as paged-attention rows. `chunks`: (new token ids, position of the first, block-table
+    row) per request in batch order (a prefill chunk of n tokens, or a decode step's one token).
+    Returns tokens, context lengths, table rows (one entry per packed token: the token at position p
+    sees p + 1 keys) and `last`, the packed row of each request's last token (whose logits give its
+    next token)."""
+    tokens, lens, rows, last = [], [], [], []
+    for ids, start, row in chunks:
+        if not ids:
+            raise ValueError(f"a chunk with no tokens (table row {row})")
+        tokens += ids
+        lens += range(start + 1, start + len(ids) + 1)
+        rows += [row] * len(ids)
+        last.append(len(tokens) - 1)
+    return tokens, lens, rows, last
+
+
 def padded_stage(tokens: list[int], lens: list[int], rows: list[int], size: int, pad: list[int]) -> torch.Tensor:
-    """The (3, size) int64 stage of a decode batch of len(tokens) rows padded to `size` with `pad`
+    """The (3, size) int64 stage of an iteration of len(tokens) packed rows padded to `size` with `pad`
     columns (token, context length, table row): rows 0 tokens, 1 context lengths, 2 table rows."""
     fill = size - len(tokens)
     if fill < 0:
@@ -60,8 +105,8 @@ def padded_stage(tokens: list[int], lens: list[int], rows: list[int], size: int,
                         dtype=torch.int64)
 
 
-class DecodeGraphs:
-    """One CUDA graph per bucket of a decode step `step(stage) -> next tokens`, `stage` (3, bucket) int64.
+class IterationGraphs:
+    """One CUDA graph per bucket of an engine step `step(stage) -> next tokens`, `stage` (3, bucket) int64.
 
     `pad` is the stage column of a padding row (token, context length, table row): a row that reads
     and writes only the scratch block. ``run(tokens, lens, rows)`` pads the iteration's n rows to the
@@ -81,10 +126,27 @@ class DecodeGraphs:
         # one memory pool for every bucket's graph: they never run at the same time, and each one's
         # output is read before the next replay, so their intermediates may share addresses
         self.pool = torch.cuda.graph_pool_handle()
+        # one side stream for every warm-up: the caching allocator keeps freed memory per stream, so a
+        # new stream per capture would strand each warm-up's memory on its own stream
+        self.side = torch.cuda.Stream(device=device)
 
     @property
     def captured(self) -> list[int]:
         return sorted(self.graphs)
+
+    @property
+    def max_tokens(self) -> int:
+        """The largest iteration a graph can run; a larger one runs eagerly."""
+        return self.buckets[-1]
+
+    def capture_all(self) -> None:
+        """Capture every bucket now (largest first, so the smaller graphs reuse its memory), on padding
+        rows only: they write to the scratch block, no sequence's K/V changes."""
+        for size in reversed(self.buckets):
+            if size not in self.graphs:
+                stage = self.stage[:, :size]
+                stage.copy_(padded_stage([], [], [], size, self.pad))
+                self.graphs[size] = self._capture(stage)
 
     def run(self, tokens: list[int], lens: list[int], rows: list[int]) -> torch.Tensor:
         n = len(tokens)
@@ -98,7 +160,7 @@ class DecodeGraphs:
         return out[:n]
 
     def _capture(self, stage: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        side = torch.cuda.Stream(device=stage.device)
+        side = self.side
         side.wait_stream(torch.cuda.current_stream(stage.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):                    # compile / initialise outside the capture

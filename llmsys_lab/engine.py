@@ -4,33 +4,38 @@ Every iteration runs the requests the scheduler picked, prefill chunks and decod
 one forward pass with **selective batching** (Orca): the tokens of all requests are packed into
 one (total tokens, hidden) matrix for everything that does not mix positions (embedding, norms,
 Q/K/V and output projections, MLP, LM head), and only attention is per request: each request's
-queries attend to its own K/V, read through its block table. Decode rows go through the paged
-attention kernel (one launch for all of them); prefill chunks are laid side by side in one padded,
+queries attend to its own K/V, read through its block table. With the paged kernel (on a GPU, and
+wherever ``use_kernel=True``) every packed token is a row of the paged decode kernel: a token at
+position p attends to keys 0 .. p of its sequence, so a prefill chunk of n tokens is n rows sharing
+its block table and causality is in the context lengths (one launch per layer for the whole
+iteration). Without the kernel (the CPU default) prefill chunks are laid side by side in one padded,
 masked attention call. Only that attention call sees padding; the matmuls never do.
 
 **One forward pass.** The engine does not run the layers itself: it builds the iteration's layout,
-a ``PackedPagedBatch`` (positions, slot mapping, logit rows, the decode rows' block tables and
-context lengths, the prefill chunks' padded layout; llmsys_lab/forward_batch.py), and calls the
+a ``PackedPagedBatch`` (positions, slot mapping, each row's block table and context length, or the
+prefill chunks' padded layout; llmsys_lab/forward_batch.py), and calls the
 model, ``model(packed_token_ids, kv_cache=batch)``. The model's attention layers call the layout's
 ``attend``: the same ``LlamaLM`` / ``LlamaBlock`` / ``MultiHeadAttention`` code that ``generate``,
 ``paged_generate`` and speculative decoding run on the contiguous and paged caches.
 
-**CUDA graphs for decode** (llmsys_lab/cuda_graphs.py). When every scheduled row is a decode row
-and decode rows take the Triton paged kernel, the iteration is padded up to a bucket size (1, 2, 4,
-8, 16, 32, 48, ...; ``graph_buckets``) and replayed from a CUDA graph captured for that bucket (at
-its first use); padding rows write to a scratch block of the KV pool that no sequence owns, and
-their tokens are dropped. Prefill and mixed iterations run eagerly. ``cuda_graphs=None`` turns
-graphs on where they can run (a CUDA model with the paged kernel). Forward hooks do not run on a
-replay, so an iteration runs eagerly whenever a module of the model has a forward hook.
-``log[i]["graph"]`` says whether iteration i was replayed. The paged kernel's split count
-(``num_splits``) is fixed per bucket, eager or graphed, so both run the same kernels.
+**CUDA graphs** (llmsys_lab/cuda_graphs.py). On the Triton kernel path an iteration, decode, prefill
+or both, is three numbers per packed token (token, context length, block-table row), so it is
+padded up to a bucket size (1, 2, 4, 8, 16, 32, 48, ... up to max_batch, then steps of a quarter
+octave up to ``min(token_budget, max_graph_tokens)``; ``graph_buckets``) and replayed from a CUDA
+graph captured for that bucket (at its first use, or all at once with ``capture_graphs()``);
+padding rows write to a scratch block of the KV pool that no sequence owns, and their tokens are
+dropped. A larger iteration runs eagerly. ``cuda_graphs=None`` turns graphs on where they can run
+(a CUDA model with the paged kernel). Forward hooks do not run on a replay, so an iteration runs
+eagerly whenever a module of the model has a forward hook. ``log[i]["graph"]`` says whether
+iteration i was replayed. The paged kernel's split count (``num_splits``) is fixed per bucket,
+eager or graphed, so both run the same kernels.
 
 **Incremental host work.** Each running request owns a row of a device-side block-table tensor
 for as long as it runs; a row is uploaded only when the request's table changed (a new block, or
-a copy-on-write / prefix-cache swap of its last block), and released when the request leaves. A
-decode iteration then sends one (3, batch) tensor (tokens, context lengths, table rows) to the
-device; positions and slots are computed there. What stays per request is reading its last token
-and length (O(1) each); prefill chunks still list their keys' slots (they are new work anyway).
+a copy-on-write / prefix-cache swap of its last block), and released when the request leaves. An
+iteration then sends one (3, tokens) tensor (tokens, context lengths, table rows) to the device;
+positions and slots are computed there. What stays per request is reading its last token and
+length (O(1) each); prefill chunks list their new tokens (they are new work anyway).
 
 Finished requests (EOS or max_new_tokens) leave after the iteration and are returned at once
 (streaming); their blocks go back to the pool for the next admission. The engine only runs the
@@ -48,7 +53,7 @@ import time
 import torch
 
 from ._runtime import triton_available
-from .cuda_graphs import DecodeGraphs, bucket_for, decode_buckets
+from .cuda_graphs import IterationGraphs, bucket_for, graph_buckets, paged_rows
 from .forward_batch import PackedPagedBatch
 from .generate import check_token_ids
 from .paged import BlockManager
@@ -61,6 +66,7 @@ KERNEL_PATH = "triton paged decode kernel"
 REFERENCE_PATH = "pytorch reference of paged decode attention (Triton unavailable)"
 REFERENCE_BF16_PATH = "pytorch reference of paged decode attention (bf16 on a GPU below compute capability 8.0)"
 PADDED_PATH = "padded attention (no paged decode kernel)"
+MAX_GRAPH_TOKENS = 8192         # the largest iteration replayed from a CUDA graph, by default
 
 
 def decode_attention_path(use_kernel: bool, dtype=None, device=None) -> str:
@@ -96,10 +102,13 @@ class Engine:
     """Continuous batching on the paged KV cache (see the module docstring).
 
     use_kernel: decode rows through the Triton paged kernel (default: on a GPU only).
-    cuda_graphs: replay decode iterations from CUDA graphs; None = on when the model is on a CUDA GPU
-        and decode rows take the paged kernel; True elsewhere is an error (ValueError).
-        ``engine.cuda_graphs`` says what runs, ``engine.graph_buckets`` the decode batch sizes that are
-        captured (each at its first use; ``engine.graphs.captured`` lists those captured so far).
+    cuda_graphs: replay iterations from CUDA graphs; None = on when the model is on a CUDA GPU and
+        rows take the paged kernel; True elsewhere is an error (ValueError). ``engine.cuda_graphs``
+        says what runs, ``engine.graph_buckets`` the iteration sizes (packed tokens) that are captured
+        (each at its first use, or all by ``capture_graphs()``; ``engine.graphs.captured`` lists those
+        captured so far).
+    max_graph_tokens: the largest iteration replayed from a graph (its memory grows with the size);
+        larger ones (a long prefill) run eagerly.
     num_splits: the paged kernel's split-KV count: an int for every batch, or None to choose it per
         bucket from the shape (kernels.paged_attention.choose_num_splits).
     """
@@ -107,7 +116,7 @@ class Engine:
     def __init__(self, model, num_blocks: int, block_size: int = 16, policy: str = "continuous",
                  max_batch: int = 8, token_budget: int = 2048, chunked_prefill: bool = False,
                  eos_token_id: int | None = 0, use_kernel: bool | None = None, cuda_graphs: bool | None = None,
-                 num_splits: int | None = None):
+                 num_splits: int | None = None, max_graph_tokens: int = MAX_GRAPH_TOKENS):
         self.model, self.cfg = model, model.config
         weight = model.lm_head.weight
         device = weight.device
@@ -131,12 +140,16 @@ class Engine:
             raise ValueError(f"cuda_graphs=True needs decode rows on the {KERNEL_PATH}, but they take the "
                              f"{self.attention_path} (use cuda_graphs=False or None)")
         self.cuda_graphs = cuda_graphs
+        if not isinstance(max_graph_tokens, int) or isinstance(max_graph_tokens, bool) or max_graph_tokens < max_batch:
+            raise ValueError(f"max_graph_tokens must be an int >= max_batch = {max_batch} (a decode batch is "
+                             f"max_batch tokens), got {max_graph_tokens!r}")
         self.blocks = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, policy, max_batch, token_budget, self.cfg.max_position_embeddings,
                                    chunked_prefill)
         # graphs pad decode batches with rows that use one scratch block past the pool (id num_blocks)
         self.cache = PagedKVCache(self.cfg, self.blocks, weight.dtype, device, scratch_blocks=int(cuda_graphs))
-        self.buckets = decode_buckets(max_batch)           # decode batch sizes (split counts are per bucket)
+        # iteration sizes in packed tokens (split counts are per bucket; the graphs' sizes when on)
+        self.buckets = graph_buckets(max_batch, min(token_budget, max_graph_tokens))
         self.graph_buckets = list(self.buckets) if cuda_graphs else []
         # device-side block tables: row i belongs to one running request while it runs; the last row is
         # the padding rows' (every entry the scratch block)
@@ -148,9 +161,10 @@ class Engine:
         self._uploaded: dict[Request, tuple] = {}          # request -> (table, blocks, last block) on the device
         self._decode_fns: dict[int, object] = {}           # bucket -> decode attention function
         self._modules = list(model.modules())
-        self.graphs = (DecodeGraphs(self._decode_step, self.buckets, pad=[0, 1, max_batch], device=device)
+        self.graphs = (IterationGraphs(self._step, self.buckets, pad=[0, 1, max_batch], device=device)
                        if cuda_graphs else None)
         self.eos = eos_token_id
+        self.capture_seconds = 0.0             # time capture_graphs() took (0: graphs captured at first use)
         self.iteration = 0
         self.start = None
         self.log: list[dict] = []            # per iteration: requests, tokens, KV used/reserved, seconds, graph
@@ -220,9 +234,21 @@ class Engine:
             self._free_rows.append(row)
             self._uploaded.pop(r, None)
 
+    def capture_graphs(self) -> float:
+        """Capture the CUDA graph of every bucket now (a server's start-up), rather than each at its
+        first use while requests wait; returns the seconds it took. Nothing when graphs are off."""
+        if self.graphs is None:
+            return 0.0
+        began = time.perf_counter()
+        self.graphs.capture_all()
+        torch.cuda.synchronize(self._tables.device)
+        self.capture_seconds = time.perf_counter() - began
+        return self.capture_seconds
+
     def _decode_fn(self, rows: int):
-        """Decode attention for a batch of `rows` decode rows: the split count is the bucket's."""
-        bucket = bucket_for(self.buckets, rows)
+        """Paged attention for an iteration of `rows` packed rows: the split count is the bucket's (an
+        iteration larger than every bucket, which runs eagerly, is its own bucket)."""
+        bucket = bucket_for(self.buckets, rows) if rows <= self.buckets[-1] else rows
         fn = self._decode_fns.get(bucket)
         if fn is None:
             splits = self.num_splits
@@ -246,34 +272,37 @@ class Engine:
 
     # ---- the packed forward pass (selective batching) --------------------------------------
     def _forward(self, work) -> tuple[list[int], bool]:
-        """Next token of every row of `work` (batch order), and whether a CUDA graph produced them."""
-        if self.use_kernel and not work.prefill:
-            # every row decodes: tokens, context lengths (the new token included) and table rows
-            reqs = work.decode
-            tokens = [r.output[-1] for r in reqs]
-            lens = [r.num_tokens for r in reqs]
-            rows = [self._table_row(r) for r in reqs]
-            if self.graphs is not None and not self._hooked():
-                return self.graphs.run(tokens, lens, rows).tolist(), True
+        """Next token of every request of `work` (batch order), and whether a CUDA graph produced them."""
+        if not self.use_kernel:
+            return self._padded_step(work).tolist(), False
+        # every packed token is a paged-attention row: (token, context length incl. itself, table row)
+        chunks = [(r.token_slice(r.prefilled, r.prefilled + n), r.prefilled, self._table_row(r)) for r, n in work.prefill]
+        chunks += [([r.output[-1]], r.num_tokens - 1, self._table_row(r)) for r in work.decode]
+        tokens, lens, rows, last = paged_rows(chunks)
+        if self.graphs is not None and len(tokens) <= self.graphs.max_tokens and not self._hooked():
+            out, graphed = self.graphs.run(tokens, lens, rows), True
+        else:
             stage = torch.tensor([tokens, lens, rows], dtype=torch.int64).to(self._tables.device)
-            return self._decode_step(stage).tolist(), False
-        return self._mixed_step(work).tolist(), False
+            out, graphed = self._step(stage), False
+        out = out.tolist()                              # the iteration's one device-to-host copy
+        return [out[i] for i in last], graphed
 
-    def _decode_step(self, stage: torch.Tensor) -> torch.Tensor:
-        """A decode batch from its (3, B) int64 stage on the device: tokens, context lengths, table rows.
-        Everything else is computed on the device, with no host sync: CUDA graphs capture this."""
+    def _step(self, stage: torch.Tensor) -> torch.Tensor:
+        """An iteration from its (3, N) int64 stage on the device: tokens, context lengths, table rows.
+        Everything else is computed on the device, with no host sync: CUDA graphs capture this.
+        Returns the greedy next token after each of the N rows (the engine reads each request's last)."""
         tokens, lens, rows = stage[0], stage[1], stage[2]
-        positions = lens - 1                                                   # (B,) the new token's
-        tables = self._tables.index_select(0, rows)                            # (B, W) int32
+        positions = lens - 1                                                   # (N,) each token's
+        tables = self._tables.index_select(0, rows)                            # (N, W) int32
         bs = self.blocks.block_size
         slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
         batch = PackedPagedBatch(self.cache, positions, slots, block_tables=tables, context_lens=lens.int(),
                                  decode_attention=self._decode_fn(stage.shape[1]))
-        return self.model(tokens, kv_cache=batch).argmax(-1)                   # (B,) greedy next tokens
+        return self.model(tokens, kv_cache=batch).argmax(-1)                   # (N,) greedy next tokens
 
-    def _mixed_step(self, work) -> torch.Tensor:
-        """Any iteration, eagerly: prefill chunks through padded masked attention, decode rows (one
-        new token; on the kernel path) through the paged decode attention."""
+    def _padded_step(self, work) -> torch.Tensor:
+        """An iteration without the paged kernel, eagerly: every request's new tokens (a prefill chunk
+        or one decode token) through one padded, masked attention call over keys read from the pool."""
         device = self._tables.device
         chunks = [(r, r.prefilled, n) for r, n in work.rows]
         ids = torch.tensor([t for r, s, n in chunks for t in r.token_slice(s, s + n)], device=device)
@@ -281,19 +310,9 @@ class Engine:
         bounds = torch.tensor([0] + [n for *_, n in chunks]).cumsum(0).tolist()
         # where this step's new K/V go, computed once for all layers
         write = torch.tensor([x for r, s, n in chunks for x in self.blocks.slots(r.id, s, s + n)], device=device)
-        dec = [j for j, (_, s, n) in enumerate(chunks) if self.use_kernel and n == 1]
-        pre = sorted(set(range(len(chunks))) - set(dec))
         batch = PackedPagedBatch(self.cache, pos, write,
-                                 logit_rows=torch.tensor([b - 1 for b in bounds[1:]], device=device))
-        if dec:
-            # a one-token row sees its s + 1 tokens (for a decode row: all of them)
-            rows = torch.tensor([self._table_row(chunks[j][0]) for j in dec], device=device)
-            batch.decode_rows = torch.tensor([bounds[j] for j in dec], device=device)
-            batch.block_tables = self._tables.index_select(0, rows)
-            batch.context_lens = torch.tensor([chunks[j][1] + 1 for j in dec], dtype=torch.int32, device=device)
-            batch.decode_attention = self._decode_fn(len(dec))
-        if pre:
-            batch.prefill = self._padded_batch([chunks[j] for j in pre], [bounds[j] for j in pre], device)
+                                 logit_rows=torch.tensor([b - 1 for b in bounds[1:]], device=device),
+                                 prefill=self._padded_batch(chunks, bounds[:-1], device))
         return self.model(ids, kv_cache=batch).argmax(-1)                      # (requests,)
 
     def _padded_batch(self, chunks, offsets, device):
@@ -320,9 +339,12 @@ class Engine:
         return q_rows.to(device), key_slots.to(device), mask[:, None].to(device), valid.to(device)
 
 
-def serve(model, prompts: list[list[int]], max_new_tokens, num_blocks: int, **engine_kw) -> tuple[Engine, dict]:
+def serve(model, prompts: list[list[int]], max_new_tokens, num_blocks: int, capture_graphs: bool = False,
+          **engine_kw) -> tuple[Engine, dict]:
     """Run a list of prompts (all arriving at once) to completion; return the engine and {index: request}.
-    `max_new_tokens`: one limit for all, or a list with one per prompt."""
+    `max_new_tokens`: one limit for all, or a list with one per prompt. `capture_graphs`: capture every
+    CUDA graph before the first iteration (a server's start-up; ``engine.capture_seconds`` says how long),
+    instead of each at its first use."""
     prompts = list(prompts)
     if isinstance(max_new_tokens, (list, tuple)):
         limits = list(max_new_tokens)
@@ -332,6 +354,8 @@ def serve(model, prompts: list[list[int]], max_new_tokens, num_blocks: int, **en
     else:
         limits = [max_new_tokens] * len(prompts)
     engine = Engine(model, num_blocks, **engine_kw)
+    if capture_graphs:
+        engine.capture_graphs()
     for i, (p, n) in enumerate(zip(prompts, limits, strict=True)):
         engine.add_request(i, p, n)
     finished = {r.id: r for r in engine.run()}

@@ -15,10 +15,11 @@ Three layouts implement it:
 * ``PackedPagedBatch`` (this module, the engine's): the tokens of every scheduled request packed
   into one row of N tokens (selective batching: matmuls see (N, hidden), never padding). It carries
   the batch layout vLLM-style engines build each iteration: the positions of the N tokens, the slot
-  each token's K/V is written to (``slot_mapping``), the packed rows whose logits are wanted (the
-  last of each request, ``logit_rows``), and for the attention itself the block tables and context
-  lengths of the decode rows (read by the paged decode kernel) and the padded, masked layout of the
-  prefill chunks. Its ``attend`` writes the new K/V into the pool and runs attention per request.
+  each token's K/V is written to (``slot_mapping``), the packed rows whose logits are wanted
+  (``logit_rows``), and for the attention itself either every row's block table and context length
+  (read by the paged decode kernel: a token at position p is a query over keys 0 .. p, prefill
+  chunks included) or the padded, masked layout of the iteration's chunks (without the kernel). Its
+  ``attend`` writes the new K/V into the pool and runs attention per request.
 
 A layout may also provide ``positions`` (the token positions, when it knows them better than the
 model can infer from ``seq_len`` and the mask) and ``logit_rows``; ``packed = True`` says that
@@ -61,26 +62,26 @@ class PackedPagedBatch(KVLayout):
 
     N packed tokens; R requests (their rows are contiguous: prefill chunks first, then one row per
     decoding request). Every tensor is on the cache's device; nothing here syncs with the host, so
-    a decode batch's forward pass can be captured in a CUDA graph (see cuda_graphs.py).
+    the forward pass on the paged-kernel path can be captured in a CUDA graph (see cuda_graphs.py).
 
     positions     (N,) int64   each token's position in its sequence (RoPE)
     slot_mapping  (N,) int64   flat slot (block * block_size + offset) its K/V is written to
     logit_rows    (R,) int64   the packed rows whose logits are returned (None: every row)
-    decode_rows   (Nd,) int64  rows that are decode tokens read by `decode_attention` (None: all N rows)
-    block_tables  (Nd, W) int32, context_lens (Nd,) int32: the decode rows' tables and lengths
-    decode_attention  paged decode attention(q (Nd, H, D), k_pool, v_pool, tables, lens) -> (Nd, H, D)
-    prefill       (q_rows, key_slots, mask, valid) of the rows attended with padded masked attention
-                  (see Engine._padded_batch), or None
+    Attention, one of:
+    block_tables  (N, W) int32, context_lens (N,) int32: every row's table and length (its position + 1),
+    decode_attention  paged decode attention(q (N, H, D), k_pool, v_pool, tables, lens) -> (N, H, D)
+    prefill       (q_rows, key_slots, mask, valid): every row attended with padded masked attention
+                  (see Engine._padded_batch)
     """
 
     packed = True
 
     def __init__(self, cache, positions: torch.Tensor, slot_mapping: torch.Tensor,
-                 logit_rows: torch.Tensor | None = None, decode_rows: torch.Tensor | None = None,
-                 block_tables: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
-                 decode_attention: Callable | None = None, prefill: tuple | None = None):
+                 logit_rows: torch.Tensor | None = None, block_tables: torch.Tensor | None = None,
+                 context_lens: torch.Tensor | None = None, decode_attention: Callable | None = None,
+                 prefill: tuple | None = None):
         self.cache, self.positions, self.slot_mapping, self.logit_rows = cache, positions, slot_mapping, logit_rows
-        self.decode_rows, self.block_tables, self.context_lens = decode_rows, block_tables, context_lens
+        self.block_tables, self.context_lens = block_tables, context_lens
         self.decode_attention, self.prefill = decode_attention, prefill
 
     @property
@@ -101,24 +102,20 @@ class PackedPagedBatch(KVLayout):
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """q (1, H, N, D), k and v (1, H_kv, N, D) -> (1, H, N, D). Causality is in the layout itself
-        (a decode row sees its context_lens tokens, a prefill query its mask row), so `causal` and
+        (a paged row sees its context_lens tokens, a padded query its mask row), so `causal` and
         `mask` are not used."""
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]     # (blocks, block_size, H_kv, D)
         # the new tokens' K/V into their slots (index_copy_: no host sync, capturable)
         kc.view(-1, *kc.shape[2:]).index_copy_(0, self.slot_mapping, k[0].transpose(0, 1))
         vc.view(-1, *vc.shape[2:]).index_copy_(0, self.slot_mapping, v[0].transpose(0, 1))
         qt = q[0].transpose(0, 1)                                      # (N, H, D)
-        if self.decode_rows is None and self.prefill is None:          # every row decodes
+        if self.prefill is None:                                       # every row through the paged kernel
             return self.decode_attention(qt, kc, vc, self.block_tables, self.context_lens).transpose(0, 1)[None]
+        q_rows, key_slots, pmask, valid = self.prefill
+        ks = kc.view(-1, *kc.shape[2:])[key_slots].permute(0, 2, 1, 3)           # (P, H_kv, keys, D)
+        vs = vc.view(-1, *vc.shape[2:])[key_slots].permute(0, 2, 1, 3)
+        qs = qt[q_rows].transpose(1, 2)                                            # (P, H, queries, D)
+        out = scaled_dot_product_attention(qs, ks, vs, mask=pmask).transpose(1, 2)   # (P, queries, H, D)
         o = torch.empty_like(qt)                                       # (N, H, D)
-        if self.decode_rows is not None:
-            o[self.decode_rows] = self.decode_attention(qt[self.decode_rows], kc, vc, self.block_tables,
-                                                        self.context_lens)
-        if self.prefill is not None:
-            q_rows, key_slots, pmask, valid = self.prefill
-            ks = kc.view(-1, *kc.shape[2:])[key_slots].permute(0, 2, 1, 3)       # (P, H_kv, keys, D)
-            vs = vc.view(-1, *vc.shape[2:])[key_slots].permute(0, 2, 1, 3)
-            qs = qt[q_rows].transpose(1, 2)                                        # (P, H, queries, D)
-            out = scaled_dot_product_attention(qs, ks, vs, mask=pmask).transpose(1, 2)   # (P, queries, H, D)
-            o[q_rows[valid]] = out[valid]
+        o[q_rows[valid]] = out[valid]
         return o.transpose(0, 1)[None]                                 # (1, H, N, D)

@@ -1,10 +1,10 @@
 """The engine runs the model's one forward pass (through LlamaBlock and its attention module) on a
-packed paged batch, keeps its device-side block tables equal to the BlockManager's, and replays decode
-iterations from CUDA graphs on a GPU with the same tokens as eager execution."""
+packed paged batch, keeps its device-side block tables equal to the BlockManager's, and replays every
+iteration (prefill, decode or both) from CUDA graphs on a GPU with the same tokens as eager execution."""
 import pytest
 import torch
 
-from llmsys_lab.cuda_graphs import bucket_for, decode_buckets, padded_stage
+from llmsys_lab.cuda_graphs import bucket_for, decode_buckets, graph_buckets, padded_stage, paged_rows
 from llmsys_lab.engine import Engine, serve
 from llmsys_lab.forward_batch import KVLayout, PackedPagedBatch
 from llmsys_lab.generate import generate
@@ -49,7 +49,9 @@ def test_every_layout_implements_the_kv_interface():
 def test_the_engine_runs_the_models_forward_pass_through_its_blocks(ktiny, prompts, use_kernel):
     """Forward hooks on the model, every LlamaBlock and every attention module see each iteration once,
     with the packed (1, N, hidden) row and the engine's PackedPagedBatch as the KV layout; the tokens
-    equal generating alone. (The engine used to run its own copy of the layers: the hooks never fired.)"""
+    equal generating alone. (The engine used to run its own copy of the layers: the hooks never fired.)
+    On the kernel path every packed token is a paged-attention row and gets logits (N of them; the
+    engine reads each request's last); on the padded path only each request's last row does (R)."""
     model, _ = ktiny
     seen = {"model": [], "block": [], "attn": []}
 
@@ -82,7 +84,7 @@ def test_the_engine_runs_the_models_forward_pass_through_its_blocks(ktiny, promp
     hidden = model.config.hidden_size
     for it, (x, entry) in enumerate(zip(seen["model"], engine.log)):
         n, r = entry["tokens"], entry["requests"]
-        assert x == ((n,), "PackedPagedBatch", (r, model.config.vocab_size))       # packed ids in, R logits out
+        assert x == ((n,), "PackedPagedBatch", (n if use_kernel else r, model.config.vocab_size))
         for li in range(layers):
             assert seen["block"][it * layers + li] == ((1, n, hidden), "PackedPagedBatch", li)
             assert seen["attn"][it * layers + li] == ((1, n, hidden), "PackedPagedBatch", li)
@@ -163,6 +165,29 @@ def test_decode_buckets():
         decode_buckets(0)
 
 
+def test_graph_buckets_grow_by_a_quarter_octave_past_the_decode_batches():
+    assert graph_buckets(8) == decode_buckets(8)
+    assert graph_buckets(8, 8) == [1, 2, 4, 8]
+    assert graph_buckets(8, 200) == [1, 2, 4, 8, 16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 200]
+    big = graph_buckets(256, 4096)
+    assert big[:20] == decode_buckets(256) and big[20:24] == [320, 384, 448, 512] and big[-2:] == [3584, 4096]
+    # padding past the decode batches is at most a quarter of the iteration
+    assert all(b / a <= 1.25 for a, b in zip(big[19:], big[20:]))
+    assert [bucket_for(big, n) for n in (257, 320, 321, 4000)] == [320, 320, 384, 4096]
+    with pytest.raises(ValueError, match="max_tokens must be an int >= 1"):
+        graph_buckets(8, 0)
+
+
+def test_an_iteration_is_paged_rows_one_per_token_with_its_causal_context():
+    """A prefill chunk of 3 tokens at positions 4..6 (table row 2) and a decode token at position 9
+    (table row 0): four rows, each seeing the keys up to and including its own position."""
+    tokens, lens, rows, last = paged_rows([([11, 12, 13], 4, 2), ([7], 9, 0)])
+    assert (tokens, lens, rows, last) == ([11, 12, 13, 7], [5, 6, 7, 10], [2, 2, 2, 0], [2, 3])
+    assert padded_stage(tokens, lens, rows, 8, [0, 1, 9])[:, 4:].tolist() == [[0] * 4, [1] * 4, [9] * 4]
+    with pytest.raises(ValueError, match=r"a chunk with no tokens \(table row 3\)"):
+        paged_rows([([1], 0, 0), ([], 5, 3)])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU defaults")
 def test_graphs_are_off_on_a_cpu_by_default(tiny, prompts):
     engine, _ = serve(tiny[0], prompts[:2], 3, num_blocks=20, block_size=4)
@@ -175,6 +200,8 @@ def test_graphs_are_off_on_a_cpu_by_default(tiny, prompts):
     (dict(cuda_graphs="yes"), r"cuda_graphs must be True, False or None"),
     (dict(num_splits=0), r"num_splits must be None \(chosen per batch bucket\) or an int >= 1, got 0"),
     (dict(num_splits=True), r"num_splits must be None"),
+    (dict(max_batch=8, max_graph_tokens=4), r"max_graph_tokens must be an int >= max_batch = 8"),
+    (dict(max_graph_tokens=2.5), r"max_graph_tokens must be an int"),
 ])
 def test_bad_engine_settings_are_refused_with_a_reason(tiny, kw, msg):
     model = tiny[0]
@@ -200,12 +227,12 @@ def test_padding_rows_of_a_decode_bucket_touch_only_the_scratch_block(ktiny, pro
     tokens, lens = [r.output[-1] for r in reqs], [r.num_tokens for r in reqs]
     rows = [engine._table_row(r) for r in reqs]
     dev = model.lm_head.weight.device
-    plain = engine._decode_step(padded_stage(tokens, lens, rows, 3, [0, 1, 4]).to(dev)).tolist()
+    plain = engine._step(padded_stage(tokens, lens, rows, 3, [0, 1, 4]).to(dev)).tolist()
     k_plain = engine.cache.k.clone()
     assert not k_plain[:, 30].any()                                     # nothing in the scratch block yet
     stage = padded_stage(tokens, lens, rows, 4, [0, 1, 4])
     assert stage[:, 3].tolist() == [0, 1, 4]
-    padded = engine._decode_step(stage.to(dev)).tolist()
+    padded = engine._step(stage.to(dev)).tolist()
     assert padded[:3] == plain
     torch.testing.assert_close(engine.cache.k[:, :30], k_plain[:, :30], atol=1e-5, rtol=1e-5)
     assert engine.cache.k[:, 30, 0].any() and not engine.cache.k[:, 30, 1:].any()   # slot 0 of the scratch block
@@ -224,9 +251,9 @@ def gpu_model():
 
 def _serve_workload(model, prompts, **kw):
     """8 requests of different lengths, the last arriving later: decode batches of 7, 6, ..., 1 rows
-    (partially filled buckets of 8, 4 and 2, and full ones), and graphed iterations before and after an
-    eager one that prefills the latecomer."""
-    engine = Engine(model, num_blocks=120, block_size=4, max_batch=8, eos_token_id=None, **kw)
+    (partially filled buckets of 8, 4 and 2, and full ones), a prefill of 7 prompts, and a mixed
+    iteration that prefills the latecomer beside the decoding requests."""
+    engine = Engine(model, num_blocks=120, block_size=4, max_batch=8, eos_token_id=None, token_budget=64, **kw)
     limits = [3, 6, 9, 12, 15, 18, 21, 10]
     arrivals = [0, 0, 0, 0, 0, 0, 0, 8]
     for i, (p, n, t) in enumerate(zip(prompts + prompts[1:2], limits, arrivals)):
@@ -242,14 +269,16 @@ def test_cuda_graph_replay_gives_the_tokens_of_eager_decode(gpu_model, prompts, 
     graphed, g_out = _serve_workload(gpu_model, prompts, cuda_graphs=True, num_splits=num_splits)
     eager, e_out = _serve_workload(gpu_model, prompts, cuda_graphs=False, num_splits=num_splits)
     assert Engine(gpu_model, num_blocks=8, block_size=4).cuda_graphs is True        # the default on a GPU
-    assert graphed.cuda_graphs and graphed.graph_buckets == [1, 2, 4, 8] and not eager.cuda_graphs
+    assert graphed.cuda_graphs and graphed.graph_buckets == [1, 2, 4, 8, 16, 32, 48, 64] and not eager.cuda_graphs
     assert g_out == e_out                                                           # every request, every token
-    # decode-only iterations were replayed, iterations with a prefill ran eagerly
-    for x in graphed.log:
-        assert x["graph"] == (not x["schedule"]["prefill"]), x
-    sizes = {len(x["schedule"]["decode"]) for x in graphed.log if x["graph"]}
+    # every iteration was replayed: the prefill, the decodes and the mixed one
+    assert all(x["graph"] for x in graphed.log)
+    mixed = [x for x in graphed.log if x["schedule"]["prefill"] and x["schedule"]["decode"]]
+    assert len(mixed) == 1 and graphed.log[0]["schedule"]["prefill"] and not graphed.log[0]["schedule"]["decode"]
+    sizes = {len(x["schedule"]["decode"]) for x in graphed.log if not x["schedule"]["prefill"]}
     assert {7, 6, 5, 3, 1} <= sizes                                 # partially filled buckets of 8 and 4
-    assert graphed.graphs.captured == sorted({bucket_for(graphed.buckets, n) for n in sizes})
+    tokens = {x["tokens"] for x in graphed.log}
+    assert graphed.graphs.captured == sorted({bucket_for(graphed.buckets, n) for n in tokens})
     assert not any(x["graph"] for x in eager.log)
     # padding rows wrote only to the scratch block: the real blocks hold what eager decoding wrote
     n = graphed.blocks.num_blocks
@@ -273,3 +302,28 @@ def test_an_iteration_with_a_forward_hook_runs_eagerly(gpu_model, prompts):
         handle.remove()
     assert engine.cuda_graphs and not any(x["graph"] for x in engine.log)
     assert len(calls) == len(engine.log)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (captures and replays CUDA graphs)")
+def test_graphs_captured_up_front_and_an_iteration_past_the_largest_bucket_runs_eagerly(gpu_model, prompts):
+    """capture_graphs() captures every bucket before the first request (padding rows only: no block
+    but the scratch block is written); with max_graph_tokens=8 the 7-prompt prefill is too large for
+    a graph and runs eagerly, the decode iterations are replayed, and the tokens equal eager decoding."""
+    def workload(**kw):
+        engine = Engine(gpu_model, num_blocks=120, block_size=4, max_batch=8, eos_token_id=None, token_budget=64,
+                        max_graph_tokens=8, **kw)
+        before = engine.cache.k[:, :120].clone()
+        seconds = engine.capture_graphs()
+        assert seconds >= 0 and torch.equal(engine.cache.k[:, :120], before)
+        for i, p in enumerate(prompts):
+            engine.add_request(i, p, 6)
+        done = {r.id: r.output for r in engine.run()}
+        return engine, [done[i] for i in range(len(prompts))]
+
+    graphed, g_out = workload(cuda_graphs=True)
+    eager, e_out = workload(cuda_graphs=False)
+    assert graphed.graph_buckets == [1, 2, 4, 8] and graphed.graphs.captured == [1, 2, 4, 8]
+    assert eager.graphs is None and eager.capture_graphs() == 0.0 and eager.capture_seconds == 0.0
+    assert [x["graph"] for x in graphed.log] == [x["tokens"] <= 8 for x in graphed.log]
+    assert not graphed.log[0]["graph"] and graphed.log[0]["tokens"] > 8
+    assert g_out == e_out
