@@ -461,3 +461,23 @@ def test_gqa_hidden_test_names_the_wrong_exception():
             exec(cells["test_gqa"], ns)
     finally:
         finish_own_code()
+
+
+def test_an_unfinished_triton_kernel_on_a_gpu_is_reported_as_not_implemented():
+    """On a GPU, Triton's compiler refuses the stub's `raise NotImplementedError()` with an AST message;
+    the grade says what it means. Another compile error, or a student's own raise, is reported as is."""
+    raised = ("at 4:4:\ndef add_rmsnorm_kernel(x_ptr, n_cols, BLOCK: tl.constexpr):\n    # YOUR CODE HERE\n"
+              "    raise NotImplementedError()\n    ^\nunsupported AST node type: Raise")
+
+    def cell(ename, evalue):
+        return nbformat.v4.new_code_cell("t()", outputs=[nbformat.v4.new_output(
+            "error", ename=ename, evalue=evalue, traceback=[])])
+
+    for ename in ("UnsupportedLanguageConstruct", "triton.compiler.errors.CompilationError"):
+        got, why = grading.score_cell(cell(ename, raised), 3)
+        assert got == 0.0 and "Triton kernel this test calls is not implemented yet" in why, why
+    own = raised.replace("NotImplementedError()", "ValueError('bad')")
+    got, why = grading.score_cell(cell("UnsupportedLanguageConstruct", own), 3)
+    assert got == 0.0 and why.startswith("UnsupportedLanguageConstruct: at 4:4") and "not implemented" not in why
+    got, why = grading.score_cell(cell("CompilationError", "at 1:2: some other compile error"), 3)
+    assert why == "CompilationError: at 1:2: some other compile error"

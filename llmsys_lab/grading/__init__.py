@@ -429,6 +429,14 @@ def _error_output(ename: str, evalue: str):
 NOT_GRADABLE = "TritonUnavailable"
 
 
+def _is_unfinished_kernel(out) -> bool:
+    """A stub's `raise NotImplementedError()` left in a @triton.jit function: the interpreter (CPU) raises
+    it, but on a GPU Triton's compiler refuses the raise statement (UnsupportedLanguageConstruct or a
+    CompilationError naming the AST node), a message that would puzzle a student."""
+    return (out.ename.rsplit(".", 1)[-1] in ("UnsupportedLanguageConstruct", "CompilationError")
+            and "unsupported AST node type: Raise" in out.evalue and "NotImplementedError" in out.evalue)
+
+
 def score_cell(cell, points: float, token: str | None = None) -> tuple[float | None, str]:
     """nbgrader's rule: error or stderr -> 0; a single number as result -> partial; else full.
 
@@ -449,6 +457,9 @@ def score_cell(cell, points: float, token: str | None = None) -> tuple[float | N
                 return None, f"not gradable on this machine: {out.evalue}"
             if out.ename == "NotImplementedError" and not out.evalue:
                 return 0.0, "NotImplementedError: something this test calls is not implemented yet"
+            if _is_unfinished_kernel(out):
+                return 0.0, ("a Triton kernel this test calls is not implemented yet: it still contains `raise "
+                             "NotImplementedError()`, which the GPU compiler cannot compile")
             return 0.0, f"{out.ename}: {out.evalue}".strip()
         if out.output_type == "stream" and out.name == "stderr":
             return 0.0, f"wrote to stderr: {out.text.strip().splitlines()[0] if out.text.strip() else ''}"
