@@ -5,6 +5,7 @@ to a minimal sequence. The amount of search is set by the Hypothesis profile (te
 `ci` by default, `stress` with HYPOTHESIS_PROFILE=stress (make test-stress).
 """
 import pytest
+import torch
 from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
@@ -215,16 +216,26 @@ def test_every_request_finishes_once_with_its_tokens_or_is_rejected(workload):
 
 # ---- the engine on the real model -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_alone():
-    """The bundled model, a few prompts and what each generates alone (the reference)."""
+def _alone(device):
     from llmsys_lab.generate import generate
     from llmsys_lab.model import load_tiny
 
-    model, tok = load_tiny()
+    model, tok = load_tiny(device)
     prompts = [tok(t).input_ids for t in ["ROMEO.\n", "To be, or not", "KING.\nMy lords", "HAMLET.\nWhat"]]
     alone = [generate(model, [p], 12).new_tokens[0] for p in prompts]
     return model, prompts, alone
+
+
+@pytest.fixture(scope="module")
+def tiny_alone():
+    """The bundled model, a few prompts and what each generates alone (the reference)."""
+    return _alone("cpu")
+
+
+@pytest.fixture(scope="module")
+def ktiny_alone():
+    """The same on the GPU, where the paged kernel runs compiled and the engine replays CUDA graphs."""
+    return _alone("cuda")
 
 
 @st.composite
@@ -238,18 +249,15 @@ def engine_workloads(draw):
     return reqs, kw
 
 
-@settings(max_examples=6, deadline=None)                # the real model on a CPU: a few workloads only
-@given(engine_workloads(), st.integers(0, 3))
-def test_engine_on_tiny_pools_gives_every_request_its_tokens_alone(tiny_alone, workload, spare):
+def _every_request_gets_its_tokens_alone(model, prompts, alone, workload, spare, **engine_kw):
     from llmsys_lab.engine import Engine
 
-    model, prompts, alone = tiny_alone
     reqs, kw = workload
     longest = max(len(prompts[k]) + n for k, n, _ in reqs)
     assume(kw["chunked_prefill"] or max(len(prompts[k]) for k, _, _ in reqs) <= kw["token_budget"])
     num_blocks = -(-longest // kw["block_size"]) + spare               # the smallest pool that fits, or a bit more
     note(f"{reqs} {kw} num_blocks={num_blocks}")
-    engine = Engine(model, num_blocks=num_blocks, **kw)
+    engine = Engine(model, num_blocks=num_blocks, **kw, **engine_kw)
     for i, (k, n, arrival) in enumerate(reqs):
         engine.add_request(i, prompts[k], n, arrival_step=arrival)
     seen = [r.id for r in engine.run()]
@@ -258,3 +266,22 @@ def test_engine_on_tiny_pools_gives_every_request_its_tokens_alone(tiny_alone, w
         k, n, _ = reqs[r.id]
         assert r.output == alone[k][:n], r.id
     assert engine.blocks.num_free == num_blocks
+    return engine
+
+
+@settings(max_examples=6, deadline=None)                # the real model on a CPU: a few workloads only
+@given(engine_workloads(), st.integers(0, 3))
+def test_engine_on_tiny_pools_gives_every_request_its_tokens_alone(tiny_alone, workload, spare):
+    _every_request_gets_its_tokens_alone(*tiny_alone, workload, spare)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: in the Triton interpreter one workload "
+                    "takes about a minute (every prompt token is a kernel row); the CPU suite runs the kernel path "
+                    "on fixed cases in tests/test_engine_graphs.py")
+@settings(max_examples=8, deadline=None)
+@given(engine_workloads(), st.integers(0, 3))
+def test_engine_on_the_kernel_path_gives_every_request_its_tokens_alone(ktiny_alone, workload, spare):
+    """Every packed token a paged-attention row (prefill chunks included), through preemption, chunked
+    prefill and static batches, every iteration replayed from a CUDA graph."""
+    engine = _every_request_gets_its_tokens_alone(*ktiny_alone, workload, spare, use_kernel=True)
+    assert engine.cuda_graphs and all(x["graph"] for x in engine.log)
