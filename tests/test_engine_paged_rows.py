@@ -9,6 +9,7 @@ workloads are the smallest that reach each corner (the interpreter costs about 0
 import pytest
 import torch
 
+from llmsys_lab._runtime import triton_available
 from llmsys_lab.cuda_graphs import bucket_for, padded_stage, paged_rows
 from llmsys_lab.engine import Engine, serve
 from llmsys_lab.generate import generate
@@ -86,7 +87,8 @@ def test_a_recomputation_longer_than_the_token_budget_comes_back_in_chunks(ktiny
     victim = made[1]
     assert victim.preemptions >= 1
     chunks = [n for x in engine.log for rid, n in x["schedule"]["prefill"] if rid == victim.id]
-    assert sum(chunks) > 2 * 1 and max(chunks) == 2 and len(chunks) > 2, chunks   # recomputed in chunks of 2
+    # its 1-token prompt, then prompt + 4 tokens recomputed as 2 + 2 (the newest token is a decode row)
+    assert chunks == [1, 2, 2] and victim.preemptions == 1, chunks
 
 
 def test_one_at_a_time_with_late_arrivals_one_token_prompts_and_eos_first(ktiny):
@@ -122,11 +124,11 @@ def test_prefill_and_mixed_iterations_padded_to_their_bucket_give_the_tokens_alo
     scratch block, so every request still gets its tokens alone and the pool's K/V are untouched by them."""
     model, prompts = ktiny
     w = model.lm_head.weight
-    engine = Engine(model, num_blocks=7, block_size=3, max_batch=2, token_budget=5, chunked_prefill=True,
+    engine = Engine(model, num_blocks=9, block_size=2, max_batch=2, token_budget=5, chunked_prefill=True,
                     eos_token_id=None, use_kernel=True, cuda_graphs=False)
     assert engine.buckets == [1, 2, 5]
     engine.cache = PagedKVCache(model.config, engine.blocks, w.dtype, w.device, scratch_blocks=1)
-    engine._tables[2] = 7                                   # the padding row: every entry the scratch block
+    engine._tables[2] = 9                                   # the padding row: every entry the scratch block
     engine.graphs = replay = EagerReplay(engine)
     reqs = [engine.add_request(0, prompts[0], 4), engine.add_request(1, prompts[1], 3, arrival_step=2)]
     list(engine.run())
@@ -135,8 +137,27 @@ def test_prefill_and_mixed_iterations_padded_to_their_bucket_give_the_tokens_alo
     for r, k, n in zip(reqs, (0, 1), (4, 3)):
         assert r.output == _alone(model, prompts[k], n, None)
     # padding rows are tokens at position 0 of the scratch block: they wrote there and nowhere else
-    assert engine.cache.k[:, 7, 0].any() and not engine.cache.k[:, 7, 1:].any()
-    assert engine.blocks.num_free == 7 and not engine._row
+    assert engine.cache.k[:, 9, 0].any() and not engine.cache.k[:, 9, 1:].any()
+    assert engine.blocks.num_free == 9 and not engine._row
+
+
+@pytest.mark.xfail(triton_available(), strict=True, reason="the engine accepts a block size the Triton kernel cannot "
+                   "tile (block_n = 64 and block_size must divide one another): Engine(block_size=3, use_kernel=True) "
+                   "is built, then its first iteration raises 'block_n = 64 and block_size = 3 must divide one "
+                   "another' from inside the model's forward, leaving the request running with its blocks and table "
+                   "row held (on a GPU the default engine does the same)")
+def test_a_block_size_the_kernel_cannot_tile_is_refused_up_front_or_served(ktiny):
+    """Either the engine refuses the block size when it is built, naming it, or it serves the request
+    with the tokens generated alone; never a failure in the middle of the first iteration."""
+    model, prompts = ktiny
+    try:
+        engine = Engine(model, num_blocks=4, block_size=3, use_kernel=True, eos_token_id=None)
+    except ValueError as e:
+        assert "block_size" in str(e)
+        return
+    engine.add_request(0, prompts[0], 2)
+    assert [r.output for r in engine.run()] == [_alone(model, prompts[0], 2, None)]
+    assert engine.blocks.num_free == 4
 
 
 # ---- settings and inputs ---------------------------------------------------------------------------
