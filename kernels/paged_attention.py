@@ -31,6 +31,8 @@ import torch
 from llmsys_lab._runtime import check_kernel_dtype, require_triton
 from llmsys_lab.kernels._triton import tl, triton  # Triton, or a stand-in that raises TritonUnavailable
 
+BLOCK_N = 64            # tokens per inner step of the kernel, by default (a block size must tile with it)
+
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, out_ptr, part_ptr, lse_ptr, scale, num_heads,
@@ -123,7 +125,7 @@ INTERPRETER_SPLITS = 2
 
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, num_sms: int | None,
-                      block_n: int = 64, min_tokens_per_split: int = 128, max_splits: int = 32) -> int:
+                      block_n: int = BLOCK_N, min_tokens_per_split: int = 128, max_splits: int = 32) -> int:
     """How many programs share one sequence's context: about two programs per SM, no more.
 
     The unsplit kernel runs batch x kv_heads programs; once that fills the SMs, splitting only adds
@@ -182,7 +184,7 @@ def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, n
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
-                           block_n: int = 64, num_warps: int = 4, num_stages: int = 3,
+                           block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int = 3,
                            check: bool = True, num_splits: int | None = None) -> torch.Tensor:
     """softmax(q K^T * scale) V for each sequence's first context_lens[b] cached tokens.
 

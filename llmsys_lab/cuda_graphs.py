@@ -88,6 +88,8 @@ def paged_rows(chunks) -> tuple[list[int], list[int], list[int], list[int]]:
     for ids, start, row in chunks:
         if not ids:
             raise ValueError(f"a chunk with no tokens (table row {row})")
+        if start < 0:
+            raise ValueError(f"a chunk at position {start} (table row {row}): positions start at 0")
         tokens += ids
         lens += range(start + 1, start + len(ids) + 1)
         rows += [row] * len(ids)

@@ -122,6 +122,8 @@ class Engine:
         device = weight.device
         # the Triton paged-attention kernel for decode rows: by default on a GPU only (on a CPU
         # the interpreter would run it, correct but slow)
+        if use_kernel is not None and not isinstance(use_kernel, bool):
+            raise ValueError(f"use_kernel must be True, False or None (on a GPU only), got {use_kernel!r}")
         self.use_kernel = weight.is_cuda if use_kernel is None else use_kernel
         # which attention decode rows take (see decode_attention): recorded, so results say what ran
         self.attention_path = decode_attention_path(self.use_kernel, weight.dtype, device)
@@ -140,12 +142,19 @@ class Engine:
             raise ValueError(f"cuda_graphs=True needs decode rows on the {KERNEL_PATH}, but they take the "
                              f"{self.attention_path} (use cuda_graphs=False or None)")
         self.cuda_graphs = cuda_graphs
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, policy, max_batch, token_budget, self.cfg.max_position_embeddings,
+                                   chunked_prefill)              # checks max_batch and token_budget
         if not isinstance(max_graph_tokens, int) or isinstance(max_graph_tokens, bool) or max_graph_tokens < max_batch:
             raise ValueError(f"max_graph_tokens must be an int >= max_batch = {max_batch} (a decode batch is "
                              f"max_batch tokens), got {max_graph_tokens!r}")
-        self.blocks = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(self.blocks, policy, max_batch, token_budget, self.cfg.max_position_embeddings,
-                                   chunked_prefill)
+        if self.attention_path == KERNEL_PATH:
+            from .kernels.paged_attention import BLOCK_N
+
+            if BLOCK_N % block_size and block_size % BLOCK_N:
+                raise ValueError(f"block_size = {block_size}: the Triton paged kernel reads the cache in chunks of "
+                                 f"{BLOCK_N} tokens, so the block size must divide {BLOCK_N} or be a multiple of it "
+                                 f"(1, 2, 4, ..., {BLOCK_N}, {2 * BLOCK_N}, ...); or use use_kernel=False")
         # graphs pad decode batches with rows that use one scratch block past the pool (id num_blocks)
         self.cache = PagedKVCache(self.cfg, self.blocks, weight.dtype, device, scratch_blocks=int(cuda_graphs))
         # iteration sizes in packed tokens (split counts are per bucket; the graphs' sizes when on)

@@ -141,20 +141,21 @@ def test_prefill_and_mixed_iterations_padded_to_their_bucket_give_the_tokens_alo
     assert engine.blocks.num_free == 9 and not engine._row
 
 
-@pytest.mark.xfail(triton_available(), strict=True, reason="the engine accepts a block size the Triton kernel cannot "
-                   "tile (block_n = 64 and block_size must divide one another): Engine(block_size=3, use_kernel=True) "
-                   "is built, then its first iteration raises 'block_n = 64 and block_size = 3 must divide one "
-                   "another' from inside the model's forward, leaving the request running with its blocks and table "
-                   "row held (on a GPU the default engine does the same)")
 def test_a_block_size_the_kernel_cannot_tile_is_refused_up_front_or_served(ktiny):
-    """Either the engine refuses the block size when it is built, naming it, or it serves the request
-    with the tokens generated alone; never a failure in the middle of the first iteration."""
+    """Either the engine refuses the block size when it is built, naming it (the Triton kernel: it reads
+    the cache in chunks of 64 tokens), or it serves the request with the tokens generated alone (its
+    PyTorch reference, without Triton); never a failure in the middle of the first iteration (the
+    engine used to accept block size 3, then fail inside its first forward pass holding the request's
+    blocks and table row)."""
     model, prompts = ktiny
-    try:
-        engine = Engine(model, num_blocks=4, block_size=3, use_kernel=True, eos_token_id=None)
-    except ValueError as e:
-        assert "block_size" in str(e)
+    if triton_available():
+        with pytest.raises(ValueError, match=r"block_size = 3: the Triton paged kernel reads the cache in chunks of "
+                                             r"64 tokens, so the block size must divide 64 or be a multiple of it"):
+            Engine(model, num_blocks=4, block_size=3, use_kernel=True, eos_token_id=None)
+        for ok in (1, 16, 128):                                # sizes that tile with the kernel's chunks
+            Engine(model, num_blocks=4, block_size=ok, use_kernel=True)
         return
+    engine = Engine(model, num_blocks=4, block_size=3, use_kernel=True, eos_token_id=None)
     engine.add_request(0, prompts[0], 2)
     assert [r.output for r in engine.run()] == [_alone(model, prompts[0], 2, None)]
     assert engine.blocks.num_free == 4
@@ -184,24 +185,17 @@ def test_the_smallest_max_graph_tokens_gives_the_decode_buckets_only(ktiny):
     assert engine.buckets == [1, 2, 4, 8]
 
 
-@pytest.mark.xfail(strict=True, reason="Engine compares max_graph_tokens < max_batch before the scheduler checks "
-                   "max_batch: a max_batch of None or '8' raises TypeError \"'<' not supported between instances "
-                   "of 'int' and 'NoneType'\" instead of the scheduler's 'max_batch must be an int >= 1'")
 @pytest.mark.parametrize("value", [None, "8"])
 def test_a_bad_max_batch_is_named_in_the_error(ktiny, value):
     with pytest.raises(ValueError, match="max_batch must be an int >= 1"):
         Engine(ktiny[0], num_blocks=4, block_size=4, max_batch=value)
 
 
-@pytest.mark.xfail(strict=True, reason="use_kernel is not validated (cuda_graphs and num_splits are): any truthy "
-                   "value, the string 'no' included, turns the paged kernel on")
 def test_a_non_bool_use_kernel_is_refused(ktiny):
     with pytest.raises(ValueError, match="use_kernel"):
         Engine(ktiny[0], num_blocks=4, block_size=4, use_kernel="no")
 
 
-@pytest.mark.xfail(strict=True, reason="paged_rows accepts a chunk at a negative position: its row gets context "
-                   "length 0 (the reference attends to nothing and returns zeros; the slot index is -1)")
 def test_paged_rows_refuses_a_chunk_at_a_negative_position():
     with pytest.raises(ValueError, match="position"):
         paged_rows([([5], -1, 0)])
