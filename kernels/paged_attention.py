@@ -182,6 +182,15 @@ def check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, n
                      f"(0..{num_blocks - 1})")
 
 
+def check_block_size(block_size: int, block_n: int = BLOCK_N) -> None:
+    """The kernel reads the cache in chunks of block_n token positions and finds each one's block by
+    division, so a chunk must lie in whole blocks or a block in whole chunks."""
+    if block_n % block_size and block_size % block_n:
+        raise ValueError(f"block_n = {block_n} and block_size = {block_size} must divide one another: the Triton "
+                         f"paged kernel reads the cache in chunks of {block_n} tokens, so the block size must divide "
+                         f"{block_n} or be a multiple of it")
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
                            block_n: int = BLOCK_N, num_warps: int = 4, num_stages: int = 3,
@@ -225,8 +234,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"num_splits must be None (choose from the shape) or an int >= 1, got {num_splits!r}")
     if not isinstance(block_n, int) or block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16 (tl.dot needs an inner dimension >= 16), got {block_n!r}")
-    if block_n % block_size and block_size % block_n:
-        raise ValueError(f"block_n = {block_n} and block_size = {block_size} must divide one another")
+    check_block_size(block_size, block_n)
     devices = {t.device for t in (q, k_cache, v_cache, block_tables, context_lens)}
     if len(devices) > 1:
         raise ValueError(f"q, k_cache, v_cache, block_tables and context_lens must be on one device, got "

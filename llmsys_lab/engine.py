@@ -148,13 +148,13 @@ class Engine:
         if not isinstance(max_graph_tokens, int) or isinstance(max_graph_tokens, bool) or max_graph_tokens < max_batch:
             raise ValueError(f"max_graph_tokens must be an int >= max_batch = {max_batch} (a decode batch is "
                              f"max_batch tokens), got {max_graph_tokens!r}")
-        if self.attention_path == KERNEL_PATH:
-            from .kernels.paged_attention import BLOCK_N
+        if self.attention_path == KERNEL_PATH:              # refused now, not inside the first forward pass
+            from .kernels.paged_attention import check_block_size
 
-            if BLOCK_N % block_size and block_size % BLOCK_N:
-                raise ValueError(f"block_size = {block_size}: the Triton paged kernel reads the cache in chunks of "
-                                 f"{BLOCK_N} tokens, so the block size must divide {BLOCK_N} or be a multiple of it "
-                                 f"(1, 2, 4, ..., {BLOCK_N}, {2 * BLOCK_N}, ...); or use use_kernel=False")
+            try:
+                check_block_size(block_size)
+            except ValueError as e:
+                raise ValueError(f"block_size = {block_size}: {e} (or use use_kernel=False)") from None
         # graphs pad decode batches with rows that use one scratch block past the pool (id num_blocks)
         self.cache = PagedKVCache(self.cfg, self.blocks, weight.dtype, device, scratch_blocks=int(cuda_graphs))
         # iteration sizes in packed tokens (split counts are per bucket; the graphs' sizes when on)
@@ -285,7 +285,8 @@ class Engine:
         if not self.use_kernel:
             return self._padded_step(work).tolist(), False
         # every packed token is a paged-attention row: (token, context length incl. itself, table row)
-        chunks = [(r.token_slice(r.prefilled, r.prefilled + n), r.prefilled, self._table_row(r)) for r, n in work.prefill]
+        chunks = [(r.token_slice(r.prefilled, r.prefilled + n), r.prefilled, self._table_row(r))
+                  for r, n in work.prefill]
         chunks += [([r.output[-1]], r.num_tokens - 1, self._table_row(r)) for r in work.decode]
         tokens, lens, rows, last = paged_rows(chunks)
         if self.graphs is not None and len(tokens) <= self.graphs.max_tokens and not self._hooked():

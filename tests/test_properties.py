@@ -275,9 +275,9 @@ def test_engine_on_tiny_pools_gives_every_request_its_tokens_alone(tiny_alone, w
     _every_request_gets_its_tokens_alone(*tiny_alone, workload, spare)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: in the Triton interpreter one workload "
-                    "takes about a minute (every prompt token is a kernel row); the CPU suite runs the kernel path "
-                    "on fixed cases in tests/test_engine_graphs.py")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks CUDA-graph replay of every "
+                    "iteration under random workloads (the kernel path without graphs runs on the CPU on fixed cases "
+                    "in tests/test_engine_graphs.py and tests/test_engine_paged_rows.py)")
 @settings(max_examples=8, deadline=None)
 @given(engine_workloads(), st.integers(0, 3))
 def test_engine_on_the_kernel_path_gives_every_request_its_tokens_alone(ktiny_alone, workload, spare):
