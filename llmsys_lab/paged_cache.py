@@ -4,7 +4,7 @@ Layout per layer: (num_blocks, block_size, kv_heads, head_dim), so one token's K
 one row of a block, and a sequence's tokens are scattered over whatever blocks it was given.
 ``PagedBatch`` lets the lesson-03 model run on it: each layer writes the new tokens' K/V into
 their slots and reads every sequence's K/V back through its block table (a gather; the Triton
-kernel in kernels/paged_attention.py reads the blocks directly).
+kernel in llmsys_lab/kernels/paged_attention.py reads the blocks directly).
 """
 from __future__ import annotations
 

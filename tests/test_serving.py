@@ -182,7 +182,7 @@ def test_disaggregation_arithmetic():
 
 
 def test_engine_decode_through_the_triton_kernel(device):
-    """The GPU path (decode rows read K/V with kernels/paged_attention.py): compiled on a GPU, through
+    """The GPU path (decode rows read K/V with llmsys_lab/kernels/paged_attention.py): compiled on a GPU, through
     the interpreter on a CPU. Compared with generation on the same device."""
     from llmsys_lab.model import LlamaLM, load_tiny
 

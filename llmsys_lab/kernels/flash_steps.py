@@ -10,7 +10,7 @@ Each kernel is one query block (BLOCK_M rows) of one (batch, head) per program, 
 4. ``step4_ragged``: sequence lengths that are not multiples of the tile: masked loads and
    masked scores on the last tile.
 
-``kernels/flash_attention.py`` is step 4 made fast (exp2, unmasked fast path, tensor-memory
+``llmsys_lab/kernels/flash_attention.py`` is step 4 made fast (exp2, unmasked fast path, tensor-memory
 loads on Hopper) plus GQA, differing query/key lengths and the backward pass.
 """
 from __future__ import annotations
