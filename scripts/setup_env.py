@@ -1,26 +1,30 @@
 #!/usr/bin/env python3
-"""Create the kit's virtual environment and install everything into it.
+"""Create the kit's virtual environment and install the term's lock into it.
 
-Called by `make setup` (and so by `make lab` and `make test`). Uses only the standard
+Called by `make setup` (and so by `make lab`, `make test` and `.ci/run`). Uses only the standard
 library, so it runs on a bare Python >= 3.10.
 
-The one delicate step is PyTorch. A bare `pip install torch` on Linux pulls a CUDA
-build with several GB of NVIDIA packages, which is wasted on a CPU-only laptop. So:
+Everything comes from `requirements.lock` (exact versions with hashes, written by `make lock` with
+uv's universal resolver; see scripts/lock.py): `pip install --require-hashes --no-deps -r
+requirements.lock`, then the kit itself, editable, without dependencies. A registry update cannot
+change what a term installs. `--latest` (`make test-latest`) builds a separate environment from the
+newest versions pyproject.toml allows instead: the canary to run before refreshing the lock.
 
-1. If the environment already has a torch that satisfies pyproject.toml, keep it.
-2. If `LLMSYS_TORCH_SPEC` is set, install exactly that (e.g. "torch==2.5.1" or a path
-   to a wheel); `LLMSYS_TORCH_INDEX` adds an index URL.
-3. macOS and native Windows: PyPI's torch is the right build there (CPU, and Apple's MPS on
-   macOS; PyPI has no CUDA build for Windows: use WSL2 for an NVIDIA GPU, or set
-   LLMSYS_TORCH_INDEX to PyTorch's CUDA index). There is no nvidia-smi to ask on a Mac.
-4. Linux with an NVIDIA GPU (nvidia-smi answers): torch from PyPI, a CUDA build.
-5. Linux without one: prefer a CPU wheel already on disk (pip's find-links folders, the
-   repository's `wheels/`), else PyTorch's CPU index, else PyPI as a last resort.
+The one delicate step is PyTorch, installed first at the lock's version. A bare `pip install torch`
+on Linux pulls a CUDA build with several GB of NVIDIA packages, which is wasted on a CPU-only laptop. So:
 
-Then the package itself is installed in editable mode with its dependencies; the
-torch chosen above already satisfies the `torch` requirement, so pip keeps it. Triton is
-installed on Linux only (pyproject.toml's marker): PyPI has no Triton wheel for macOS or
-Windows, and there the lessons show the PyTorch reference where a kernel would run.
+1. If the environment already has the locked torch release (any build: CPU or CUDA), keep it.
+2. If `LLMSYS_TORCH_SPEC` is set, install exactly that (e.g. "torch==2.13.0" or a path to a wheel);
+   `LLMSYS_TORCH_INDEX` adds an index URL (PyTorch's CUDA index on Windows, say).
+3. macOS and native Windows: nothing here; the lock's own torch line (PyPI's build for that platform:
+   CPU, and Apple's MPS on macOS) is installed with the rest, hash-checked.
+4. Linux with an NVIDIA GPU (nvidia-smi answers): the locked release from PyPI, a CUDA build (it
+   brings the CUDA runtime packages it names; the lock leaves those out, scripts/lock.py says why).
+5. Linux without one: the locked release's CPU build, from a wheel already on disk (pip's find-links
+   folders, the repository's `wheels/`), else PyTorch's CPU index, else PyPI as a last resort.
+
+Triton is installed on Linux only (the lock's marker): PyPI has no Triton wheel for macOS or Windows,
+and there the lessons show the PyTorch reference where a kernel would run.
 """
 from __future__ import annotations
 
@@ -31,11 +35,26 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LOCK = ROOT / "requirements.lock"
 CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-TORCH_RANGE = "torch>=2.5,<3"
+TORCH_RANGE = "torch>=2.5,<3"          # = pyproject.toml's torch requirement (tests/test_environment.py)
+
+
+def locked_torch(lock: Path = LOCK) -> str:
+    """The lock's torch release, e.g. '2.13.0' (one line, no marker: the same release everywhere)."""
+    found = re.findall(r"^torch==([0-9][^ ;\\]*)\s*(;.*)?\\?$", lock.read_text(), re.M)
+    if len(found) != 1 or found[0][1]:
+        raise SystemExit(f"[setup] {lock.name} must pin torch once, with no marker (found {found}): run `make lock`")
+    return found[0][0]
+
+
+def base_version(version: str) -> str:
+    """'2.13.0+cpu' -> '2.13.0'."""
+    return version.split("+")[0]
 
 
 def say(msg: str) -> None:
@@ -131,8 +150,9 @@ def find_links_dirs(py: Path) -> list[Path]:
     return result
 
 
-def local_cpu_torch_wheel(py: Path) -> Path | None:
-    """Newest torch-*+cpu wheel on disk that this interpreter can install."""
+def local_cpu_torch_wheel(py: Path, version: str | None = None) -> Path | None:
+    """The torch-<version>+cpu wheel on disk that this interpreter can install (the newest one
+    within pyproject's range when no version is given)."""
     tag = subprocess.run(
         [str(py), "-c", "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')"],
         capture_output=True, text=True, check=True).stdout.strip()
@@ -143,47 +163,89 @@ def local_cpu_torch_wheel(py: Path) -> Path | None:
             name = whl.name
             if f"-{tag}-" in name and machine in name:
                 m = re.match(r"torch-(\d+)\.(\d+)\.(\d+)", name)
-                if m and (2, 5) <= tuple(map(int, m.groups()[:2])) < (3, 0):
+                if not m:
+                    continue
+                if version is not None and ".".join(m.groups()) != version:
+                    continue
+                if (2, 5) <= tuple(map(int, m.groups()[:2])) < (3, 0):
                     candidates.append((tuple(map(int, m.groups())), whl))
     return max(candidates)[1] if candidates else None
 
 
-def install_torch(py: Path) -> None:
+def install_torch(py: Path, latest: bool = False) -> None:
+    """Install torch the way this machine needs (see the module docstring); `latest`: the newest in range."""
     pip = [str(py), "-m", "pip", "install"]
+    want = None if latest else locked_torch()
+    spec = TORCH_RANGE if latest else f"torch=={want}"
     have = torch_version_in(py)
-    if have:
+    if have and (latest or base_version(have) == want):
         say(f"torch {have} already installed: keeping it")
         return
-    spec = os.environ.get("LLMSYS_TORCH_SPEC")
+    if have:
+        say(f"torch {have} is installed but the lock says {want}: installing {want}")
+    env_spec = os.environ.get("LLMSYS_TORCH_SPEC")
     index = os.environ.get("LLMSYS_TORCH_INDEX")
-    if spec or index:
-        run(pip + [spec or TORCH_RANGE] + (["--index-url", index] if index else []))
+    if env_spec or index:
+        run(pip + [env_spec or spec] + (["--index-url", index] if index else []))
         return
     kind = platform_kind()
     if kind != "linux":
-        say(f"{kind}: installing torch from PyPI (its {kind} build); no Triton wheel exists here, "
+        say(f"{kind}: torch comes from PyPI (its {kind} build) with the rest; no Triton wheel exists here, "
             "so lessons show the PyTorch reference where a Triton kernel would run (python -m llmsys_lab doctor)")
-        run(pip + [TORCH_RANGE])
+        if latest:
+            run(pip + [spec])
         return
     if has_nvidia_gpu():
-        say("NVIDIA GPU found: installing a CUDA build of torch from PyPI")
-        run(pip + [TORCH_RANGE])
+        say(f"NVIDIA GPU found: installing a CUDA build of {spec} from PyPI")
+        run(pip + [spec])
         return
-    wheel = local_cpu_torch_wheel(py)
+    # The CPU build's own dependencies (filelock, sympy, ...) come from the lock, at its versions.
+    no_deps = [] if latest else ["--no-deps"]
+    wheel = local_cpu_torch_wheel(py, want)
     if wheel:
         say(f"no GPU: installing the local CPU wheel {wheel.name}")
-        run(pip + [str(wheel)])
+        run(pip + no_deps + [str(wheel)])
         return
     say("no GPU and no local CPU wheel: trying PyTorch's CPU index")
-    if run(pip + [TORCH_RANGE, "--index-url", CPU_INDEX], check=False).returncode != 0:
+    if run(pip + no_deps + [spec, "--index-url", CPU_INDEX], check=False).returncode != 0:
         say("the CPU index could not be reached: falling back to PyPI (a large CUDA build)")
-        run(pip + [TORCH_RANGE])
+        run(pip + [spec])
+
+
+def install_locked(py: Path) -> None:
+    """The lock, hash-checked, nothing else; then the kit, editable, without dependencies."""
+    pip = [str(py), "-m", "pip"]
+    run(pip + ["install", "--require-hashes", "--no-deps", "-r", str(LOCK)])
+    run(pip + ["install", "--no-deps", "--no-build-isolation", "-e", str(ROOT)])
+    run(pip + ["check"])
+
+
+def install_latest(py: Path) -> None:
+    """The newest versions pyproject.toml allows (torch stays the build installed above)."""
+    torch = torch_version_in(py)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(f"torch=={torch}\n")
+    try:
+        run([str(py), "-m", "pip", "install", "--upgrade", "--upgrade-strategy", "eager", "-c", f.name,
+             "-e", f"{ROOT}[dev]"])
+    finally:
+        os.unlink(f.name)
+    out = subprocess.run([str(py), "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True)
+    (Path(py).parent.parent / "resolved.txt").write_text(out.stdout)
+    say("resolved (newest allowed): " + ", ".join(l for l in out.stdout.split()
+                                                  if l.split("==")[0].lower() in KEY_PACKAGES))
+
+
+KEY_PACKAGES = {"torch", "triton", "transformers", "kernels", "numpy", "jupyterlab", "nbgrader", "nbval",
+                "ipywidgets", "matplotlib"}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--venv", default=str(ROOT / ".venv"))
     ap.add_argument("--python", default=sys.executable, help="interpreter that creates the venv")
+    ap.add_argument("--latest", action="store_true",
+                    help="the newest versions pyproject.toml allows instead of the lock (make test-latest)")
     args = ap.parse_args()
 
     check_supported()
@@ -192,8 +254,11 @@ def main() -> int:
     if not py.exists():
         say(f"creating virtual environment {venv}")
         run([args.python, "-m", "venv", str(venv)])
-    install_torch(py)
-    run([str(py), "-m", "pip", "install", "-e", f"{ROOT}[dev]"])
+    install_torch(py, latest=args.latest)
+    if args.latest:
+        install_latest(py)
+    else:
+        install_locked(py)
     run([str(py), "-c", smoke_imports()])
     say("environment ready: " + str(venv))
     return 0

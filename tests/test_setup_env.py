@@ -1,4 +1,5 @@
-"""scripts/setup_env.py: which torch it installs where (a local CPU wheel, the CPU index, PyPI on macOS/Windows)."""
+"""scripts/setup_env.py: which torch it installs where (the lock's release: a local CPU wheel, the CPU index,
+PyPI's CUDA build with a GPU; on macOS/Windows the lock's own line), and the canary's newest-in-range."""
 import importlib.util
 import sys
 
@@ -24,6 +25,9 @@ def test_picks_newest_matching_cpu_wheel(tmp_path, monkeypatch):
     monkeypatch.setattr(setup_env.sysconfig, "get_platform", lambda: "linux-x86_64")
     wheel = setup_env.local_cpu_torch_wheel(Path(sys.executable))
     assert wheel is not None and wheel.name == names[1]
+    # with the lock's release given, only that release will do
+    assert setup_env.local_cpu_torch_wheel(Path(sys.executable), "2.6.0").name == names[0]
+    assert setup_env.local_cpu_torch_wheel(Path(sys.executable), "2.12.0") is None
 
 
 def test_no_wheel_found(tmp_path, monkeypatch):
@@ -33,12 +37,13 @@ def test_no_wheel_found(tmp_path, monkeypatch):
 
 
 # ---- macOS and Windows: the script's decisions, with the platform faked ---------------------------
-def record_installs(monkeypatch, platform: str, gpu: bool = False) -> list[list[str]]:
+def record_installs(monkeypatch, platform: str, gpu: bool = False, latest: bool = False,
+                    have: str | None = None) -> list[list[str]]:
     calls = []
     monkeypatch.setattr(setup_env.sys, "platform", platform)
-    monkeypatch.setattr(setup_env, "torch_version_in", lambda py: None)
+    monkeypatch.setattr(setup_env, "torch_version_in", lambda py: have)
     monkeypatch.setattr(setup_env, "has_nvidia_gpu", lambda: gpu)
-    monkeypatch.setattr(setup_env, "local_cpu_torch_wheel", lambda py: None)
+    monkeypatch.setattr(setup_env, "local_cpu_torch_wheel", lambda py, version=None: None)
     monkeypatch.delenv("LLMSYS_TORCH_SPEC", raising=False)
     monkeypatch.delenv("LLMSYS_TORCH_INDEX", raising=False)
 
@@ -47,26 +52,41 @@ def record_installs(monkeypatch, platform: str, gpu: bool = False) -> list[list[
         return setup_env.subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(setup_env, "run", fake_run)
-    setup_env.install_torch(Path("venv/bin/python"))
+    setup_env.install_torch(Path("venv/bin/python"), latest=latest)
     return calls
 
 
+LOCKED = f"torch=={setup_env.locked_torch()}"
+
+
 @pytest.mark.parametrize("platform", ["darwin", "win32"])
-def test_macos_and_windows_take_torch_from_pypi_and_skip_triton(monkeypatch, platform):
+def test_macos_and_windows_take_torch_from_the_lock_and_skip_triton(monkeypatch, platform):
+    # the lock's own torch line (PyPI's build for that platform, hash-checked) is installed with the rest;
     # an NVIDIA GPU on Windows changes nothing: PyPI has no CUDA torch for Windows (WSL2 is the way)
-    assert record_installs(monkeypatch, platform, gpu=True) == [["install", setup_env.TORCH_RANGE]]
+    assert record_installs(monkeypatch, platform, gpu=True) == []
+    assert record_installs(monkeypatch, platform, latest=True) == [["install", setup_env.TORCH_RANGE]]
     assert "triton" not in setup_env.smoke_imports(platform)
     assert not setup_env.has_triton_wheel(platform)
 
 
-def test_linux_without_gpu_uses_the_cpu_index(monkeypatch):
+def test_linux_without_gpu_uses_the_cpu_index_for_the_locked_release(monkeypatch):
     calls = record_installs(monkeypatch, "linux", gpu=False)
-    assert calls[0] == ["install", setup_env.TORCH_RANGE, "--index-url", setup_env.CPU_INDEX]
+    # no dependencies from the index: filelock, sympy, ... come from the lock at its versions
+    assert calls[0] == ["install", "--no-deps", LOCKED, "--index-url", setup_env.CPU_INDEX]
     assert setup_env.smoke_imports("linux").startswith("import llmsys_lab, torch, triton,")
+    latest = record_installs(monkeypatch, "linux", gpu=False, latest=True)
+    assert latest[0] == ["install", setup_env.TORCH_RANGE, "--index-url", setup_env.CPU_INDEX]
 
 
-def test_linux_with_gpu_takes_the_cuda_build(monkeypatch):
-    assert record_installs(monkeypatch, "linux", gpu=True) == [["install", setup_env.TORCH_RANGE]]
+def test_linux_with_gpu_takes_the_cuda_build_of_the_locked_release(monkeypatch):
+    assert record_installs(monkeypatch, "linux", gpu=True) == [["install", LOCKED]]
+
+
+def test_a_torch_of_another_release_is_replaced_by_the_locked_one(monkeypatch):
+    want = setup_env.locked_torch()
+    assert record_installs(monkeypatch, "linux", gpu=True, have=f"{want}+cpu") == []    # any build of it stays
+    assert record_installs(monkeypatch, "linux", gpu=True, have="2.5.1") == [["install", LOCKED]]
+    assert record_installs(monkeypatch, "linux", gpu=True, have="2.5.1", latest=True) == []
 
 
 def test_an_index_alone_is_honoured(monkeypatch):
@@ -76,7 +96,7 @@ def test_an_index_alone_is_honoured(monkeypatch):
     calls = []
     monkeypatch.setattr(setup_env, "run", lambda cmd, check=True: calls.append(cmd[3:]))
     setup_env.install_torch(Path("python"))
-    assert calls == [["install", setup_env.TORCH_RANGE, "--index-url", "https://download.pytorch.org/whl/cu126"]]
+    assert calls == [["install", LOCKED, "--index-url", "https://download.pytorch.org/whl/cu126"]]
 
 
 def test_venv_paths_and_platforms():
