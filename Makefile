@@ -23,7 +23,7 @@ REQUIRE_BROWSER = LLMSYS_REQUIRE_BROWSER=$$([ -x "$(CHROMIUM)" ] && echo 1 || ec
 # scripts/lock.py); `make test-latest` is the canary against the newest versions pyproject.toml allows.
 LATEST_VENV ?= .venv-latest
 
-.PHONY: help setup lab kernel test test-latest lock test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments colab clean
+.PHONY: wheel help setup lab kernel test test-latest lock test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments colab clean
 
 help:
 	@echo "make lab              set up .venv and open JupyterLab on notebooks/"
@@ -40,6 +40,7 @@ help:
 	@echo "make tiny-model       retrain the bundled llmsys-tiny model on Shakespeare"
 	@echo "make assignments      regenerate the student notebooks in assignments/ from solutions/"
 	@echo "make colab            Open-in-Colab badges and install cells in every notebook (then make assignments)"
+	@echo "make wheel            build dist/llmsys_lab-<version>-py3-none-any.whl"
 
 # ---- set-up ---------------------------------------------------------------
 $(STAMP): requirements.lock pyproject.toml setup.py scripts/setup_env.py
@@ -135,9 +136,14 @@ assignments: setup
 	$(PY) scripts/make_assignments.py
 
 # Google Colab: the badge and install cell of every lesson and assignment, and the README's table
+# Refuses while pyproject.toml's Repository is still the placeholder (ALLOW_PLACEHOLDER=1 writes it anyway)
 colab: setup
-	$(PY) scripts/colab.py
+	$(PY) scripts/colab.py $(if $(ALLOW_PLACEHOLDER),--allow-placeholder,)
 	$(PY) scripts/make_assignments.py
 
+# The kit as a wheel (offline: no build isolation), for `pip install dist/llmsys_lab-<version>-py3-none-any.whl`
+wheel: setup
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache $(GPU_CONSTRAINTS)
+	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache $(GPU_CONSTRAINTS) dist

@@ -16,6 +16,8 @@ Each notebook gets, idempotently (re-running updates them in place, found by the
 
 The repository address is read from pyproject.toml's ``[project.urls] Repository`` and the version
 from ``[project] version``: bump the version (and push the tag ``v<version>``), re-run this script.
+While the address is still the placeholder the project ships (PLACEHOLDER), the links would 404, so
+writing them is refused unless ``--allow-placeholder`` says so; ``--check`` only compares.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ SETUP_START = "# On Google Colab: install the kit"
 SETUP_END = "# (end of the Colab set-up)"
 README_START, README_END = "<!-- colab-links:start -->", "<!-- colab-links:end -->"
 BADGE_SVG = "https://colab.research.google.com/assets/colab-badge.svg"
+PLACEHOLDER = "https://github.com/llmsys-lab/llmsys-lab"   # pyproject.toml's address until a fork sets its own
 
 
 def project(root: Path = ROOT) -> tuple[str, str]:
@@ -128,9 +131,18 @@ def update_readme(text: str, table: str) -> str:
     return head + table + rest.split(README_END, 1)[1]
 
 
-def run(root: Path = ROOT, check: bool = False) -> list[str]:
+class PlaceholderRepository(SystemExit):
+    """The Colab links would point at the placeholder repository (they 404 until a fork sets its own)."""
+
+
+def run(root: Path = ROOT, check: bool = False, allow_placeholder: bool = False) -> list[str]:
     """Update (or, with check, only list) what is out of date; returns the paths concerned."""
     repo, version = project(root)
+    if repo == PLACEHOLDER and not check and not allow_placeholder:
+        raise PlaceholderRepository(
+            f"pyproject.toml's [project.urls] Repository is still the placeholder {PLACEHOLDER}: Colab links to it "
+            "404. Set it to your copy's https://github.com/OWNER/NAME, push the tag v" + version +
+            ", then run `make colab` again (or `make colab ALLOW_PLACEHOLDER=1` to write the placeholder links anyway).")
     stale = []
     paths = notebooks(root)
     for path in paths:
@@ -155,9 +167,11 @@ def run(root: Path = ROOT, check: bool = False) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if a notebook or the README is out of date")
+    ap.add_argument("--allow-placeholder", action="store_true",
+                    help="write links even though the repository address is the placeholder (they will 404)")
     ap.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    stale = run(args.root, args.check)
+    stale = run(args.root, args.check, args.allow_placeholder)
     for rel in stale:
         print(("out of date: " if args.check else "updated: ") + rel)
     if args.check and stale:
