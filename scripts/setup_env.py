@@ -230,7 +230,8 @@ def install_latest(py: Path) -> None:
              "-e", f"{ROOT}[dev]"])
     finally:
         os.unlink(f.name)
-    out = subprocess.run([str(py), "-m", "pip", "freeze", "--exclude-editable"], capture_output=True, text=True)
+    out = subprocess.run([str(py), "-m", "pip", "list", "--format=freeze", "--exclude-editable"],
+                         capture_output=True, text=True)
     (Path(py).parent.parent / "resolved.txt").write_text(out.stdout)
     say("resolved (newest allowed): " + ", ".join(l for l in out.stdout.split()
                                                   if l.split("==")[0].lower() in KEY_PACKAGES))
