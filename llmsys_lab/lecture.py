@@ -278,3 +278,105 @@ example(
          "shares one K/V head within each *group* of query heads (1 < num_kv_heads < num_heads); lesson 01, "
          "section 7, shows all three.",
 )
+
+
+# ---- lessons 07-10: performance, parallelism, MoE, speculative decoding (000, 001, 002, 003, 004) ----
+# The slide's words verbatim (its LaTeX too); " | " separates lines of one slide, " - " starts a bullet.
+
+example(
+    "llm_components_fast_slow", "000",
+    "Computing Components in LLMs? - Transformer decoders (many of them) - self-attentions (slow) - layernorm, "
+    "residual (fast) - MLPs (slow) - Nonlinear (fast) - Word embeddings (fast) - Position embeddings (fast)",
+    data={"slow": ["self-attentions", "MLPs"],
+          "fast": ["layernorm, residual", "Nonlinear", "Word embeddings", "Position embeddings"],
+          # lesson 07's operator classes of the slide's components
+          "class": {"self-attentions": "tensor contraction", "MLPs": "tensor contraction",
+                    "layernorm, residual": "statistical normalisation", "Nonlinear": "element-wise"}},
+    note="'Fast' and 'slow' are in FLOPs: attention and the MLPs hold the matmuls. In time the 'fast' components "
+         "are not small: they are memory-bound, and lesson 07's measured training step (benchmarks/"
+         "operator_classes.py) gives normalisation and element-wise operators a share of the runtime tens to "
+         "hundreds of times their share of the FLOPs.",
+)
+
+example(
+    "parallelism_tradeoff", "001",
+    "Inter-op parallelism: | Requires point-to-point communication but results in device idle | Intra-op "
+    "parallelism: | Devices are busy but requires collective communication | Trade-off | Inter-operator Parallelism "
+    "Intra-operator Parallelism | Communication Less More | Device Idle Time More Less",
+    data={"communication": {"inter-op": "less", "intra-op": "more"},
+          "device idle time": {"inter-op": "more", "intra-op": "less"}},
+)
+
+example(
+    "intra_op_two_matmuls", "001",
+    "Inside Intra- and Inter-op Parallelism | $$Y = X \\cdot W_1 \\cdot W_2 = X \\cdot [W_1^{d1} \\quad W_1^{d2}] \\cdot "
+    "\\begin{bmatrix} W_2^{d1} \\\\ W_2^{d2} \\end{bmatrix}$$",
+    data={"devices": 2, "W1_split": "columns", "W2_split": "rows", "all_reduces_forward": 1},
+    note="The slide shows the split; the communication ('Looking Into the Communication') is one all-reduce of "
+         "the two partial products X W_1^{di} W_2^{di} in the forward pass (Megatron's g), and one more for the "
+         "gradient of X in the backward pass (f). An element-wise activation between the matmuls, as in an MLP, "
+         "keeps the split exact.",
+)
+
+example(
+    "parameter_server_vs_allreduce", "001",
+    "Data Parallelism | How to implement this communication? | Two Solutions | - Parameter Server | - AllReduce | "
+    "- Key assumption: | - The model can fit into an (GPU) worker memory hence we can create many replica",
+    data={"server_link_bytes": "(N - 1) S each way", "ring_bytes_per_rank": "2 (N - 1) / N S"},
+    note="The byte counts are the kit's (lesson 08, section 4): S is the gradient's size in bytes.",
+)
+
+example(
+    "sequence_parallel_questions", "003",
+    "s is large: can we partition along s? - Partition n in attention (the number of head dimension) and s in MLP "
+    "- Deepspeed ulysses sequence parallelism - What communication is needed? - What if #head << # GPUs or is not "
+    "a multiple of 8 - partition s in both attention and MLP - Ring Attention",
+    data={"ulysses": "two all-to-alls per attention (sequence -> heads, heads -> sequence); N must divide the heads",
+          "ring_attention": "K/V blocks passed around a ring in N - 1 hops; any number of heads"},
+    note="The answers are the kit's (lesson 08, section 8): Ulysses needs the number of (K/V) heads to be a "
+         "multiple of the degree; Ring Attention does not.",
+)
+
+example(
+    "moe_gating", "003",
+    "A Closer Look at Mixture-of-Experts | A typical MoE layer (assume single instance and activate two experts) | "
+    "$$G = \\text{Softmax}(W_G X)$$ | $$I = \\{i_0, i_1\\} = \\text{Top}K(G, k = 2)$$ | "
+    "$$s_0 = \\frac{G_{i_0}}{(G_{i_0} + G_{i_1})}, s_1 = \\frac{G_{i_1}}{(G_{i_0} + G_{i_1})}$$ | "
+    "$$Y = s_0 \\text{FFN}_{i_0}(X) + s_1 \\text{FFN}_{i_1}(X)$$",
+    data={"top_k": 2, "renormalised": True},
+)
+
+example(
+    "moe_scaling", "003",
+    "MoE from the Scaling Law Perspective - Parameters - MLP params dominate LLMs - MLP params x N/2 - Increase "
+    "drastically - Memory - parameter related x N/2 - activation? - Compute - Only increase mildly",
+    data={"experts": 8, "top_k": 2, "mlp_params_ratio": 4},
+    note="N is the number of experts with two active (top-2): against the dense model of equal compute per token "
+         "the MLP parameters grow N/2-fold. Mixtral-8x7B is exactly that case (lesson 09, section 5).",
+)
+
+example(
+    "latency_step_times_steps", "000, 002, 003",
+    "Latency = step latency * # steps",
+    data={"formula": "step latency * number of steps"},
+    note="At batch 1 decoding takes one target step per token; speculative decoding (lesson 10) cuts the number "
+         "of target steps below the number of tokens.",
+)
+
+example(
+    "gpt3_serving_gpus", "003, 004",
+    "LLMs are Slow and Expensive to Serve - At least ten A100-40GB GPUs to serve 175B GPT-3 in half-precision",
+    data={"params": 175e9, "bytes_per_param": 2, "gpu_bytes": 40e9, "gpus": 10},
+    note="The weights alone are 350 GB: 9 GPUs of 40 GB just to hold them (8.75); the tenth leaves room for "
+         "the KV cache and activations.",
+)
+
+example(
+    "vllm_throughput", "002",
+    "In our experiments, vLLM achieves up to **24x** higher throughput compared to HF and up to **3.5x** higher "
+    "throughput than TGI. | LLaMA-13B. A100-40GB",
+    data={"vs_hf": 24, "vs_tgi": 3.5, "model": "LLaMA-13B", "gpu": "A100-40GB"},
+    note="The kit's own ratio (lesson 07, section 6: the engine against HF generate with static batches, "
+         "benchmarks/serving.py) is measured on another model, GPU and workload: it shows the same mechanism "
+         "(continuous batching, paged KV), not the same number.",
+)

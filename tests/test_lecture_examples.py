@@ -286,3 +286,140 @@ def test_gqa_with_all_heads_sharing_is_mqa():
     assert torch.allclose(out, ref, atol=1e-5)
     assert lecture.get("gqa_all_heads_share").data["all query heads share one K/V head"] == "MQA"
     assert "MQA" in _lesson_text("01_attention.ipynb") and "all heads share K, V" in _lesson_text("01_attention.ipynb")
+
+
+# ---- lessons 07-10: performance, parallelism, MoE, speculative decoding ----
+import json as _json
+import math as _math
+
+from llmsys_lab.benchmarking import load_results
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    from llmsys_lab.parallel import launch
+    from llmsys_lab.parallel.checks import run_checks
+
+    return launch(run_checks, 2, args=(("data_parallel", "tensor_parallel", "sequence_parallel", "bad_input"),),
+                  timeout=300)
+
+
+def test_fast_slow_components_against_the_measured_operator_classes():
+    d = lecture.get("llm_components_fast_slow").data
+    assert set(d["slow"]) == {"self-attentions", "MLPs"} and "layernorm, residual" in d["fast"]
+    # the slide's "slow" components are the contractions; its "fast" ones are memory-bound: in the stored
+    # training-step measurement their time share is many times their FLOP share
+    for run in load_results("operator_classes")["runs"]:
+        flops, time = run["flops_pct"], run["time_pct"]
+        assert flops["tensor contraction"] > 99
+        for cls in ("statistical normalisation", "element-wise"):
+            assert time[cls] > 50 * flops[cls], (run["attention"], cls)
+    assert {d["class"][c] for c in d["slow"]} == {"tensor contraction"}
+
+
+def test_parallelism_tradeoff_in_the_estimator_and_the_schedule():
+    from llmsys_lab.parallel.estimate import ParallelPlan, estimate_parallel
+    from llmsys_lab.parallel.pipeline import bubble_fraction, gpipe_bubble, simulate
+    from llmsys_lab.presets import get_preset
+
+    d = lecture.get("parallelism_tradeoff").data
+    assert d == {"communication": {"inter-op": "less", "intra-op": "more"},
+                 "device idle time": {"inter-op": "more", "intra-op": "less"}}
+    cfg = get_preset("llama-2-7b")
+    inter = estimate_parallel(cfg, 64, 4096, ParallelPlan(pp=8, micro_batches=64))
+    intra = estimate_parallel(cfg, 64, 4096, ParallelPlan(tp=8, micro_batches=64))
+    assert inter.pp_bytes < intra.tp_bytes / 100                  # communication: less / more
+    idle = bubble_fraction(simulate("1f1b", 8, 64), 8)
+    assert idle == pytest.approx(gpipe_bubble(8, 64)) and idle > 0  # device idle time: more (intra-op: none)
+
+
+def test_intra_op_two_matmuls_is_one_all_reduce(two_ranks):
+    d = lecture.get("intra_op_two_matmuls").data
+    for rank in two_ranks:
+        tp = rank["tensor_parallel"]
+        assert tp["mlp_forward_err"] < 1e-5
+        assert tp["mlp_forward_all_reduces"] == d["all_reduces_forward"] == 1
+
+
+def test_parameter_server_and_all_reduce_bytes(two_ranks):
+    dp = [r["data_parallel"] for r in two_ranks]
+    S, n = dp[0]["grad_bytes"], len(two_ranks)
+    for name in ("all_reduce", "ring", "parameter_server"):
+        assert all(r[name]["max_param_diff"] < 1e-6 for r in dp), name
+    assert dp[0]["parameter_server"]["bytes_sent"] == (n - 1) * S           # the server's link
+    assert dp[0]["ring"]["bytes_sent"] == 2 * (n - 1) / n * S
+    assert "parameter_server_vs_allreduce" in lecture.EXAMPLES
+
+
+def test_sequence_parallel_answers(two_ranks):
+    d = lecture.get("sequence_parallel_questions").data
+    assert "all-to-all" in d["ulysses"] and "ring" in d["ring_attention"]
+    for rank in two_ranks:
+        sp = rank["sequence_parallel"]
+        assert max(sp[k] for k in sp if k.endswith("_err")) < 1e-5
+        assert "heads" in rank["bad_input"]["ulysses_heads"]                   # 3 heads on 2 ranks: refused
+    s = two_ranks[0]["sequence_parallel"]
+    assert s["ulysses_causal_bytes"][0] > 0 and s["ring_causal_bytes"][0] > 0
+
+
+def test_moe_gating_formula_is_the_kits_route():
+    from llmsys_lab.moe import MoE, MoEConfig, route
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 6, generator=g), torch.randn(5, 6, generator=g)
+    r = route(x, w, top_k=lecture.get("moe_gating").data["top_k"])
+    G = torch.softmax(x @ w.T, -1)
+    top, idx = G.topk(2, -1)
+    assert torch.equal(r.experts, idx)
+    s0, s1 = top[:, 0] / top.sum(-1), top[:, 1] / top.sum(-1)
+    assert torch.allclose(r.weights[:, 0], s0, atol=1e-6) and torch.allclose(r.weights[:, 1], s1, atol=1e-6)
+    torch.manual_seed(0)
+    layer = MoE(MoEConfig(hidden_size=6, intermediate_size=4, num_experts=5, top_k=2))
+    with torch.no_grad():
+        layer.gate.weight.copy_(w)
+        y = layer(x)
+        by_hand = torch.stack([s0[t] * layer.experts[int(idx[t, 0])](x[t]) + s1[t] * layer.experts[int(idx[t, 1])](x[t])
+                               for t in range(len(x))])
+    assert (y - by_hand).abs().max() < 1e-5
+
+
+def test_moe_scaling_mlp_params_times_n_over_2():
+    from llmsys_lab.estimators.moe import MOE_PRESETS, dense_vs_moe
+
+    d = lecture.get("moe_scaling").data
+    mix = MOE_PRESETS["mixtral-8x7b"]
+    assert (mix.moe.num_experts, mix.moe.top_k) == (d["experts"], d["top_k"])
+    ratio = dense_vs_moe(mix)["ratio"]
+    # N/2 = 4 up to the router's E x h weights (counted with the MLP): 4.0001
+    assert ratio["mlp_params"] == pytest.approx(d["experts"] / 2, rel=1e-3) and d["mlp_params_ratio"] == 4
+    assert ratio["weight_GB"] > 3                                  # "parameter related x N/2" (all but attention)
+    assert 1 <= ratio["forward_flops_per_token"] < 1.01            # "Compute: only increase mildly"
+
+
+def test_latency_is_step_latency_times_steps_and_speculation_cuts_steps():
+    from llmsys_lab.drafters import PromptLookupDrafter
+    from llmsys_lab.model import load_tiny
+    from llmsys_lab.speculative import speculative_generate
+
+    assert lecture.get("latency_step_times_steps").slide == "Latency = step latency * # steps"
+    target, tok = load_tiny("cpu")
+    text = "KING.\nMy lords, my lords, my lords, my lords,"
+    out = speculative_generate(target, PromptLookupDrafter(), tok(text).input_ids, 24, gamma=4, eos_token_id=None)
+    assert out.stats.generated == 24 and out.stats.drafted > 0
+    assert out.stats.target_steps < out.stats.generated                   # fewer steps than tokens
+
+
+def test_gpt3_needs_at_least_ten_a100_40gb():
+    d = lecture.get("gpt3_serving_gpus").data
+    weights = d["params"] * d["bytes_per_param"]
+    assert _math.ceil(weights / d["gpu_bytes"]) == 9 < d["gpus"]            # weights alone: 8.75 GPUs
+
+
+def test_vllm_ratio_and_the_kits_serving_ratio():
+    d = lecture.get("vllm_throughput").data
+    assert (d["vs_hf"], d["vs_tgi"]) == (24, 3.5)
+    rows = load_results("serving")["results"]["llama-300m"]
+    a = rows["(a) HF generate, static batches"]["throughput"]
+    kit = rows["(d) kit engine, continuous"]
+    assert kit["vs_a"] == pytest.approx(kit["throughput"] / a)
+    assert kit["vs_a"] > 1

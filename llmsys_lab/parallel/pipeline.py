@@ -10,13 +10,16 @@ Two schedules of the same work:
 
 * **GPipe**: all m forwards, then all m backwards. Every stage holds the activations of all m
   micro-batches at the end of the forward phase.
-* **1F1B** (PipeDream-Flush, Narayanan et al., 2019): stage s runs p - s - 1 warm-up forwards,
+* **1F1B** (PipeDream-Flush: Narayanan et al., "Memory-Efficient Pipeline-Parallel DNN Training", 2021;
+  the 1F1B order comes from PipeDream, 2019): stage s runs p - s - 1 warm-up forwards,
   then alternates one forward and one backward, then drains. Same bubble, but at most p - s
   micro-batches in flight: activation memory bounded by p instead of m.
 
 ``schedule`` writes the order of operations per stage; ``simulate`` plays it with given op costs
-(the widget and the formula check); ``run_pipeline`` executes it with real send/recv and records
-when each operation ran.
+(the widget and the formula check); ``run_pipeline`` executes it with real send/recv and records,
+per operation, how long the stage waited for its neighbour (the blocking receive) and when it was
+busy (from the moment the receive returned to the end of the operation). Idle time is measured, so
+a measured bubble is at least the formula's: the formula assumes equal stages and free communication.
 """
 from __future__ import annotations
 
@@ -64,11 +67,15 @@ def schedule(kind: str, stages: int, micro_batches: int) -> list[list[Op]]:
 
 @dataclass(frozen=True)
 class Event:
+    """One operation of one stage: busy from `start` to `end` (seconds); before `start` the stage
+    spent `wait` seconds blocked in the receive of this operation's input (0 where nothing is
+    received, and in ``simulate``, whose ops start when their input is ready)."""
     stage: int
     kind: str
     mb: int
     start: float
     end: float
+    wait: float = 0.0
 
 
 def simulate(kind: str, stages: int, micro_batches: int, t_f: float = 1.0, t_b: float = 2.0) -> list[Event]:
@@ -103,8 +110,9 @@ def simulate(kind: str, stages: int, micro_batches: int, t_f: float = 1.0, t_b: 
 
 
 def bubble_fraction(events: list[Event], stages: int) -> float:
-    """Idle share of stage-time between the first start and the last end."""
-    t0, t1 = min(e.start for e in events), max(e.end for e in events)
+    """Idle share of stage-time between the first operation's beginning (its receive included) and the
+    last end: 1 - busy / (stages x span). Waiting in a receive is idle, not busy."""
+    t0, t1 = min(e.start - e.wait for e in events), max(e.end for e in events)
     busy = sum(e.end - e.start for e in events)
     return 1.0 - busy / (stages * (t1 - t0))
 
@@ -153,14 +161,22 @@ class Stage(nn.Module):
 
 
 def run_pipeline(stage: Stage, batch: torch.Tensor, micro_batches: int, kind: str = "1f1b",
-                 traffic: Traffic | None = None, hidden_size: int | None = None):
+                 traffic: Traffic | None = None, hidden_size: int | None = None, extra_forward_s: float = 0.0):
     """One forward + backward over `batch` (token ids, same on every rank) in `micro_batches` pieces.
 
     Gradients accumulate in the stage's parameters (the mean loss over the batch). Returns
-    (loss on the last stage else None, [Event] measured on this rank, wall-clock seconds since a
-    shared barrier). Sends are non-blocking so that a stage sending forward while its neighbour
-    sends a gradient back cannot deadlock; receives block.
+    (loss on the last stage else None, [Event] measured on this rank). Times are seconds since a
+    shared barrier (``time.perf_counter``): each Event's `wait` is the time blocked in the receive of
+    its input (the activation from the previous stage, the gradient from the next), its `start` the
+    moment that receive returned, its `end` when the operation (compute and posting its send) was
+    done. Sends are non-blocking so that a stage sending forward while its neighbour sends a gradient
+    back cannot deadlock; receives block.
+
+    extra_forward_s: seconds this stage sleeps after each forward (busy time: an uneven stage made
+    on purpose, to watch its neighbours wait); 0 for the real pipeline.
     """
+    if isinstance(extra_forward_s, bool) or not isinstance(extra_forward_s, (int, float)) or not 0 <= extra_forward_s < 60:
+        raise ConfigError(f"extra_forward_s must be a number of seconds in [0, 60), got {extra_forward_s!r}")
     rank, world = stage.rank, stage.world
     check_same_shape(batch, "the pipeline's batch")
     if batch.shape[0] % micro_batches:
@@ -173,9 +189,9 @@ def run_pipeline(stage: Stage, batch: torch.Tensor, micro_batches: int, kind: st
     total_loss = torch.zeros((), device=batch.device)
     events = []
     dist.barrier()
-    t0 = time.time()
+    t0 = time.perf_counter()
     for op in schedule(kind, world, micro_batches)[rank]:
-        start = time.time() - t0
+        begin = start = time.perf_counter() - t0      # start moves past a blocking receive: waiting is not busy
         ids = mbs[op.mb]
         if op.kind == "F":
             if stage.first:
@@ -183,8 +199,13 @@ def run_pipeline(stage: Stage, batch: torch.Tensor, micro_batches: int, kind: st
             else:
                 x = torch.empty(act_shape, dtype=dtype, device=batch.device)
                 dist.recv(x, rank - 1)
+                if batch.is_cuda:
+                    torch.cuda.synchronize(batch.device)   # NCCL's recv returns before the data is there
+                start = time.perf_counter() - t0
                 x.requires_grad_()
             y = stage(x)
+            if extra_forward_s:
+                time.sleep(extra_forward_s)
             inputs[op.mb] = x
             if stage.last:
                 loss = F.cross_entropy(y.flatten(0, 1), ids[:, 1:].flatten()) / micro_batches
@@ -203,6 +224,9 @@ def run_pipeline(stage: Stage, batch: torch.Tensor, micro_batches: int, kind: st
             else:
                 grad = torch.empty(act_shape, dtype=dtype, device=batch.device)
                 dist.recv(grad, rank + 1)
+                if batch.is_cuda:
+                    torch.cuda.synchronize(batch.device)
+                start = time.perf_counter() - t0
                 out.backward(grad)
             x = inputs.pop(op.mb)
             if not stage.first:
@@ -210,7 +234,9 @@ def run_pipeline(stage: Stage, batch: torch.Tensor, micro_batches: int, kind: st
                 pending.append((dist.isend(g, rank - 1), g))
                 if traffic is not None:
                     traffic.add("pp_send_gradient", nbytes(g))
-        events.append(Event(rank, op.kind, op.mb, start, time.time() - t0))
+        if batch.is_cuda:
+            torch.cuda.synchronize(batch.device)    # busy until the GPU is done, not until the launches are
+        events.append(Event(rank, op.kind, op.mb, start, time.perf_counter() - t0, start - begin))
     for req, _ in pending:
         req.wait()
     return (total_loss.item() if stage.last else None), events
@@ -229,6 +255,32 @@ def pp_bytes_per_step(batch: int, seq: int, hidden: int, stages: int, stage: int
 
 
 # ---- run on ranks ------------------------------------------------------------------------------
+def time_pipeline(micro_batches: int = 4, batch_size: int = 8, seq: int = 9, slow_stage: int | None = None,
+                  extra_forward_s: float = 0.0, seed: int = 0) -> dict:
+    """On every rank: one timed step of each schedule on the lesson's small model (after one untimed
+    step that sets up the connections). slow_stage sleeps extra_forward_s after each of its forwards
+    (an uneven stage on purpose). Returns {kind: [(stage, kind, mb, start, end, wait), ...]}."""
+    from ..model import LlamaLM
+    from .data_parallel import tiny_config
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if slow_stage is not None and not (isinstance(slow_stage, int) and 0 <= slow_stage < world):
+        raise ConfigError(f"slow_stage must be a stage index in [0, {world}), got {slow_stage!r}")
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(seed + 1)
+    batch = torch.randint(0, cfg.vocab_size, (batch_size, seq), generator=g).to(device())
+    torch.manual_seed(seed)
+    stage = Stage(LlamaLM(cfg).to(batch.device), rank, world)
+    extra = extra_forward_s if rank == slow_stage else 0.0
+    run_pipeline(stage, batch, micro_batches, SCHEDULES[0])
+    out = {}
+    for kind in SCHEDULES:
+        stage.zero_grad(set_to_none=True)
+        _, events = run_pipeline(stage, batch, micro_batches, kind, extra_forward_s=extra)
+        out[kind] = [(e.stage, e.kind, e.mb, e.start, e.end, e.wait) for e in events]
+    return out
+
+
 def check_pipeline(batch_size: int = 4, seq: int = 9, micro_batches: int = 4, seed: int = 0) -> dict:
     """On every rank: GPipe and 1F1B vs the unsplit model (loss and gradients of this rank's stage)."""
     from ..model import LlamaLM
@@ -259,7 +311,7 @@ def check_pipeline(batch_size: int = 4, seq: int = 9, micro_batches: int = 4, se
         out[kind] = {"loss_err": None if loss is None else abs(loss - ref_loss.item()),
                      "grad_err": max(errs), "n_params_checked": len(errs),
                      "order": [(e.kind, e.mb) for e in events],
-                     "events": [(e.stage, e.kind, e.mb, e.start, e.end) for e in events],
+                     "events": [(e.stage, e.kind, e.mb, e.start, e.end, e.wait) for e in events],
                      "bytes_sent": traffic.total}
     out["bytes_expected"] = pp_bytes_per_step(batch_size, seq - 1, cfg.hidden_size, world, rank)
     return out
