@@ -8,7 +8,7 @@
 * assignments/ is exactly what `make assignments` generates from solutions/;
 * the notebooks follow nbgrader's format (solution regions, points, hidden tests).
 
-The heavy part (24 notebook runs) happens once, in one module-scoped nbgrader course; nbgrader and
+The heavy part (two runs of every assignment notebook per grading path) happens once, in one module-scoped nbgrader course; nbgrader and
 the command line run at the same time.
 """
 import importlib.util
