@@ -216,6 +216,10 @@ def test_family_rejects_bad_shapes():
         family.Recipe(seq=1)
     with pytest.raises(ConfigError, match="min_steps|budget"):
         family.isoflop_plan([(16, 1)], [1.0])
+    with pytest.raises(ConfigError, match="every budget"):
+        family.isoflop_plan([(16, 1)], [-1e12])
+    with pytest.raises(ConfigError, match="no runs of kind 'lstm'"):
+        family.runs_arrays([{"kind": "transformer", "n_params": 1, "tokens": 1, "val_loss": 1.0}], kind="lstm")
 
 
 def test_bundled_tokens_are_llmsys_tiny_ids():

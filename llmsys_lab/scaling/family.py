@@ -15,7 +15,6 @@ token streams (the same tokenizer and split as scripts/train_tiny_model.py), so 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -205,8 +204,3 @@ def runs_arrays(runs, kind: str | None = None) -> tuple[list, list, list]:
     if not rows:
         raise ConfigError(f"no runs{' of kind ' + repr(kind) if kind else ''}")
     return [r["n_params"] for r in rows], [r["tokens"] for r in rows], [r["val_loss"] for r in rows]
-
-
-def seconds_per_token(runs) -> float:
-    rows = [r if isinstance(r, dict) else r.as_dict() for r in runs]
-    return sum(r["seconds"] for r in rows) / sum(r["tokens"] for r in rows) if rows else math.nan
