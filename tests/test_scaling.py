@@ -291,8 +291,12 @@ def test_scaling_view_prints_the_optimum_and_follows_its_slider():
     assert f"N* = {n:.3g} params, D* = {d:.3g} tokens" in text and f"{CHINCHILLA.loss(n, d):.3f}" in text
     box = view.widget()
     assert "llmsys-scaling-view" in box._dom_classes
+    view._slider.value = 10 ** 23.75                  # the slider snapping the budget set from code: no change
+    assert view.flops == 5.76e23
     view._slider.value = 1e19
     assert view.flops == pytest.approx(1e19) and view.text().startswith("budget C = 1.00e+19")
+    view.set_flops(5.76e23)
+    assert view.text().startswith("budget C = 5.76e+23")
     assert view._image.value[:4] == b"\x89PNG"
     with pytest.raises(ConfigError, match="range"):
         view.set_flops(1e30)

@@ -15,6 +15,8 @@ from .base import View, figure_png, image_widget
 
 
 class ScalingView(View):
+    STEP = 0.25                     # the slider's step in log10(FLOPs)
+
     def __init__(self, laws: dict, flops: float = 1e21, lo: float = 1e15, hi: float = 1e25):
         if not isinstance(laws, dict) or not laws:
             raise ConfigError("laws must be a non-empty dict {name: ChinchillaLaw}")
@@ -76,8 +78,8 @@ class ScalingView(View):
         import ipywidgets as W
 
         self._slider = W.FloatLogSlider(value=self.flops, base=10, min=math.log10(self.lo), max=math.log10(self.hi),
-                                        step=0.25, description="budget C", readout_format=".1e")
-        self._slider.observe(lambda ch: ch["new"] != self.flops and self.set_flops(ch["new"]), names="value")
+                                        step=self.STEP, description="budget C", readout_format=".1e")
+        self._slider.observe(lambda ch: self._moved(ch["new"]), names="value")
         self._image = image_widget()
         self._table = W.HTML()
         box = W.VBox([self._slider, self._image, self._table])
@@ -86,10 +88,16 @@ class ScalingView(View):
         self._refresh()
         return box
 
+    def _moved(self, value: float) -> None:
+        """The slider moved. A budget set from code (e.g. 5.76e23) is shown at the nearest step of the slider
+        (5.62e23), and the slider reports that value back: only a move of at least one step is the reader's."""
+        if abs(math.log10(value) - math.log10(self.flops)) >= self.STEP / 2:
+            self.set_flops(value)
+
     def _refresh(self) -> None:
         if self._widget is None:
             return
-        if self._slider.value != self.flops:
+        if abs(math.log10(self._slider.value) - math.log10(self.flops)) >= self.STEP / 2:
             self._slider.value = self.flops
         self._table.value = f"<pre class='llmsys-state'>{html.escape(self.text())}</pre>"
         self._image.value = figure_png(self.figure())
