@@ -19,7 +19,6 @@ import json
 import math
 import re
 import tarfile
-import time
 from pathlib import Path
 
 VALIDATION_PLAYS = ("tempest_gut.txt", "twelfth_night_gut.txt")
@@ -105,55 +104,19 @@ def train_model(tokenizer, train_ids, val_ids, out: Path, steps: int, batch: int
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from llmsys_lab.presets import get_preset
+    from llmsys_lab.training import train_loop
 
     torch.manual_seed(seed)
     eos = tokenizer.convert_tokens_to_ids(EOS)
     hf_cfg = get_preset("llmsys-tiny").to_hf()
     hf_cfg.bos_token_id = hf_cfg.eos_token_id = hf_cfg.pad_token_id = eos
     model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    gen = torch.Generator().manual_seed(seed)
-
-    def batch_from(ids, n):
-        starts = torch.randint(0, len(ids) - seq - 1, (n,), generator=gen)
-        x = torch.stack([ids[s:s + seq] for s in starts])
-        return x.to(device)
-
-    @torch.no_grad()
-    def val_loss():
-        model.eval()
-        chunks = len(val_ids) // seq
-        losses = []
-        for i in range(0, min(chunks, 512), 32):
-            x = torch.stack([val_ids[(i + j) * seq:(i + j + 1) * seq] for j in range(min(32, chunks - i))]).to(device)
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                losses.append(model(input_ids=x, labels=x).loss.float().item())
-        model.train()
-        return sum(losses) / len(losses)
-
-    log, best, start = [], (float("inf"), None), time.time()
-    for step in range(1, steps + 1):
-        x = batch_from(train_ids, batch)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % max(1, steps // 20) == 0 or step == steps:
-            v = val_loss()
-            log.append({"step": step, "train_loss": loss.item(), "val_loss": v, "seconds": time.time() - start})
-            print(f"step {step:5d}  train {loss.item():.3f}  val {v:.3f}  {time.time() - start:6.1f}s", flush=True)
-            if v < best[0]:
-                best = (v, {k: t.detach().clone() for k, t in model.state_dict().items()})
-    model.load_state_dict(best[1])
+    result = train_loop(model, lambda m, x: m(input_ids=x, labels=x).loss, train_ids, steps=steps, batch=batch,
+                        seq=seq, lr=lr, device=device, seed=seed, val_ids=val_ids, eval_every=max(1, steps // 20),
+                        keep_best=True)
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     model.to(torch.bfloat16).save_pretrained(out)       # bf16 on disk: ~8 MB
-    return {"best_val_loss": best[0], "log": log}
+    return {"best_val_loss": result.best_val_loss, "log": result.log}
 
 
 def samples(out: Path, prompts: list[str], device: str) -> list[str]:

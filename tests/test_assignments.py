@@ -8,7 +8,7 @@
 * assignments/ is exactly what `make assignments` generates from solutions/;
 * the notebooks follow nbgrader's format (solution regions, points, hidden tests).
 
-The heavy part (24 notebook runs) happens once, in one module-scoped nbgrader course; nbgrader and
+The heavy part (two runs of every assignment notebook per grading path) happens once, in one module-scoped nbgrader course; nbgrader and
 the command line run at the same time.
 """
 import importlib.util
@@ -106,7 +106,8 @@ def graded(tmp_path_factory):
 def test_every_lesson_with_an_assignment_has_one():
     assert [n.split("/")[0] for n in NAMES] == ["01_attention", "02_estimators", "03_kv_cache", "04_paged_kv",
                                                 "05_continuous_batching", "06_flash_attention", "07_performance",
-                                                "08_parallelism", "09_moe", "10_speculative_decoding"]
+                                                "08_parallelism", "09_moe", "10_speculative_decoding",
+                                                "11_scaling_laws"]
 
 
 @pytest.mark.parametrize("name", NAMES)

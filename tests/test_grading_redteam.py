@@ -234,3 +234,37 @@ def test_renaming_every_grade_id_is_an_error_not_a_self_check(tmp_path):
     [result] = json.loads(done.stdout)
     assert result["error"] and "no source notebook" in result["error"] and result["score"] == 0
     assert "no source notebook" in done.stderr
+
+
+# ---- assignment 11: the kit's fit instead of one's own -----------------------------------------------------------
+def scaling_student(kit_fit: bool) -> nbformat.NotebookNode:
+    """Assignment 11's student notebook with the solution's answers; with kit_fit, fit_law returns the kit's
+    Chinchilla fit (right numbers, not the student's code) reached through a default argument."""
+    source = nbformat.read(ROOT / "solutions" / "11_scaling_laws" / "scaling_laws.ipynb", as_version=4)
+    answers = {c.metadata.nbgrader["grade_id"]: c.source for c in source.cells
+               if c.metadata.get("nbgrader", {}).get("solution")}
+    if kit_fit:
+        answers["fit_law"] = ("def fit_law(n_params, n_tokens, losses, _fit=kit.fit_chinchilla):\n"
+                              "    return _fit(n_params, n_tokens, losses).law.as_dict()\n")
+    nb = nbformat.read(ROOT / "assignments" / "11_scaling_laws" / "scaling_laws.ipynb", as_version=4)
+    for cell in nb.cells:
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if gid in answers:
+            cell.source = answers[gid]
+    return nb
+
+
+def test_calling_the_kits_fit_scores_zero_for_that_part_only(tmp_path):
+    paths = []
+    for name, kit_fit in (("honest", False), ("kit_fit", True)):
+        nbformat.write(scaling_student(kit_fit), tmp_path / f"{name}.ipynb")
+        paths.append(tmp_path / f"{name}.ipynb")
+    results = {Path(r.path).stem: r for r in grading.grade(paths, source=ROOT / "solutions", timeout=300, jobs=2)}
+    honest, cheat = results["honest"], results["kit_fit"]
+    assert honest.error is None and cheat.error is None, (honest.error, cheat.error)
+    assert cheat.source == "solutions/11_scaling_laws/scaling_laws.ipynb"
+    assert (honest.score, honest.max_score) == (10, 10), [(t.test, t.points, t.feedback) for t in honest.tests]
+    points = {t.test: t.points for t in cheat.tests}
+    assert points == {"test_fit_law": 0, "test_compute_optimal": 3, "test_longer_or_bigger": 3}, points
+    feedback = {t.test: t.feedback for t in cheat.tests}["test_fit_law"]
+    assert "your code called" in feedback and "fit_chinchilla" in feedback, feedback

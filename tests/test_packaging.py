@@ -68,8 +68,9 @@ def test_wheel_holds_every_package_the_model_and_the_results(installed):
     assert "llmsys_lab/kernels" in source_pkgs
     for path in (ROOT / "llmsys_lab/kernels").glob("*.py"):
         assert f"llmsys_lab/kernels/{path.name}" in names
-    for path in (ROOT / "llmsys_lab/models/llmsys-tiny").iterdir():
-        assert f"llmsys_lab/models/llmsys-tiny/{path.name}" in names
+    for folder in ("llmsys-tiny", "shakespeare-tokens"):          # the bundled model and lesson 11's tokens
+        for path in (ROOT / "llmsys_lab/models" / folder).iterdir():
+            assert f"llmsys_lab/models/{folder}/{path.name}" in names
     for path in (ROOT / "benchmarks/results").glob("*.json"):
         assert f"llmsys_lab/results/{path.name}" in names
     assert not any(n.startswith(("kernels/", "tests/", "notebooks/")) for n in names)

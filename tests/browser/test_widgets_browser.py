@@ -158,6 +158,10 @@ LESSONS = [
            steps=(Step("next", click("next ▶"), expect=r"^round 4 of \d+, phase draft", image_changes=False),
                   Step("prev", click("◀ prev"), expect=r"^round 3 of \d+, phase rollback", image_changes=False),
                   Step("prev-again", click("◀ prev"), expect=r"^round 3 of \d+, phase accept", image_changes=False))),
+    # a lesson waiting for its GPU reference run (notebooks/pending/) is driven too
+    Lesson("pending/11_scaling_laws.ipynb", widget="llmsys-scaling-view",
+           initial=r"^budget C = 5\.76e\+23 FLOPs",
+           steps=(Step("smaller-budget", drag_slider("budget C", -200), expect=r"^budget C = \d\.\d\de\+(09|1\d|2[0-2]) FLOPs"),)),
 ]
 
 
