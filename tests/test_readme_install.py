@@ -226,8 +226,7 @@ def test_make_colab_refuses_the_placeholder_and_writes_a_forks_links(tmp_path):
     colab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(colab)
     for part in ("notebooks", "solutions"):
-        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("pending", "lesson_exercises"))
-    (tmp_path / "notebooks" / "pending").mkdir()
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("lesson_exercises"))
     shutil.copy(ROOT / "README.md", tmp_path / "README.md")
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert colab.PLACEHOLDER in pyproject
