@@ -1,0 +1,211 @@
+"""The trusted harness: graded verdicts decided outside the student's process.
+
+For an assignment listed in ``SPECS`` the grader, in its own process,
+
+1. draws fresh inputs (a seed made up per submission, so no answer can be prepared for them) and
+   writes them to the job folder as safetensors, with the list of calls as JSON;
+2. lets the sandbox run the notebook and then ``probe.run`` in the same kernel, which calls the
+   student's functions on those inputs and writes what they returned (safetensors) or raised (JSON)
+   -- data only, nothing that can execute code when read;
+3. computes the references itself (PyTorch, outside the sandbox) and decides each graded test.
+
+A test scores only when both its in-kernel cell passed (the feedback students see, the own-code
+tracer) and the harness accepts the returned outputs; the harness's verdict cannot be forged from
+inside the kernel. The kit modules an assignment forbids are hidden from the sandbox (``hide``), so
+no alias, ``functools.partial``, ``importlib`` or ``__code__`` copy can call them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Call:
+    id: str
+    fn: str
+    args: list                          # tensors (by name in the inputs file) or JSON values
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Spec:
+    hide: list[str]                                     # kit files (relative to the package) absent in the sandbox
+    calls: Callable[[torch.Generator], tuple[list[Call], dict[str, torch.Tensor]]]
+    judge: dict[str, Callable[[dict, dict, dict], str | None]]   # test id -> (inputs, outputs, errors) -> why not
+
+
+# ---- assignment 01: attention -------------------------------------------------------------------------
+def _sdpa(q, k, v, mask=None, causal=False):
+    """The reference, computed here in float64 (outside the sandbox)."""
+    q, k, v = q.double(), k.double(), v.double()
+    if k.shape[1] != q.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if causal:
+        mask = _mask(q.shape[-2], k.shape[-2])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _mask(t_q: int, t_k: int) -> torch.Tensor:
+    return torch.ones(t_q, t_k, dtype=torch.bool).tril(diagonal=t_k - t_q)
+
+
+def _calls_01(g: torch.Generator):
+    t: dict[str, torch.Tensor] = {}
+    calls: list[Call] = []
+
+    def r(name, *shape, dtype=torch.float32, scale=1.0):
+        t[name] = torch.randn(*shape, generator=g, dtype=dtype) * scale
+        return name
+
+    calls.append(Call("attention/fp32", "attention", [r("a.q", 2, 3, 5, 16), r("a.k", 2, 3, 7, 16), r("a.v", 2, 3, 7, 16)]))
+    calls.append(Call("attention/fp64", "attention", [r(f"b.{x}", 1, 1, 3, 4, dtype=torch.float64) for x in "qkv"]))
+    calls.append(Call("attention/large", "attention", [r("c.q", 1, 2, 6, 8, scale=30), r("c.k", 1, 2, 6, 8, scale=30),
+                                                       r("c.v", 1, 2, 6, 8)]))
+    for t_q, t_k in ((5, 5), (3, 5), (1, 6), (4, 9)):
+        calls.append(Call(f"causal_mask/{t_q}x{t_k}", "causal_mask", [t_q, t_k]))
+    calls.append(Call("causal_attention/square", "causal_attention", [r(f"d.{x}", 2, 4, 9, 16) for x in "qkv"]))
+    calls.append(Call("causal_attention/rect", "causal_attention", [r("e.q", 1, 2, 3, 8), r("e.k", 1, 2, 7, 8),
+                                                                    r("e.v", 1, 2, 7, 8)]))
+    r("f.q", 2, 8, 6, 16)
+    for h_kv in (2, 1, 8):
+        r(f"f.k{h_kv}", 2, h_kv, 6, 16), r(f"f.v{h_kv}", 2, h_kv, 6, 16)
+        for causal in (False, True):
+            calls.append(Call(f"gqa/{h_kv}/{causal}", "gqa_attention", ["f.q", f"f.k{h_kv}", f"f.v{h_kv}"],
+                              {"causal": causal}))
+    calls.append(Call("gqa/12/4", "gqa_attention", [r("h.q", 1, 12, 3, 8), r("h.k", 1, 4, 3, 8), r("h.v", 1, 4, 3, 8)]))
+    calls.append(Call("gqa/bad", "gqa_attention", [r("i.q", 1, 6, 2, 8), r("i.k", 1, 4, 2, 8), r("i.v", 1, 4, 2, 8)]))
+    return calls, t
+
+
+def _close(out, ref, atol, rtol) -> str | None:
+    if not isinstance(out, torch.Tensor):
+        return "did not return a tensor"
+    if tuple(out.shape) != tuple(ref.shape):
+        return f"shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    if out.dtype != ref.dtype:
+        return f"dtype {out.dtype}, expected {ref.dtype}"
+    if out.dtype == torch.bool:
+        return None if torch.equal(out, ref) else "wrong values"
+    a, b = out.double(), ref.double()
+    if not torch.isfinite(a).all():
+        return "not finite (inf or nan)"
+    bad = (a - b).abs() > atol + rtol * b.abs()
+    return None if not bad.any() else f"max abs error {(a - b).abs().max().item():.3g} (atol={atol:g}, rtol={rtol:g})"
+
+
+def _judge(prefixes, reference, atol=1e-5, rtol=1e-5):
+    def judge(inputs, outputs, errors) -> str | None:
+        for cid, ref_fn in reference(inputs).items():
+            if not any(cid.startswith(p) for p in prefixes):
+                continue
+            if cid in errors:
+                return f"{cid}: raised {errors[cid][0]}: {errors[cid][1]}"[:300]
+            why = _close(outputs.get(cid), ref_fn, *((1e-4, 1e-4) if cid.endswith("large") else (atol, rtol)))
+            if why:
+                return f"{cid}: {why}"
+        return None
+    return judge
+
+
+def _refs_01(t):
+    refs = {"attention/fp32": _sdpa(t["a.q"], t["a.k"], t["a.v"]).float(),
+            "attention/fp64": _sdpa(t["b.q"], t["b.k"], t["b.v"]),
+            "attention/large": _sdpa(t["c.q"], t["c.k"], t["c.v"]).float(),
+            "causal_attention/square": _sdpa(t["d.q"], t["d.k"], t["d.v"], causal=True).float(),
+            "causal_attention/rect": _sdpa(t["e.q"], t["e.k"], t["e.v"], causal=True).float(),
+            "gqa/12/4": _sdpa(t["h.q"], t["h.k"], t["h.v"]).float()}
+    for t_q, t_k in ((5, 5), (3, 5), (1, 6), (4, 9)):
+        refs[f"causal_mask/{t_q}x{t_k}"] = _mask(t_q, t_k)
+    for h_kv in (2, 1, 8):
+        for causal in (False, True):
+            refs[f"gqa/{h_kv}/{causal}"] = _sdpa(t["f.q"], t[f"f.k{h_kv}"], t[f"f.v{h_kv}"], causal=causal).float()
+    return refs
+
+
+def _judge_gqa(inputs, outputs, errors):
+    why = _judge(("gqa/1", "gqa/2", "gqa/8"), _refs_01)(inputs, outputs, errors)
+    if why:
+        return why
+    err = errors.get("gqa/bad")
+    if err is None or err[0] != "ValueError" or not ("6" in err[1] and "4" in err[1]):
+        return "gqa/bad: 6 query heads with 4 K/V heads must raise ValueError naming 6 and 4, got " + (
+            "no error" if err is None else f"{err[0]}: {err[1]}"[:200])
+    return None
+
+
+SPECS: dict[str, Spec] = {
+    "01_attention": Spec(
+        hide=["attention.py"],
+        calls=_calls_01,
+        judge={"test_attention": _judge(("attention/",), _refs_01),
+               "test_causal_mask": _judge(("causal_mask/",), _refs_01),
+               "test_causal_attention": _judge(("causal_attention/",), _refs_01),
+               "test_gqa": _judge_gqa}),
+}
+
+
+def spec_for(source_path: str | None) -> Spec | None:
+    """The harness of the assignment whose source notebook is source_path (its folder's name)."""
+    return None if source_path is None else SPECS.get(Path(source_path).parent.name)
+
+
+def hidden_files(spec: Spec) -> list[str]:
+    package = Path(__file__).resolve().parents[1]
+    return [str(package / rel) for rel in spec.hide]
+
+
+# ---- the job folder ---------------------------------------------------------------------------------
+def write_inputs(spec: Spec, work: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(secrets.randbits(63))
+    calls, tensors = spec.calls(g)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / "probe_in.safetensors"))
+    (work / "probe_calls.json").write_text(json.dumps([c.__dict__ for c in calls]))
+    return tensors
+
+
+def read_outputs(work: Path, limit: int = 256 << 20) -> tuple[dict, dict] | None:
+    """What the probe returned: tensors (safetensors) and errors (JSON); None if absent or malformed."""
+    import os
+
+    from safetensors.torch import load
+
+    try:
+        parts = []
+        for name in ("probe_out.safetensors", "probe_errors.json"):
+            fd = os.open(work / name, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                return None
+            parts.append(data)
+        outputs = load(parts[0])
+        errors = json.loads(parts[1])
+        if not isinstance(errors, dict) or not all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, str)
+                                                                                                for x in v)
+                                                   for v in errors.values()):
+            return None
+        return outputs, errors
+    except Exception:  # noqa: BLE001  (absent or malformed: the harness scores 0)
+        return None
+
+
+def decide(spec: Spec, inputs: dict, returned: tuple[dict, dict] | None) -> dict[str, str | None]:
+    """test id -> None (accepted) or why not."""
+    if returned is None:
+        return {tid: "the harness got no outputs back from the notebook (did it run to its end?)"
+                for tid in spec.judge}
+    outputs, errors = returned
+    return {tid: judge(inputs, outputs, errors) for tid, judge in spec.judge.items()}
