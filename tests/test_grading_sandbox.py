@@ -176,3 +176,37 @@ def test_a_missing_bubblewrap_is_reported(monkeypatch):
     assert not ok and "/nonexistent/bwrap" in why
     with pytest.raises(sandbox.SandboxUnavailable):
         sandbox.run(["true"])
+
+
+def _one_test_notebook(path: Path) -> Path:
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    cell = new_code_cell("assert 1 + 1 == 2")
+    cell.metadata["nbgrader"] = {"grade": True, "solution": False, "locked": True, "grade_id": "t_ok", "points": 2,
+                                 "schema_version": 3}
+    nbformat.write(new_notebook(cells=[cell]), path)
+    return path
+
+
+def test_without_the_sandbox_the_grader_refuses_unless_unsafe_and_then_labels_every_result(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import json
+
+    from llmsys_lab import grading
+    from llmsys_lab.__main__ import main
+
+    monkeypatch.setenv("LLMSYS_BWRAP", "/nonexistent/bwrap")
+    path = _one_test_notebook(tmp_path / "sub.ipynb")
+    assert main(["grade", str(path), "--no-source", "--timeout", "60"]) == 2
+    err = capsys.readouterr().err
+    assert "the grading sandbox cannot run on this machine" in err and "--unsafe" in err
+    [refused] = grading.grade([path], source=None, timeout=60)
+    assert refused.error and "grading refused" in refused.error and refused.score == 0
+
+    assert main(["grade", str(path), "--no-source", "--timeout", "60", "--unsafe"]) == 0
+    out, err = capsys.readouterr()
+    assert "UNSAFE: NOT AN OFFICIAL GRADE" in out and "WITHOUT the sandbox" in err
+    assert main(["grade", str(path), "--no-source", "--timeout", "60", "--unsafe", "--json", "-"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert result["score"] == 2 and result["official"] is False and result["messages"][0] == grading.UNSAFE
