@@ -127,8 +127,8 @@ def command(argv, work: Path | None = None, hide=(), limits: Limits = Limits(), 
 
 
 def _sandbox_env(extra: dict | None) -> dict:
-    keep = ("PATH", "LANG", "LC_ALL", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET", "OMP_NUM_THREADS",
-            "LLMSYS_DEVICE", "PYTHONHASHSEED", "TERM")
+    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET",
+            "OMP_NUM_THREADS", "LLMSYS_DEVICE", "PYTHONHASHSEED", "TERM")
     env = {k: os.environ[k] for k in keep if k in os.environ}
     env.update({"HOME": HOME, "TMPDIR": "/tmp", "PWD": WORK, "PYTHONDONTWRITEBYTECODE": "1",
                 "JUPYTER_RUNTIME_DIR": f"{HOME}/.jupyter-runtime", "MPLCONFIGDIR": f"{HOME}/.matplotlib",
