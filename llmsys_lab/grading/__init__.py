@@ -62,7 +62,7 @@ notebook in its own OS sandbox (``sandbox.py``: bubblewrap, read-only environmen
 and wall-time limits): a submission cannot read the solutions, change the environment, leave processes
 behind or reach another submission's grading. Restoring the cells (before) and scoring (after) happen
 in the grader's process, which only reads the returned notebook (JSON). For the assignments in
-``harness.SPECS`` (01) a trusted harness decides each test outside the sandbox from the outputs the
+``harness.SPECS`` (01; 10's verify_step tests) a trusted harness decides those tests outside the sandbox from the outputs the
 student's functions gave for fresh inputs (safetensors/JSON), and the kit modules the assignment
 forbids are absent from the sandbox; elsewhere the in-kernel test cells still decide, so a submission
 can forge its own result there (not another's). Without a working sandbox ``grade`` refuses unless
@@ -702,9 +702,14 @@ def grade_isolated(path, source="auto", timeout: float = 120, kernel_name: str =
         spec = harness.spec_for(job.sub.source) if job.sub.official else None
         inputs = harness.write_inputs(spec, work) if spec is not None else None
         hide = job.deny + _hidden_home() + (harness.hidden_files(spec) if spec is not None else [])
+        private = Path(tempfile.mkdtemp(prefix="llmsys-grade-kit-"))       # outside the (writable) job folder
+        replace = harness.stripped_modules(spec, private) if spec is not None else {}
         argv = [sys.executable, "-c", "from llmsys_lab.grading import _sandbox_main; _sandbox_main()"]
         if ok:
-            done = sandbox.run(argv, work=work, hide=hide, limits=limits)
+            try:
+                done = sandbox.run(argv, work=work, hide=hide, limits=limits, replace=replace)
+            finally:
+                shutil.rmtree(private, ignore_errors=True)
             rc, stderr, timed_out = done.returncode, done.stderr, done.timed_out
         else:
             try:

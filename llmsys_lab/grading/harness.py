@@ -39,6 +39,7 @@ class Spec:
     hide: list[str]                                     # kit files (relative to the package) absent in the sandbox
     calls: Callable[[torch.Generator], tuple[list[Call], dict[str, torch.Tensor]]]
     judge: dict[str, Callable[[dict, dict, dict], str | None]]   # test id -> (inputs, outputs, errors) -> why not
+    strip: dict[str, tuple[str, ...]] = field(default_factory=dict)   # kit file -> functions removed in the sandbox
 
 
 # ---- assignment 01: attention -------------------------------------------------------------------------
@@ -144,6 +145,83 @@ def _judge_gqa(inputs, outputs, errors):
     return None
 
 
+# ---- assignment 10: speculative decoding (verify_step) --------------------------------------------------
+_GREEDY = [([1, 2, 3], [1, 2, 3, 4]), ([1, 2, 3], [1, 0, 3, 4]), ([4], [2, 2]), ([0, 0, 0, 0], [0, 0, 0, 0, 1]),
+           ([2, 2, 1], [2, 3, 1, 0]), ([3], [3, 1])]
+_SAMPLES = 3000
+
+
+def _calls_10(g: torch.Generator):
+    t: dict[str, torch.Tensor] = {}
+    calls = []
+    eye = torch.eye(5)
+    for j, (draft, target) in enumerate(_GREEDY):
+        t[f"g{j}.q"], t[f"g{j}.p"] = eye[draft], eye[target]
+        calls.append(Call(f"greedy/{j}", "verify_step", [draft, f"g{j}.q", f"g{j}.p"]))
+    gamma, V = 3, 5
+    p = torch.softmax(torch.randn(gamma + 1, V, generator=g, dtype=torch.float64) * 2, -1).float()
+    q = torch.softmax(torch.randn(gamma, V, generator=g, dtype=torch.float64) * 2, -1).float()
+    p2, q2 = p.clone(), q.clone()
+    p2[:, 0], q2[:, 1] = 0, 0
+    p2, q2 = p2 / p2.sum(-1, keepdim=True), q2 / q2.sum(-1, keepdim=True)
+    for name, (pp, qq) in {"plain": (p, q), "topk": (p2, q2)}.items():
+        t[f"{name}.p"], t[f"{name}.q"] = pp, qq
+        t[f"{name}.drafts"] = torch.stack([torch.multinomial(qq[i], _SAMPLES, replacement=True, generator=g)
+                                           for i in range(gamma)], 1)
+        calls.append(Call(f"dist/{name}", "verify_step", [{"repeat": f"{name}.drafts"}, f"{name}.q", f"{name}.p",
+                                                          {"generator": int(torch.randint(0, 2**62, (), generator=g))}]))
+    return calls, t
+
+
+def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    counts, probs = counts.double(), probs.double()
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    return float(torch.special.gammaincc(torch.tensor((int(keep.sum()) - 1) / 2, dtype=torch.double), stat / 2))
+
+
+def _pair(value) -> tuple[int, int] | None:
+    if isinstance(value, torch.Tensor) and value.dtype == torch.int64 and tuple(value.shape) == (2,):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def _judge_greedy(inputs, outputs, errors):
+    for j, (draft, target) in enumerate(_GREEDY):
+        cid = f"greedy/{j}"
+        if cid in errors:
+            return f"{cid}: raised {errors[cid][0]}: {errors[cid][1]}"[:300]
+        n = next((i for i, (a, b) in enumerate(zip(draft, target)) if a != b), len(draft))
+        got = _pair(outputs.get(cid))
+        if got != (n, target[n]):
+            return f"draft {draft}, target argmax {target}: expected (accepted, next) = {(n, target[n])}, got {got}"
+    return None
+
+
+def _judge_distribution(inputs, outputs, errors):
+    for name in ("plain", "topk"):
+        cid = f"dist/{name}"
+        if cid in errors:
+            return f"{cid}: raised {errors[cid][0]}: {errors[cid][1]}"[:300]
+        out = outputs.get(cid)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (_SAMPLES, 2) or out.dtype != torch.int64:
+            return f"{cid}: no (accepted, next) pair per draft came back"
+        p = inputs[f"{name}.p"]
+        drafts = inputs[f"{name}.drafts"]
+        first = torch.where(out[:, 0] > 0, drafts[:, 0], out[:, 1])
+        counts = torch.bincount(first.clamp(0, p.shape[1] - 1), minlength=p.shape[1])
+        if ((first < 0) | (first >= p.shape[1])).any():
+            return f"{cid}: a token outside the vocabulary"
+        pv = _chi_square_p(counts, p[0])
+        if pv < 1e-6 or (name == "topk" and counts[0] > 0):     # fresh inputs per submission: a strict level
+            return f"{cid}: the first emitted token does not follow p (chi-square p-value {pv:.2e}, counts {counts.tolist()})"
+    return None
+
+
 SPECS: dict[str, Spec] = {
     "01_attention": Spec(
         hide=["attention.py"],
@@ -152,7 +230,35 @@ SPECS: dict[str, Spec] = {
                "test_causal_mask": _judge(("causal_mask/",), _refs_01),
                "test_causal_attention": _judge(("causal_attention/",), _refs_01),
                "test_gqa": _judge_gqa}),
+    "10_speculative_decoding": Spec(
+        hide=[], strip={"speculative.py": ("verify", "speculative_generate")},
+        calls=_calls_10,
+        judge={"test_verify_greedy": _judge_greedy, "test_verify_distribution": _judge_distribution}),
 }
+
+
+def stripped_modules(spec: Spec, folder: Path) -> dict[str, str]:
+    """{kit file: a copy written into folder in which the spec's functions only raise}: what the sandbox sees."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1]
+    out = {}
+    for rel, names in spec.strip.items():
+        source = (package / rel).read_text()
+        tree = ast.parse(source)
+        lines = source.split("\n")
+        for node in sorted((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names),
+                           key=lambda n: -n.lineno):
+            first = node.body[0].lineno - 1
+            if isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None), ast.Constant):
+                first = node.body[0].end_lineno           # keep the docstring
+            indent = " " * node.body[0].col_offset
+            lines[first:node.end_lineno] = [f"{indent}raise RuntimeError('llmsys_lab.{Path(rel).stem}.{node.name} is "
+                                            "not available while this assignment is graded: write your own')"]
+        copy = folder / f"stripped_{Path(rel).stem}.py"
+        copy.write_text("\n".join(lines))
+        out[str(package / rel)] = str(copy)
+    return out
 
 
 def spec_for(source_path: str | None) -> Spec | None:

@@ -21,15 +21,44 @@ def run(work: str) -> None:
     outputs, errors = {}, {}
     for call in json.loads((work / "probe_calls.json").read_text()):
         fn = ns.get(call["fn"])
-        args = [tensors[a].clone() if isinstance(a, str) and a in tensors else a for a in call["args"]]
         try:
             if fn is None:
                 raise NameError(f"name '{call['fn']}' is not defined")
-            out = fn(*args, **call["kwargs"])
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"returned {type(out).__name__}, not a tensor")
+            first = call["args"][0] if call["args"] else None
+            if isinstance(first, dict) and "repeat" in first:      # one call per row: [(row, *rest), ...]
+                rest = _args(call["args"][1:], tensors)             # one generator for all the rows
+                outs = [_tensor(fn(row, *rest, **call["kwargs"])) for row in tensors[first["repeat"]].tolist()]
+                out = torch.stack(outs)
+            else:
+                out = _tensor(fn(*_args(call["args"], tensors), **call["kwargs"]))
             outputs[call["id"]] = out.detach().cpu().contiguous().clone()
         except Exception as err:  # noqa: BLE001  (reported to the harness as data)
             errors[call["id"]] = [type(err).__name__, str(err)[:500]]
     save_file(outputs, str(work / "probe_out.safetensors"))
     (work / "probe_errors.json").write_text(json.dumps(errors))
+
+
+def _args(args, tensors):
+    import torch
+
+    out = []
+    for a in args:
+        if isinstance(a, str) and a in tensors:
+            out.append(tensors[a].clone())
+        elif isinstance(a, dict) and "generator" in a:
+            out.append(torch.Generator().manual_seed(int(a["generator"])))
+        else:
+            out.append(a)
+    return out
+
+
+def _tensor(value):
+    """A returned tensor as is; a tuple or list of ints (e.g. (accepted, next token)) as an int64 tensor."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, int) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+                                                for v in value):
+        return torch.tensor([int(v) for v in value], dtype=torch.int64)
+    raise TypeError(f"returned {type(value).__name__}, not a tensor or a tuple of ints")

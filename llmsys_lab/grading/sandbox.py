@@ -82,7 +82,7 @@ def available() -> tuple[bool, str]:
     return _checked[exe]
 
 
-def _bwrap_args(exe: str, work: Path | None, hide) -> list[str]:
+def _bwrap_args(exe: str, work: Path | None, hide, replace: dict | None = None) -> list[str]:
     args = [exe, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "--new-session",
             "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", HOME]
     for dev in sorted(Path("/dev").glob("nvidia*")) + [Path("/dev/dri"), Path("/dev/kfd")]:   # GPUs
@@ -98,6 +98,11 @@ def _bwrap_args(exe: str, work: Path | None, hide) -> list[str]:
             args += ["--ro-bind", "/dev/null", str(path)]
             for cached in sorted((path.parent / "__pycache__").glob(f"{path.stem}.*.pyc")):
                 args += ["--ro-bind", "/dev/null", str(cached)]
+    for target, copy in (replace or {}).items():     # a file seen in place of another (a module without some parts)
+        target = Path(target).resolve()
+        args += ["--ro-bind", str(Path(copy).resolve()), str(target)]
+        for cached in sorted((target.parent / "__pycache__").glob(f"{target.stem}.*.pyc")):
+            args += ["--ro-bind", "/dev/null", str(cached)]
     if work is not None:
         args += ["--bind", str(Path(work).resolve()), WORK, "--chdir", WORK]
     return args
@@ -111,12 +116,13 @@ class Result:
     timed_out: bool
 
 
-def command(argv, work: Path | None = None, hide=(), limits: Limits = Limits(), env: dict | None = None) -> list[str]:
+def command(argv, work: Path | None = None, hide=(), limits: Limits = Limits(), env: dict | None = None,
+            replace: dict | None = None) -> list[str]:
     """The full command line (bwrap, then prlimit, then argv) that `run` starts."""
     exe = bwrap()
     if exe is None:
         raise SandboxUnavailable(available()[1])
-    args = _bwrap_args(exe, work, hide)
+    args = _bwrap_args(exe, work, hide, replace)
     args += ["--clearenv"]
     for key, value in sorted(_sandbox_env(env).items()):
         args += ["--setenv", key, value]
@@ -138,12 +144,13 @@ def _sandbox_env(extra: dict | None) -> dict:
 
 
 def run(argv, work: Path | None = None, hide=(), limits: Limits = Limits(), env: dict | None = None,
-        max_output: int = 1_000_000) -> Result:
-    """Run argv in a fresh sandbox; wait at most limits.wall_s, then kill it (and everything it started)."""
+        max_output: int = 1_000_000, replace: dict | None = None) -> Result:
+    """Run argv in a fresh sandbox; wait at most limits.wall_s, then kill it (and everything it started).
+    replace: {path: file} shows each file's contents at path (read-only)."""
     ok, why = available()
     if not ok:
         raise SandboxUnavailable(why)
-    cmd = command(argv, work, hide, limits, env)
+    cmd = command(argv, work, hide, limits, env, replace)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     timed_out = False
