@@ -87,3 +87,28 @@ def test_the_stripped_module_keeps_everything_else(tmp_path):
             module.verify([1], None, None)
     finally:
         del sys.modules[spec.name]
+
+
+FLASH_STYLE_MERGE = (   # the standard FlashAttention formulation: subtract the total log-sum-exp
+    "def merge_splits(part, lse):\n"
+    "    total = torch.logsumexp(lse, dim=-1, keepdim=True)\n"
+    "    total = torch.where(total == float('-inf'), torch.zeros_like(total), total)\n"
+    "    return (torch.exp(lse - total)[..., None] * part).sum(dim=-2)\n")
+
+
+def test_a_flash_attention_style_merge_scores_full_marks():
+    """Assignment 07's merge tests accept every numerically sound merge: at lse = 800 the fp32 spacing is
+    6e-5, so e^(lse - total) is exact to ~1e-4 only; the tests' tolerance there is 1e-4."""
+    import tempfile
+
+    source = next((ROOT / "solutions" / "07_performance").glob("*.ipynb"))
+    nb = nbformat.read(source, as_version=4)
+    [cell] = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "merge_splits"]
+    cell.source = FLASH_STYLE_MERGE
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "flash_merge.ipynb"
+        nbformat.write(nb, path)
+        [sub] = grading.grade([path], source=ROOT / "solutions", timeout=300, unsafe=True)
+    assert sub.error is None, sub.error
+    merge = {t.test: (t.points, t.max_points, t.feedback) for t in sub.tests if "merge" in t.test}
+    assert merge and all(points == most for points, most, _ in merge.values()), merge
