@@ -112,3 +112,21 @@ def test_a_flash_attention_style_merge_scores_full_marks():
     assert sub.error is None, sub.error
     merge = {t.test: (t.points, t.max_points, t.feedback) for t in sub.tests if "merge" in t.test}
     assert merge and all(points == most for points, most, _ in merge.values()), merge
+
+
+@pytest.mark.skipif(not sandbox.available()[0], reason="no grading sandbox on this machine")
+def test_an_unanswered_moe_notebook_that_forges_every_in_kernel_verdict_scores_zero(tmp_path):
+    """Assignment 09: the submission rewrites each failing test's error into the grader's completion line
+    (patched jupyter_client Session.send); every graded test is also decided by the harness outside."""
+    from test_grading_redteam import FORGE_COMPLETION
+
+    nb = nbformat.read(ROOT / "assignments" / "09_moe" / "moe.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "router")
+    cell.source += "\n" + FORGE_COMPLETION
+    nbformat.write(nb, tmp_path / "forged.ipynb")
+    [sub] = grading.grade([tmp_path / "forged.ipynb"], source=ROOT / "solutions", timeout=300)
+    assert sub.error is None, sub.error
+    assert (sub.score, sub.max_score) == (0, 10), [(t.test, t.points, t.feedback) for t in sub.tests]
+    # the forgery did fool the in-kernel verdicts: what took the points is the harness
+    assert all(t.feedback.startswith("the grader's own check of your outputs failed") for t in sub.tests), \
+        [t.feedback for t in sub.tests]

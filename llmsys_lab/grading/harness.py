@@ -222,6 +222,168 @@ def _judge_distribution(inputs, outputs, errors):
     return None
 
 
+# ---- assignment 09: mixture of experts -----------------------------------------------------------------
+_ROUTER_CASES = ((8, 2, True), (8, 2, False), (6, 3, True), (16, 4, False), (5, 1, True), (5, 5, False))
+
+
+def _swiglu_ref(x, gate_w, up_w, down_w, e):
+    x = x.double()
+    h = torch.nn.functional.silu(x @ gate_w[e].double().T) * (x @ up_w[e].double().T)
+    return h @ down_w[e].double().T
+
+
+def _route_ref(x, w, k, norm):
+    logits = x.double() @ w.double().T
+    probs = torch.softmax(logits, dim=-1)
+    weights, experts = torch.topk(probs, k, dim=-1)
+    if norm:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return logits, probs, weights, experts
+
+
+def _moe_ref(x, router_w, gate_w, up_w, down_w, k, norm=True):
+    flat = x.reshape(-1, x.shape[-1])
+    _, _, weights, experts = _route_ref(flat, router_w, k, norm)
+    return _combine_ref(flat, weights, experts, gate_w, up_w, down_w).reshape(x.shape)
+
+
+def _combine_ref(x, weights, experts, gate_w, up_w, down_w):
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for n in range(x.shape[0]):
+        for j in range(experts.shape[1]):
+            y[n] += weights[n, j].double() * _swiglu_ref(x[n:n + 1], gate_w, up_w, down_w, int(experts[n, j]))[0]
+    return y
+
+
+def _lb_ref(logits_list, k):
+    logits = torch.cat([t.reshape(-1, t.shape[-1]) for t in logits_list]).double()
+    probs = torch.softmax(logits, -1)
+    chosen = torch.topk(probs, k, -1).indices
+    f = torch.nn.functional.one_hot(chosen, logits.shape[-1]).sum(1).double().mean(0)
+    return logits.shape[-1] * (f * probs.mean(0)).sum()
+
+
+def _calls_09(g: torch.Generator):
+    t: dict[str, torch.Tensor] = {}
+    calls = []
+    for i, (E, k, norm) in enumerate(_ROUTER_CASES):
+        t[f"r{i}.x"], t[f"r{i}.w"] = torch.randn(37, 16, generator=g), torch.randn(E, 16, generator=g) * 0.5
+        calls.append(Call(f"router/{i}", "router", [f"r{i}.x", f"r{i}.w", k, norm]))
+    calls.append(Call("router/bad", "router", ["r0.x", "r0.w", 9, True]))
+    for i, (N, E, k) in enumerate(((30, 8, 2), (7, 4, 4), (50, 16, 1))):
+        experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+        experts[experts == 1] = 0 if k == 1 else experts[experts == 1]
+        t[f"s{i}.experts"] = experts
+        calls.append(Call(f"sort/{i}", "sort_assignments", [f"s{i}.experts", E]))
+    t["s.bad"] = torch.tensor([[0, 9]])
+    calls.append(Call("sort/bad", "sort_assignments", ["s.bad", 4]))
+    E, h, inter = 8, 16, 24
+    for name, shape in (("gate", (E, inter, h)), ("up", (E, inter, h)), ("down", (E, h, inter))):
+        t[f"m.{name}"] = torch.randn(*shape, generator=g) * 0.2
+    t["m.router"] = torch.randn(E, h, generator=g) * 0.5
+    t["d.x"] = torch.randn(40, h, generator=g)
+    _, _, w, ex = _route_ref(t["d.x"], t["m.router"], 2, True)
+    ex[ex == 5] = 6
+    t["d.weights"], t["d.experts"] = w.float(), ex
+    calls.append(Call("dispatch/0", "dispatch_combine", ["d.x", "d.weights", "d.experts", "m.gate", "m.up", "m.down"]))
+    for i, (shape, k) in enumerate((((3, 7, h), 2), ((2, 5, h), 1), ((1, 9, h), 3))):
+        t[f"l{i}.x"] = torch.randn(*shape, generator=g)
+        calls.append(Call(f"moe/{i}", "moe_layer", [f"l{i}.x", "m.router", "m.gate", "m.up", "m.down", k]))
+    for i, (E, k, layers) in enumerate(((8, 2, 1), (8, 2, 3), (16, 4, 2))):
+        names = []
+        for j in range(layers):
+            t[f"lb{i}.{j}"] = torch.randn(24, E, generator=g) * 2
+            names.append(f"lb{i}.{j}")
+        calls.append(Call(f"lb/{i}", "load_balancing_loss", [{"tuple": names}, k]))
+    return calls, t
+
+
+def _err(errors, cid):
+    return f"{cid}: raised {errors[cid][0]}: {errors[cid][1]}"[:300] if cid in errors else None
+
+
+def _expect_value_error(errors, cid, what):
+    if errors.get(cid, [""])[0] != "ValueError":
+        got = errors.get(cid)
+        return f"{what} must raise ValueError, got " + ("no error" if got is None else f"{got[0]}: {got[1]}"[:200])
+    return None
+
+
+def _judge_router(cases):
+    def judge(t, outputs, errors):
+        for i in cases:
+            cid = f"router/{i}"
+            if _err(errors, cid):
+                return _err(errors, cid)
+            E, k, norm = _ROUTER_CASES[i]
+            logits, probs, weights, experts = _route_ref(t[f"r{i}.x"], t[f"r{i}.w"], k, norm)
+            got = [outputs.get(f"{cid}#{j}") for j in range(4)]
+            if any(x is None for x in got):
+                return f"{cid}: router must return (logits, probs, weights, experts)"
+            if got[3].dtype != torch.int64 or not torch.equal(got[3], experts):
+                return f"{cid} (E={E}, k={k}): chosen experts differ (largest probability first)"
+            for name, a, b in (("logits", got[0], logits.float()), ("probs", got[1], probs.float()),
+                               ("weights", got[2], weights.float())):
+                why = _close(a, b, 1e-5, 1e-5)
+                if why:
+                    return f"{cid} (E={E}, k={k}, norm_topk_prob={norm}): {name}: {why}"
+        return None
+    return judge
+
+
+def _judge_router_edge(t, outputs, errors):
+    return _judge_router((4, 5))(t, outputs, errors) or _expect_value_error(errors, "router/bad", "top_k > E")
+
+
+def _judge_sort(t, outputs, errors):
+    for i in range(3):
+        cid = f"sort/{i}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        experts = t[f"s{i}.experts"]
+        flat = experts.reshape(-1)
+        slot = torch.argsort(flat, stable=True)
+        want = (slot // experts.shape[1], slot, torch.bincount(flat, minlength=(8, 4, 16)[i]))
+        got = [outputs.get(f"{cid}#{j}") for j in range(3)]
+        for name, a, b in zip(("token", "slot", "counts"), got, want):
+            if a is None or not torch.equal(a.long(), b):
+                return f"{cid}: {name} differs from a stable sort by expert"
+    return _expect_value_error(errors, "sort/bad", "an expert id >= num_experts")
+
+
+def _judge_dispatch(t, outputs, errors):
+    if _err(errors, "dispatch/0"):
+        return _err(errors, "dispatch/0")
+    ref = _combine_ref(t["d.x"], t["d.weights"], t["d.experts"], t["m.gate"], t["m.up"], t["m.down"]).float()
+    why = _close(outputs.get("dispatch/0"), ref, 1e-5, 1e-4)
+    return f"dispatch/0: {why}" if why else None
+
+
+def _judge_moe(t, outputs, errors):
+    for i, k in enumerate((2, 1, 3)):
+        cid = f"moe/{i}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        ref = _moe_ref(t[f"l{i}.x"], t["m.router"], t["m.gate"], t["m.up"], t["m.down"], k).float()
+        why = _close(outputs.get(cid), ref, 1e-5, 1e-4)
+        if why:
+            return f"{cid} (k={k}): {why}"
+    return None
+
+
+def _judge_lb(t, outputs, errors):
+    for i, (E, k, layers) in enumerate(((8, 2, 1), (8, 2, 3), (16, 4, 2))):
+        cid = f"lb/{i}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        ref = _lb_ref([t[f"lb{i}.{j}"] for j in range(layers)], k).float()
+        out = outputs.get(cid)
+        why = _close(out.reshape(()) if isinstance(out, torch.Tensor) and out.numel() == 1 else out, ref, 1e-5, 1e-5)
+        if why:
+            return f"{cid} (E={E}, k={k}, {layers} layers): {why}"
+    return None
+
+
 SPECS: dict[str, Spec] = {
     "01_attention": Spec(
         hide=["attention.py"],
@@ -230,6 +392,11 @@ SPECS: dict[str, Spec] = {
                "test_causal_mask": _judge(("causal_mask/",), _refs_01),
                "test_causal_attention": _judge(("causal_attention/",), _refs_01),
                "test_gqa": _judge_gqa}),
+    "09_moe": Spec(
+        hide=[], calls=_calls_09,
+        judge={"test_router": _judge_router((0, 1, 2, 3)), "test_router_edge_cases": _judge_router_edge,
+               "test_sort": _judge_sort, "test_dispatch": _judge_dispatch, "test_mixtral_block": _judge_moe,
+               "test_load_balancing_loss": _judge_lb}),
     "10_speculative_decoding": Spec(
         hide=[], strip={"speculative.py": ("verify", "speculative_generate")},
         calls=_calls_10,

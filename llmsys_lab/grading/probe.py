@@ -30,7 +30,13 @@ def run(work: str) -> None:
                 outs = [_tensor(fn(row, *rest, **call["kwargs"])) for row in tensors[first["repeat"]].tolist()]
                 out = torch.stack(outs)
             else:
-                out = _tensor(fn(*_args(call["args"], tensors), **call["kwargs"]))
+                value = fn(*_args(call["args"], tensors), **call["kwargs"])
+                if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) and v.numel() > 1
+                                                                       for v in value):
+                    for i, part in enumerate(value):                 # a tuple of tensors: id#0, id#1, ...
+                        outputs[f"{call['id']}#{i}"] = part.detach().cpu().contiguous().clone()
+                    continue
+                out = _tensor(value)
             outputs[call["id"]] = out.detach().cpu().contiguous().clone()
         except Exception as err:  # noqa: BLE001  (reported to the harness as data)
             errors[call["id"]] = [type(err).__name__, str(err)[:500]]
@@ -45,6 +51,8 @@ def _args(args, tensors):
     for a in args:
         if isinstance(a, str) and a in tensors:
             out.append(tensors[a].clone())
+        elif isinstance(a, dict) and "tuple" in a:
+            out.append(tuple(tensors[name].clone() for name in a["tuple"]))
         elif isinstance(a, dict) and "generator" in a:
             out.append(torch.Generator().manual_seed(int(a["generator"])))
         else:
