@@ -130,3 +130,30 @@ def test_an_unanswered_moe_notebook_that_forges_every_in_kernel_verdict_scores_z
     # the forgery did fool the in-kernel verdicts: what took the points is the harness
     assert all(t.feedback.startswith("the grader's own check of your outputs failed") for t in sub.tests), \
         [t.feedback for t in sub.tests]
+
+
+PLAIN_GREEDY = (   # right tokens, wrong method: the target alone, one forward pass per token, no drafts verified
+    "@torch.no_grad()\n"
+    "def speculative_greedy(model, drafter, prompt, max_new_tokens, gamma):\n"
+    "    drafter.begin(len(prompt) + max_new_tokens)\n"
+    "    cache = KVCache.for_model(model.config, 1, len(prompt) + max_new_tokens)\n"
+    "    logits = model(torch.tensor([prompt]), kv_cache=cache)\n"
+    "    out = []\n"
+    "    for _ in range(max_new_tokens):\n"
+    "        out.append(int(logits[0, -1].argmax()))\n"
+    "        logits = model(torch.tensor([[out[-1]]]), kv_cache=cache)\n"
+    "    return out\n")
+
+
+@pytest.mark.skipif(not sandbox.available()[0], reason="no grading sandbox on this machine")
+def test_plain_greedy_decoding_is_not_speculative_decoding(tmp_path):
+    source = next((ROOT / "solutions" / "10_speculative_decoding").glob("*.ipynb"))
+    nb = nbformat.read(source, as_version=4)
+    [cell] = [c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "speculative_greedy"]
+    cell.source = PLAIN_GREEDY
+    nbformat.write(nb, tmp_path / "plain_greedy.ipynb")
+    [sub] = grading.grade([tmp_path / "plain_greedy.ipynb"], source=ROOT / "solutions", timeout=300)
+    assert sub.error is None, sub.error
+    scores = {t.test: (t.points, t.feedback) for t in sub.tests}
+    assert sub.score == 7 and scores["test_loop_greedy"][0] == 0, scores
+    assert "forward passes for 20 tokens" in scores["test_loop_greedy"][1]

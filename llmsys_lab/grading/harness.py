@@ -170,7 +170,47 @@ def _calls_10(g: torch.Generator):
                                            for i in range(gamma)], 1)
         calls.append(Call(f"dist/{name}", "verify_step", [{"repeat": f"{name}.drafts"}, f"{name}.q", f"{name}.p",
                                                           {"generator": int(torch.randint(0, 2**62, (), generator=g))}]))
+    for j, (ids, gamma) in enumerate(_loop_prompts()):
+        calls.append(Call(f"loop/{j}", "speculative_greedy", [{"counted": "model"}, {"ns": "drafter"}, ids, 20, gamma]))
     return calls, t
+
+
+_PROMPTS = (("KING.\nMy lords,", 1), ("ROMEO.\n", 3), ("HAMLET.\nWhat is", 5), ("JULIET.\nO", 4))
+_TINY: dict = {}
+
+
+def _tiny():
+    if not _TINY:
+        from ..model import load_tiny
+
+        _TINY["model"], _TINY["tok"] = load_tiny()
+    return _TINY["model"], _TINY["tok"]
+
+
+def _loop_prompts():
+    _, tok = _tiny()
+    return [(tok(text).input_ids, gamma) for text, gamma in _PROMPTS]
+
+
+def _judge_loop(inputs, outputs, errors):
+    from ..generate import generate
+
+    model, _ = _tiny()
+    for j, (ids, gamma) in enumerate(_loop_prompts()):
+        cid = f"loop/{j}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        with torch.no_grad():
+            want = generate(model, [ids], max_new_tokens=20, eos_token_id=None).new_tokens[0]
+        got = outputs.get(cid)
+        if got is None or got.tolist() != list(want):
+            return f"{cid} (gamma {gamma}): got {None if got is None else got.tolist()}, expected the target's greedy " \
+                   f"tokens {list(want)}"
+        calls = outputs.get(f"{cid}@calls")
+        if gamma >= 3 and (calls is None or int(calls) >= 20):
+            return (f"{cid} (gamma {gamma}): the target model ran {None if calls is None else int(calls)} forward "
+                    "passes for 20 tokens: speculative decoding verifies several drafted tokens per target pass")
+    return None
 
 
 def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -400,7 +440,8 @@ SPECS: dict[str, Spec] = {
     "10_speculative_decoding": Spec(
         hide=[], strip={"speculative.py": ("verify", "speculative_generate")},
         calls=_calls_10,
-        judge={"test_verify_greedy": _judge_greedy, "test_verify_distribution": _judge_distribution}),
+        judge={"test_verify_greedy": _judge_greedy, "test_verify_distribution": _judge_distribution,
+               "test_loop_greedy": _judge_loop}),
 }
 
 

@@ -21,6 +21,7 @@ def run(work: str) -> None:
     outputs, errors = {}, {}
     for call in json.loads((work / "probe_calls.json").read_text()):
         fn = ns.get(call["fn"])
+        _Counted.calls = 0
         try:
             if fn is None:
                 raise NameError(f"name '{call['fn']}' is not defined")
@@ -38,19 +39,45 @@ def run(work: str) -> None:
                     continue
                 out = _tensor(value)
             outputs[call["id"]] = out.detach().cpu().contiguous().clone()
+            if any(isinstance(a, dict) and "counted" in a for a in call["args"]):
+                outputs[f"{call['id']}@calls"] = torch.tensor(_Counted.calls)
         except Exception as err:  # noqa: BLE001  (reported to the harness as data)
             errors[call["id"]] = [type(err).__name__, str(err)[:500]]
     save_file(outputs, str(work / "probe_out.safetensors"))
     (work / "probe_errors.json").write_text(json.dumps(errors))
 
 
+class _Counted:
+    """Stands for a model: forwards everything to it and counts its forward passes (calls)."""
+    calls = 0
+
+    def __init__(self, model):
+        object.__setattr__(self, "_model", model)
+
+    def __call__(self, *args, **kwargs):
+        _Counted.calls += 1
+        return self._model(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        _Counted.calls += 1
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
 def _args(args, tensors):
     import torch
+    from IPython import get_ipython
 
     out = []
     for a in args:
         if isinstance(a, str) and a in tensors:
             out.append(tensors[a].clone())
+        elif isinstance(a, dict) and "counted" in a:           # a namespace object whose calls are counted
+            out.append(_Counted(get_ipython().user_ns[a["counted"]]))
+        elif isinstance(a, dict) and "ns" in a:
+            out.append(get_ipython().user_ns[a["ns"]])
         elif isinstance(a, dict) and "tuple" in a:
             out.append(tuple(tensors[name].clone() for name in a["tuple"]))
         elif isinstance(a, dict) and "generator" in a:
