@@ -157,3 +157,17 @@ def test_plain_greedy_decoding_is_not_speculative_decoding(tmp_path):
     scores = {t.test: (t.points, t.feedback) for t in sub.tests}
     assert sub.score == 7 and scores["test_loop_greedy"][0] == 0, scores
     assert "forward passes for 20 tokens" in scores["test_loop_greedy"][1]
+
+
+@pytest.mark.skipif(not sandbox.available()[0], reason="no grading sandbox on this machine")
+def test_an_unanswered_speculative_notebook_that_forges_every_in_kernel_verdict_scores_zero(tmp_path):
+    from test_grading_redteam import FORGE_COMPLETION
+
+    nb = student(next(c for c in nbformat.read(STUDENT, as_version=4).cells
+                      if c.metadata.get("nbgrader", {}).get("grade_id") == "verify_step").source + "\n" + FORGE_COMPLETION)
+    nbformat.write(nb, tmp_path / "forged.ipynb")
+    [sub] = grading.grade([tmp_path / "forged.ipynb"], source=ROOT / "solutions", timeout=300)
+    assert sub.error is None, sub.error
+    assert (sub.score, sub.max_score) == (0, 10), [(t.test, t.points, t.feedback) for t in sub.tests]
+    assert all(t.feedback.startswith("the grader's own check of your outputs failed") for t in sub.tests), \
+        [t.feedback for t in sub.tests]

@@ -170,6 +170,15 @@ def _calls_10(g: torch.Generator):
                                            for i in range(gamma)], 1)
         calls.append(Call(f"dist/{name}", "verify_step", [{"repeat": f"{name}.drafts"}, f"{name}.q", f"{name}.p",
                                                           {"generator": int(torch.randint(0, 2**62, (), generator=g))}]))
+    for j, (length, keep) in enumerate(((9, 5), (9, 9), (6, 0), (12, 7))):
+        k = torch.zeros(2, 1, 2, 16, 8)
+        v = torch.zeros(2, 1, 2, 16, 8)
+        k[:, :, :, :length] = torch.randn(2, 1, 2, length, 8, generator=g)
+        v[:, :, :, :length] = torch.randn(2, 1, 2, length, 8, generator=g)
+        t[f"rb{j}.k"], t[f"rb{j}.v"] = k, v
+        calls.append(Call(f"rollback/{j}", "rollback", [{"kvcache": {"k": f"rb{j}.k", "v": f"rb{j}.v",
+                                                                     "lengths": [length, length]}}, keep]))
+    calls.append(Call("rollback/bad", "rollback", [{"kvcache": {"k": "rb0.k", "v": "rb0.v", "lengths": [9, 9]}}, 10]))
     for j, (ids, gamma) in enumerate(_loop_prompts()):
         calls.append(Call(f"loop/{j}", "speculative_greedy", [{"counted": "model"}, {"ns": "drafter"}, ids, 20, gamma]))
     return calls, t
@@ -190,6 +199,24 @@ def _tiny():
 def _loop_prompts():
     _, tok = _tiny()
     return [(tok(text).input_ids, gamma) for text, gamma in _PROMPTS]
+
+
+def _judge_rollback(t, outputs, errors):
+    for j, (length, keep) in enumerate(((9, 5), (9, 9), (6, 0), (12, 7))):
+        cid = f"rollback/{j}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        for part in ("k", "v"):
+            want = t[f"rb{j}.{part}"].clone()
+            want[:, :, :, keep:] = 0
+            got = outputs.get(f"{cid}#{part}")
+            if got is None or not torch.equal(got, want):
+                return (f"{cid}: after rolling a cache of {length} tokens back to {keep}, its {part} must equal a cache "
+                        f"that holds the first {keep} tokens only (the rest zero)")
+        lengths = outputs.get(f"{cid}#lengths")
+        if lengths is None or lengths.tolist() != [keep, keep]:
+            return f"{cid}: the cache's lengths must be [{keep}, {keep}], got {None if lengths is None else lengths.tolist()}"
+    return _expect_value_error(errors, "rollback/bad", "rolling back to more tokens than the cache holds")
 
 
 def _judge_loop(inputs, outputs, errors):
@@ -441,7 +468,7 @@ SPECS: dict[str, Spec] = {
         hide=[], strip={"speculative.py": ("verify", "speculative_generate")},
         calls=_calls_10,
         judge={"test_verify_greedy": _judge_greedy, "test_verify_distribution": _judge_distribution,
-               "test_loop_greedy": _judge_loop}),
+               "test_rollback": _judge_rollback, "test_loop_greedy": _judge_loop}),
 }
 
 

@@ -30,6 +30,13 @@ def run(work: str) -> None:
                 rest = _args(call["args"][1:], tensors)             # one generator for all the rows
                 outs = [_tensor(fn(row, *rest, **call["kwargs"])) for row in tensors[first["repeat"]].tolist()]
                 out = torch.stack(outs)
+            elif isinstance(first, dict) and "kvcache" in first:    # a function that changes a cache in place
+                cache = _cache(first["kvcache"], tensors)
+                fn(cache, *_args(call["args"][1:], tensors), **call["kwargs"])
+                outputs[f"{call['id']}#k"] = cache.k.detach().cpu().contiguous().clone()
+                outputs[f"{call['id']}#v"] = cache.v.detach().cpu().contiguous().clone()
+                outputs[f"{call['id']}#lengths"] = torch.tensor([int(n) for n in cache.lengths])
+                continue
             else:
                 value = fn(*_args(call["args"], tensors), **call["kwargs"])
                 if isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) and v.numel() > 1
@@ -45,6 +52,16 @@ def run(work: str) -> None:
             errors[call["id"]] = [type(err).__name__, str(err)[:500]]
     save_file(outputs, str(work / "probe_out.safetensors"))
     (work / "probe_errors.json").write_text(json.dumps(errors))
+
+
+def _cache(spec, tensors):
+    from llmsys_lab.kv_cache import KVCache
+
+    k = tensors[spec["k"]].clone()
+    layers, batch, heads, max_len, head_dim = k.shape
+    cache = KVCache(layers, batch, heads, head_dim, max_len)
+    cache.k, cache.v, cache.lengths = k, tensors[spec["v"]].clone(), list(spec["lengths"])
+    return cache
 
 
 class _Counted:
