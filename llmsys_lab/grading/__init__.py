@@ -700,7 +700,11 @@ def grade_isolated(path, source="auto", timeout: float = 120, kernel_name: str =
         from . import harness
 
         spec = harness.spec_for(job.sub.source) if job.sub.official else None
-        inputs = harness.write_inputs(spec, work) if spec is not None else None
+        try:
+            inputs = harness.write_inputs(spec, work) if spec is not None else None
+        except Exception as err:  # noqa: BLE001  (the grader's own failure: reported, the batch goes on)
+            return Submission(str(path), error=f"the grader could not prepare its checks for this submission: "
+                                               f"{type(err).__name__}: {err}")
         hide = job.deny + _hidden_home() + (harness.hidden_files(spec) if spec is not None else [])
         private = Path(tempfile.mkdtemp(prefix="llmsys-grade-kit-"))       # outside the (writable) job folder
         replace = harness.stripped_modules(spec, private) if spec is not None else {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -186,13 +187,15 @@ def _calls_10(g: torch.Generator):
 
 _PROMPTS = (("KING.\nMy lords,", 1), ("ROMEO.\n", 3), ("HAMLET.\nWhat is", 5), ("JULIET.\nO", 4))
 _TINY: dict = {}
+_TINY_LOCK = threading.Lock()           # `grade` runs several submissions in threads; load (and import) once
 
 
 def _tiny():
-    if not _TINY:
-        from ..model import load_tiny
+    with _TINY_LOCK:
+        if not _TINY:
+            from ..model import load_tiny
 
-        _TINY["model"], _TINY["tok"] = load_tiny()
+            _TINY["model"], _TINY["tok"] = load_tiny()
     return _TINY["model"], _TINY["tok"]
 
 
