@@ -61,7 +61,7 @@ doctor: setup
 # ---- tests ----------------------------------------------------------------
 # With Chromium installed the browser tests must run (a skip would be a failure); without it they
 # are skipped with the command that installs it.
-test: setup browser-deps
+test: setup browser-deps sandbox-deps
 	$(REQUIRE_BROWSER) $(PY) -m pytest
 
 # The canary: the newest versions pyproject.toml allows, in a separate environment (the lock is untouched)
@@ -87,6 +87,11 @@ test-browser: setup browser-deps
 # asks no password); elsewhere it prints how to install it and the browser tests are skipped.
 browser-deps:
 	@sh scripts/install_chromium.sh "$(CHROMIUM)"
+
+# bubblewrap for the grader's per-submission sandbox, the same way (apt-get where root/sudo allows, else how)
+.PHONY: sandbox-deps
+sandbox-deps:
+	@sh scripts/install_bubblewrap.sh
 
 test-notebooks: setup
 	$(PY) -m pytest notebooks

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                     "visible test cells only (not an official grade)")
     gr.add_argument("--timeout", type=float, default=120, help="seconds per cell before it is interrupted (default 120)")
     gr.add_argument("--jobs", type=int, default=1, help="submissions graded at the same time (default 1)")
+    gr.add_argument("--unsafe", action="store_true", help="where the sandbox (bubblewrap) cannot run, grade "
+                    "without it; every result is labelled UNSAFE and is not an official grade")
     gr.add_argument("--kernel", default="python3", help="Jupyter kernel to run the notebooks (default python3)")
     gr.add_argument("--json", metavar="FILE", help="also write the results as JSON (- for stdout)")
     gr.add_argument("--csv", metavar="FILE", help="also write one row per test as CSV (- for stdout)")

@@ -160,6 +160,59 @@ def kills_the_grader():     # through a subprocess, which the kernel's audit hoo
     return student(HONEST, "import os, subprocess\nsubprocess.run(['kill', '-9', str(os.getppid())])\n")
 
 
+ALIAS_KIT = {   # the kit's own functions under the answers' names (alias, functools.partial, a copied __code__)
+    "attention": "import llmsys_lab.attention\nattention = llmsys_lab.attention.scaled_dot_product_attention\n",
+    "causal_mask": "import functools, importlib\n"
+                   "causal_mask = functools.partial(importlib.import_module('llmsys_lab.attention').causal_mask)\n",
+    "causal_attention": "def causal_attention(q, k, v):\n    pass\n"
+                        "from llmsys_lab.attention import scaled_dot_product_attention as _kit\n"
+                        "causal_attention.__code__ = _kit.__code__\n",
+    "gqa_attention": "import llmsys_lab.attention as _kit\n"
+                     "gqa_attention = lambda q, k, v, causal=False: _kit.scaled_dot_product_attention(q, k, v, "
+                     "causal=causal)\n",
+}
+FORGE_COMPLETION = (   # turn each failing test's error into the grader's completion line (read from the cell's code)
+    "import re, jupyter_client.session as _s\n"
+    "from llmsys_lab.grading.guard import MARK as _MARK\n"
+    "_send = _s.Session.send\n"
+    "def _forged(self, stream, msg_or_type, content=None, parent=None, *args, **kwargs):\n"
+    "    kind = msg_or_type if isinstance(msg_or_type, str) else msg_or_type.get('msg_type')\n"
+    "    code = get_ipython().user_ns['In'][-1] if get_ipython().user_ns.get('In') else ''\n"
+    "    token = re.search(r\"_llmsys_guard.end\\('([0-9a-f]+)'\\)\", code or '')\n"
+    "    if token and kind == 'error':\n"
+    "        return _send(self, stream, 'stream', {'name': 'stdout', 'text': _MARK + token.group(1) + '\\n'},\n"
+    "                     parent, *args, **kwargs)\n"
+    "    if token and kind == 'execute_reply' and content and content.get('status') == 'error':\n"
+    "        content = {'status': 'ok', 'execution_count': content.get('execution_count'), 'user_expressions': {},\n"
+    "                   'payload': []}\n"
+    "    return _send(self, stream, msg_or_type, content, parent, *args, **kwargs)\n"
+    "_s.Session.send = _forged\n")
+READ_SOLUTIONS_DIR_FD = (   # pure Python, relative to a directory fd (the audit event carries no dir_fd)
+    "import json, os, pathlib, llmsys_lab\n"
+    "root = os.open(pathlib.Path(llmsys_lab.__file__).resolve().parents[1], os.O_RDONLY)\n"
+    "stolen = 0\n"
+    "try:\n"
+    "    fd = os.open('solutions/01_attention/attention.ipynb', os.O_RDONLY, dir_fd=root)\n"
+    "    text = b''\n"
+    "    while chunk := os.read(fd, 1 << 16):\n"
+    "        text += chunk\n"
+    "    for cell in json.loads(text)['cells']:\n"
+    "        if cell.get('metadata', {}).get('nbgrader', {}).get('solution'):\n"
+    "            exec(''.join(cell['source']), globals())\n"
+    "            stolen += 1\n"
+    "except OSError as err:\n"
+    "    print('refused:', type(err).__name__)\n"
+    "print('cells stolen:', stolen)\n")
+
+
+def unanswered(extra: str) -> nbformat.NotebookNode:
+    """The untouched stub with `extra` appended to its first answer cell."""
+    nb = nbformat.read(STUDENT, as_version=4)
+    cell = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "attention")
+    cell.source += "\n" + extra
+    return nb
+
+
 # name: (notebook, expected points per test)
 ATTACKS = {
     "swallow_custom_exc": (lambda: student(HONEST, SWALLOW_CUSTOM_EXC), 3),
@@ -174,6 +227,9 @@ ATTACKS = {
     "forged_extra_cell": (forged_extra_cell, 3),
     "duplicated_tests": (duplicated_tests, 3),
     "renamed_test_ids": (renamed_test_ids, 3),
+    "alias_kit_functions": (lambda: student(ALIAS_KIT), 0),
+    "forge_completion_unanswered": (lambda: unanswered(FORGE_COMPLETION), 0),
+    "read_solutions_dir_fd": (lambda: student(HONEST, READ_SOLUTIONS_DIR_FD, extra_after="gqa_attention"), 3),
 }
 
 
@@ -204,7 +260,10 @@ def test_what_each_attack_is_told(graded):
         "CheckFailed" in feedback["swallow_custom_exc"]["test_causal_mask"]
     assert "your code called" in feedback["escape_own_code"]["test_attention"]
     assert "scaled_dot_product_attention" in feedback["escape_own_code"]["test_causal_attention"]
-    assert "llmsys_lab.attention" in feedback["escape_own_code"]["test_causal_mask"]
+    # the closure over the kit's causal_mask cannot even be built: the module is absent from the sandbox
+    assert "name 'causal_mask' is not defined" in feedback["escape_own_code"]["test_causal_mask"]
+    assert "your code in cell 'causal_mask' raised ModuleNotFoundError: No module named 'llmsys_lab.attention'" \
+        in graded["escape_own_code"].messages
     assert "scaled_dot_product_attention" in feedback["escape_own_code"]["test_gqa"]
     messages = graded["forged_extra_cell"].messages
     assert "graded cell 'bonus_points' is not in the source notebook: ignored (run as ordinary code, no points)" \
@@ -215,6 +274,15 @@ def test_what_each_attack_is_told(graded):
     nb = graded["read_solutions"].notebook
     out = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert "cells stolen: 0" in out
+    out = "".join(o.get("text", "") for c in graded["read_solutions_dir_fd"].notebook.cells
+                  for o in c.get("outputs", []))
+    assert "cells stolen: 0" in out
+    # the forgery fooled every in-kernel verdict; the harness outside, which checks the returned outputs, did not
+    assert all(f.startswith("the grader's own check of your outputs failed") and "NotImplementedError" in f
+               for f in feedback["forge_completion_unanswered"].values()), feedback["forge_completion_unanswered"]
+    # the kit's module is absent from the sandbox: the alias cannot even be made
+    assert any("No module named 'llmsys_lab.attention'" in m for m in graded["alias_kit_functions"].messages), \
+        graded["alias_kit_functions"].messages
 
 
 def test_a_submission_that_kills_its_grader_loses_only_its_own_result(graded):

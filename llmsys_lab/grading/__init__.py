@@ -56,12 +56,20 @@ Not defended (the submission runs in the same Python process as its tests):
 * a subprocess, ``ctypes`` or a C extension bypasses the audit hook; the kernel runs as the
   grader's user, so it can read anything that user can and signal its processes by other means.
 
-So grade untrusted submissions where that cannot matter: in a container (or VM) per batch, without
-network, as a non-root user who cannot read ``solutions/`` except through the grader (e.g. copy the
-sources into the container read-only for the grader process only), with memory and CPU limits.
-``nbgrader autograde`` has none of the in-kernel defences above (it restores locked cells and
-hidden tests, and ignores metadata it did not generate, but runs the notebook in the course folder
-and trusts the cells' outputs); the same sandboxing advice applies to it.
+So no grade may be decided only there. ``grade`` (the command line) therefore runs each submission's
+notebook in its own OS sandbox (``sandbox.py``: bubblewrap, read-only environment and kit, no
+``solutions/`` or ``--source``, no network, private /tmp and home, its own PID namespace, CPU, memory
+and wall-time limits): a submission cannot read the solutions, change the environment, leave processes
+behind or reach another submission's grading. Restoring the cells (before) and scoring (after) happen
+in the grader's process, which only reads the returned notebook (JSON). For the assignments in
+``harness.SPECS`` (01, 09, 10) a trusted harness decides those tests outside the sandbox from the outputs the
+student's functions gave for fresh inputs (safetensors/JSON), and the kit modules the assignment
+forbids are absent from the sandbox; elsewhere the in-kernel test cells still decide, so a submission
+can forge its own result there (not another's). Without a working sandbox ``grade`` refuses unless
+``unsafe`` is given, and then labels every result UNSAFE. ``grade_notebook`` runs without the sandbox
+(tests and self-checks only). ``nbgrader autograde`` has none of these defences (it restores locked
+cells and hidden tests, and ignores metadata it did not generate, but runs the notebook in the course
+folder and trusts the cells' outputs).
 
 ``check_own_code`` lives in ``llmsys_lab.checks`` and is re-exported here for the test cells.
 """
@@ -330,7 +338,7 @@ class _Client:
 
 
 def execute(nb, cwd, timeout: float, kernel_name: str = "python3", guard: dict | None = None,
-            max_output: int = MAX_OUTPUT) -> dict[int, str]:
+            max_output: int = MAX_OUTPUT, after: str | None = None) -> dict[int, str]:
     """Run every code cell in one kernel; return {cell index: why it did not run normally}.
 
     A cell past `timeout` seconds is interrupted; nbclient then stops waiting for it (its
@@ -401,6 +409,8 @@ def execute(nb, cwd, timeout: float, kernel_name: str = "python3", guard: dict |
                 cell.outputs.append(_error_output("TimeoutError", problems[i]))
                 if not _responds(client, timed_out):
                     stopped = f"not run: the kernel did not recover after cell {i} timed out"
+        if after is not None and not stopped:
+            side(after)                       # the harness's probe: it writes data, decides nothing
     return problems
 
 
@@ -532,13 +542,36 @@ SELF_CHECK = ("self-check with the submission's own visible tests (--no-source):
 
 def grade_notebook(path, source="auto", timeout: float = 120, kernel_name: str = "python3",
                    max_output: int = MAX_OUTPUT) -> Submission:
-    """Grade one submission in this process (see the module docstring; `grade` adds a child process).
+    """Grade one submission in this process, without the sandbox (see the module docstring; `grade`
+    runs the notebook in a sandbox per submission and is what official grades use).
 
     source: a source notebook, or a folder to search for the one holding the submission's tests;
     "auto": the kit's solutions/; None: the submission's own (visible) tests, a self-check only.
     """
     import nbformat
 
+    job = prepare(path, source, timeout)
+    with tempfile.TemporaryDirectory(prefix="llmsys-grade-") as run_dir:
+        nbformat.write(nbformat.read(Path(path), as_version=4), Path(run_dir) / Path(path).name)  # the copy
+        problems = execute(job.nb, Path(run_dir), job.timeout, kernel_name,
+                           {"deny": job.deny, "protect": [os.getpid(), os.getppid()], "tokens": job.tokens},
+                           max_output)
+    return finish(job, job.nb, problems)
+
+
+@dataclass
+class _Job:
+    """A submission ready to run: its restored notebook, the tokens of its test cells, what to hide."""
+    sub: Submission
+    nb: object
+    tokens: dict
+    deny: list
+    order: dict
+    timeout: float
+
+
+def prepare(path, source="auto", timeout: float = 120) -> _Job:
+    """In the grader's process (never in the sandbox): find the source, restore the graded cells."""
     timeout = check_timeout(timeout)
     nb = load_notebook(path)
     sub = Submission(str(path))
@@ -549,12 +582,12 @@ def grade_notebook(path, source="auto", timeout: float = 120, kernel_name: str =
         if source is None:
             raise GradingError(f"{path}: no solutions/ folder here to take the tests from; give --source "
                                "(or --no-source for a self-check)")
+    kit_solutions = _default_source()
     if source is not None:
         src_path = find_source(nb, source)
         if src_path is None:
             raise GradingError(f"{path}: no source notebook in {_display(Path(source))} has this submission's "
                                "grade ids (renamed test cells?); give --source, or --no-source for a self-check")
-        kit_solutions = _default_source()
         deny = sorted({str(Path(source).resolve()), str(src_path.resolve().parent)}
                       | ({str(kit_solutions)} if kit_solutions else set()))
         src = load_notebook(src_path)
@@ -562,6 +595,7 @@ def grade_notebook(path, source="auto", timeout: float = 120, kernel_name: str =
         sub.source = _display(src_path)
         sub.messages += restore_from_source(nb, src)
     else:
+        deny = [str(kit_solutions)] if kit_solutions else []
         sub.official = False
         sub.messages.append(SELF_CHECK)
     tests = [i for i, c in enumerate(nb.cells) if is_test(c)]
@@ -569,75 +603,166 @@ def grade_notebook(path, source="auto", timeout: float = 120, kernel_name: str =
         raise GradingError(f"{path}: no graded test cells (cells with nbgrader metadata grade=true); "
                            "is this an assignment notebook?")
     tokens = {i: secrets.token_hex(16) for i in tests}
-    protect = [os.getpid(), os.getppid()]
-    with tempfile.TemporaryDirectory(prefix="llmsys-grade-") as run_dir:
-        nbformat.write(nbformat.read(Path(path), as_version=4), Path(run_dir) / Path(path).name)  # the copy
-        problems = execute(nb, Path(run_dir), timeout, kernel_name,
-                           {"deny": deny, "protect": protect, "tokens": tokens}, max_output)
+    return _Job(sub, nb, tokens, deny, order, timeout)
+
+
+def finish(job: _Job, nb, problems: dict[int, str]) -> Submission:
+    """In the grader's process: score the executed notebook's test cells."""
+    sub = job.sub
     sub.notebook = nb
     for i, cell in enumerate(nb.cells):
         m = _meta(cell)
-        if is_test(cell):
+        if i in job.tokens and is_test(cell):
             points = float(m.get("points", 0))
-            got, feedback = (0.0, problems[i]) if i in problems else score_cell(cell, points, tokens[i])
+            got, feedback = (0.0, problems[i]) if i in problems else score_cell(cell, points, job.tokens[i])
             sub.tests.append(TestResult(m.get("grade_id", f"cell {i}"), got or 0.0, points, feedback,
                                         gradable=got is not None))
         elif m.get("solution") and cell.cell_type == "code":
-            err = next((o for o in cell.outputs if o.output_type == "error"), None)
+            err = next((o for o in cell.get("outputs", []) if o.output_type == "error"), None)
             if err is not None:
                 what = "is not implemented yet" if err.ename == "NotImplementedError" else \
                     f"raised {err.ename}: {err.evalue}".strip()
                 sub.messages.append(f"your code in cell '{m.get('grade_id', i)}' {what}")
-    sub.tests.sort(key=lambda t: order.get(t.test, len(order)))       # the source's order
+    sub.tests.sort(key=lambda t: job.order.get(t.test, len(job.order)))       # the source's order
     return sub
 
 
-def _child_main() -> None:
-    """The child process of `grade_isolated`: argv[1] holds the job (JSON), argv[2] gets the result."""
+def _sandbox_main() -> None:
+    """Inside the sandbox: run the restored notebook in a kernel; write the executed notebook and the
+    cells that did not run normally (JSON) into the job folder. No verdict is decided here."""
     import nbformat
 
-    job = json.loads(Path(sys.argv[1]).read_text())
-    path = job["path"]
+    work = Path.cwd()
+    job = json.loads((work / "job.json").read_text())
+    nb = nbformat.read(work / "restored.ipynb", as_version=4)
+    run_dir = work / "run"
+    tokens = {int(k): v for k, v in job["tokens"].items()}
+    after = (f"import llmsys_lab.grading.probe as _llmsys_probe; _llmsys_probe.run({str(work)!r})"
+             if (work / "probe_calls.json").exists() else None)
+    problems = execute(nb, run_dir, job["timeout"], job["kernel"],
+                       {"deny": job["deny"], "protect": [os.getpid(), os.getppid()], "tokens": tokens},
+                       job["max_output"], after=after)
+    (work / "result.json").write_text(json.dumps({"problems": problems, "notebook": nbformat.writes(nb)}))
+
+
+_RESULT_LIMIT = 256 << 20
+
+
+def _read_result(path: Path) -> dict | None:
+    """The sandbox's answer, read as data only (no symlinks followed, size capped, JSON)."""
     try:
-        sub = grade_notebook(path, job["source"], job["timeout"], job["kernel"], job["max_output"])
-        result = (sub.to_dict(), nbformat.writes(sub.notebook))
-    except GradingError as err:
-        result = (Submission(str(path), error=str(err)).to_dict(), None)
-    except Exception as err:  # noqa: BLE001  (reported, the batch goes on)
-        result = (Submission(str(path), error=f"the grader failed on this submission: "
-                                               f"{type(err).__name__}: {err}").to_dict(), None)
-    Path(sys.argv[2]).write_text(json.dumps(result))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(_RESULT_LIMIT + 1)
+    if len(data) > _RESULT_LIMIT:
+        return None
+    try:
+        result = json.loads(data)
+        return result if isinstance(result, dict) else None
+    except ValueError:
+        return None
+
+
+UNSAFE = ("UNSAFE: graded WITHOUT the sandbox (--unsafe): the submission ran with the grader's rights and could "
+          "have changed this result or others; not an official grade")
 
 
 def grade_isolated(path, source="auto", timeout: float = 120, kernel_name: str = "python3",
-                   max_output: int = MAX_OUTPUT) -> Submission:
-    """grade_notebook in a child process: whatever the submission does to it, the caller survives."""
+                   max_output: int = MAX_OUTPUT, unsafe: bool = False, limits=None) -> Submission:
+    """Grade one submission: its notebook runs in a fresh sandbox (``sandbox.run``), the grader here
+    restores its cells before and scores the returned notebook after. With ``unsafe`` and no sandbox
+    on this machine, the notebook runs in a plain child process instead and the result says so."""
     import nbformat
 
+    from . import sandbox
+
+    ok, why = sandbox.available()
+    if not ok and not unsafe:
+        return Submission(str(path), error=f"cannot grade officially: {why}; grading refused (pass --unsafe to "
+                                           "grade without the sandbox; every result is then labelled UNSAFE)")
+    try:
+        job = prepare(path, source, timeout)
+    except GradingError as err:
+        return Submission(str(path), error=str(err))
+    n_cells = sum(c.cell_type == "code" for c in job.nb.cells)
+    if limits is None:
+        limits = sandbox.Limits(wall_s=job.timeout * (n_cells + 3) + 600)
     with tempfile.TemporaryDirectory(prefix="llmsys-grade-job-") as tmp:
-        job, result = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job.write_text(json.dumps({"path": str(path), "source": None if source is None else str(source),
-                                   "timeout": timeout, "kernel": kernel_name, "max_output": max_output}))
-        done = subprocess.run([sys.executable, "-c", "from llmsys_lab.grading import _child_main; _child_main()",
-                               str(job), str(result)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-        if not result.exists():
-            why = f"exit code {done.returncode}" + (f", {done.stderr.strip().splitlines()[-1]}" if done.stderr.strip()
-                                                    else "")
-            return Submission(str(path), error=f"the grading process died while grading this submission ({why}); "
-                                               "did the submission kill it?")
-        data, text = json.loads(result.read_text())
-    sub = Submission.from_dict(data)
-    if text:
-        sub.notebook = nbformat.reads(text, as_version=4)
+        work = Path(tmp)
+        (work / "run").mkdir()
+        nbformat.write(nbformat.read(Path(path), as_version=4), work / "run" / Path(path).name)  # the copy
+        nbformat.write(job.nb, work / "restored.ipynb")
+        (work / "job.json").write_text(json.dumps({"tokens": {str(k): v for k, v in job.tokens.items()},
+                                                   "deny": job.deny, "timeout": job.timeout, "kernel": kernel_name,
+                                                   "max_output": max_output}))
+        from . import harness
+
+        spec = harness.spec_for(job.sub.source) if job.sub.official else None
+        try:
+            inputs = harness.write_inputs(spec, work) if spec is not None else None
+        except Exception as err:  # noqa: BLE001  (the grader's own failure: reported, the batch goes on)
+            return Submission(str(path), error=f"the grader could not prepare its checks for this submission: "
+                                               f"{type(err).__name__}: {err}")
+        hide = job.deny + _hidden_home() + (harness.hidden_files(spec) if spec is not None else [])
+        private = Path(tempfile.mkdtemp(prefix="llmsys-grade-kit-"))       # outside the (writable) job folder
+        replace = harness.stripped_modules(spec, private) if spec is not None else {}
+        argv = [sys.executable, "-c", "from llmsys_lab.grading import _sandbox_main; _sandbox_main()"]
+        if ok:
+            try:
+                done = sandbox.run(argv, work=work, hide=hide, limits=limits, replace=replace)
+            finally:
+                shutil.rmtree(private, ignore_errors=True)
+            rc, stderr, timed_out = done.returncode, done.stderr, done.timed_out
+        else:
+            try:
+                proc = subprocess.run(argv, cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True, timeout=limits.wall_s)
+                rc, stderr, timed_out = proc.returncode, proc.stderr, False
+            except subprocess.TimeoutExpired as err:
+                rc, stderr, timed_out = -9, str(err.stderr or ""), True
+        result = _read_result(work / "result.json")
+        verdicts = harness.decide(spec, inputs, harness.read_outputs(work)) if spec is not None else {}
+    if timed_out:
+        return Submission(str(path), error=f"grading took longer than the wall-time limit ({limits.wall_s:g} s) "
+                                           "and was stopped")
+    try:
+        nb = nbformat.reads(result["notebook"], as_version=4)
+        problems = {int(k): str(v) for k, v in result["problems"].items()}
+    except Exception:  # noqa: BLE001  (absent, or not what the sandbox writes)
+        why = f"exit code {rc}" + (f", {stderr.strip().splitlines()[-1]}" if stderr.strip() else "")
+        return Submission(str(path), error=f"the grading process died while grading this submission ({why}); "
+                                           "did the submission kill it?")
+    if len(nb.cells) != len(job.nb.cells) or any(
+            a.cell_type != b.cell_type or a.source != b.source for a, b in zip(nb.cells, job.nb.cells)):
+        return Submission(str(path), error="the notebook that came back from the sandbox is not the one sent "
+                                           "(cells changed): the submission tampered with its grading")
+    sub = finish(job, nb, problems)
+    for t in sub.tests:                      # the harness's verdict, decided here, outside the sandbox
+        why = verdicts.get(t.test)
+        if why and t.gradable and t.points > 0:
+            t.points, t.feedback = 0.0, f"the grader's own check of your outputs failed: {why}"
+    if not ok:
+        sub.official = False
+        sub.messages.insert(0, UNSAFE)
     return sub
 
 
+def _hidden_home() -> list[str]:
+    """The grader's home folder, unless the environment or the kit lives in it."""
+    home = Path.home().resolve()
+    kit = Path(__file__).resolve().parents[2]
+    inside = [Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), kit]
+    return [] if any(p == home or home in p.parents for p in inside) or home == Path("/") else [str(home)]
+
+
 def grade(paths, source="auto", timeout: float = 120, kernel_name: str = "python3", max_output: int = MAX_OUTPUT,
-          on_result=None, jobs: int = 1) -> list[Submission]:
-    """Grade each submission in its own child process (`jobs` at a time); bad input becomes a
+          on_result=None, jobs: int = 1, unsafe: bool = False) -> list[Submission]:
+    """Grade each submission in its own sandbox (`jobs` at a time); bad input becomes a
     Submission with `error` set and the rest go on. `on_result(results so far, in input order)` is
-    called as each one finishes."""
+    called as each one finishes. Without a working sandbox every submission is refused unless
+    `unsafe` (then each result is labelled UNSAFE and is not official)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -651,7 +776,7 @@ def grade(paths, source="auto", timeout: float = 120, kernel_name: str = "python
     def one(i: int) -> None:
         path = paths[i]
         if source == "auto" or source is None or Path(source).exists():
-            sub = grade_isolated(path, source, timeout, kernel_name, max_output)
+            sub = grade_isolated(path, source, timeout, kernel_name, max_output, unsafe=unsafe)
         else:
             sub = Submission(str(path), error=f"source {source}: no such file or folder")
         with lock:
@@ -677,7 +802,9 @@ def format_table(results: list[Submission]) -> str:
             lines.append(f"  error: {sub.error}")
             lines.append("")
             continue
-        if not sub.official:
+        if UNSAFE in sub.messages:
+            lines.append("  UNSAFE: NOT AN OFFICIAL GRADE (graded without the sandbox, --unsafe)")
+        elif not sub.official:
             lines.append("  SELF-CHECK ONLY, NOT AN OFFICIAL GRADE (--no-source: visible tests only)")
         width = max(len(t.test) for t in sub.tests)
         for t in sub.tests:
@@ -687,14 +814,14 @@ def format_table(results: list[Submission]) -> str:
         for t in sub.not_gradable:
             lines.append(f"  {t.test:<{width}}  not gradable on this machine ({_pts(t.max_points)} points "
                          f"excluded): {t.feedback.split(': ', 1)[-1]}")
-        lines += [f"  note: {m}" for m in sub.messages if m != SELF_CHECK]
+        lines += [f"  note: {m}" for m in sub.messages if m not in (SELF_CHECK, UNSAFE)]
         lines.append("")
     if len(results) > 1:
         width = max(len(s.path) for s in results)
         lines.append(f"{'submission':<{width}}  score")
         for sub in results:
             lines.append(f"{sub.path:<{width}}  " + ("error" if sub.error else f"{_pts(sub.score)} / {_pts(sub.max_score)}"
-                                                     + ("" if sub.official else "  (self-check)")))
+                                                     + ("  (UNSAFE)" if UNSAFE in sub.messages else "" if sub.official else "  (self-check)")))
     return "\n".join(lines).rstrip()
 
 
@@ -732,6 +859,18 @@ def _check_output_path(option: str, path: str | None) -> None:
         raise GradingError(f"{option} {path}: not writable")
 
 
+def _check_sandbox(unsafe: bool) -> None:
+    from . import sandbox
+
+    ok, why = sandbox.available()
+    if not ok and not unsafe:
+        raise GradingError(f"the grading sandbox cannot run on this machine: {why}. Official grades need it; "
+                           "pass --unsafe to grade anyway (every result is then labelled UNSAFE, not official)")
+    if not ok:
+        print(f"warning: {why}; grading WITHOUT the sandbox (--unsafe): results are not official",
+              file=sys.stderr)
+
+
 def main_grade(args) -> int:
     """`python -m llmsys_lab grade`: table on stdout, optional JSON/CSV; exit 2 if any input was bad.
 
@@ -747,6 +886,7 @@ def main_grade(args) -> int:
             raise GradingError(f"source {source}: no such file or folder")
         check_kernel(args.kernel)
         _check_output_path("--json", args.json)
+        _check_sandbox(getattr(args, "unsafe", False))
         _check_output_path("--csv", args.csv)
     except GradingError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -758,7 +898,7 @@ def main_grade(args) -> int:
                 Path(path).write_text(text if text.endswith("\n") else text + "\n")
 
     results = grade(args.submissions, source, args.timeout, args.kernel, on_result=write_files,
-                    jobs=getattr(args, "jobs", 1))
+                    jobs=getattr(args, "jobs", 1), unsafe=getattr(args, "unsafe", False))
     for path, text in ((args.json, to_json(results)), (args.csv, to_csv(results))):
         if path == "-":
             print(text.rstrip())

@@ -1,0 +1,555 @@
+"""The trusted harness: graded verdicts decided outside the student's process.
+
+For an assignment listed in ``SPECS`` the grader, in its own process,
+
+1. draws fresh inputs (a seed made up per submission, so no answer can be prepared for them) and
+   writes them to the job folder as safetensors, with the list of calls as JSON;
+2. lets the sandbox run the notebook and then ``probe.run`` in the same kernel, which calls the
+   student's functions on those inputs and writes what they returned (safetensors) or raised (JSON)
+   -- data only, nothing that can execute code when read;
+3. computes the references itself (PyTorch, outside the sandbox) and decides each graded test.
+
+A test scores only when both its in-kernel cell passed (the feedback students see, the own-code
+tracer) and the harness accepts the returned outputs; the harness's verdict cannot be forged from
+inside the kernel. The kit modules an assignment forbids are hidden from the sandbox (``hide``), so
+no alias, ``functools.partial``, ``importlib`` or ``__code__`` copy can call them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Call:
+    id: str
+    fn: str
+    args: list                          # tensors (by name in the inputs file) or JSON values
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Spec:
+    hide: list[str]                                     # kit files (relative to the package) absent in the sandbox
+    calls: Callable[[torch.Generator], tuple[list[Call], dict[str, torch.Tensor]]]
+    judge: dict[str, Callable[[dict, dict, dict], str | None]]   # test id -> (inputs, outputs, errors) -> why not
+    strip: dict[str, tuple[str, ...]] = field(default_factory=dict)   # kit file -> functions removed in the sandbox
+
+
+# ---- assignment 01: attention -------------------------------------------------------------------------
+def _sdpa(q, k, v, mask=None, causal=False):
+    """The reference, computed here in float64 (outside the sandbox)."""
+    q, k, v = q.double(), k.double(), v.double()
+    if k.shape[1] != q.shape[1]:
+        g = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if causal:
+        mask = _mask(q.shape[-2], k.shape[-2])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _mask(t_q: int, t_k: int) -> torch.Tensor:
+    return torch.ones(t_q, t_k, dtype=torch.bool).tril(diagonal=t_k - t_q)
+
+
+def _calls_01(g: torch.Generator):
+    t: dict[str, torch.Tensor] = {}
+    calls: list[Call] = []
+
+    def r(name, *shape, dtype=torch.float32, scale=1.0):
+        t[name] = torch.randn(*shape, generator=g, dtype=dtype) * scale
+        return name
+
+    calls.append(Call("attention/fp32", "attention", [r("a.q", 2, 3, 5, 16), r("a.k", 2, 3, 7, 16), r("a.v", 2, 3, 7, 16)]))
+    calls.append(Call("attention/fp64", "attention", [r(f"b.{x}", 1, 1, 3, 4, dtype=torch.float64) for x in "qkv"]))
+    calls.append(Call("attention/large", "attention", [r("c.q", 1, 2, 6, 8, scale=30), r("c.k", 1, 2, 6, 8, scale=30),
+                                                       r("c.v", 1, 2, 6, 8)]))
+    for t_q, t_k in ((5, 5), (3, 5), (1, 6), (4, 9)):
+        calls.append(Call(f"causal_mask/{t_q}x{t_k}", "causal_mask", [t_q, t_k]))
+    calls.append(Call("causal_attention/square", "causal_attention", [r(f"d.{x}", 2, 4, 9, 16) for x in "qkv"]))
+    calls.append(Call("causal_attention/rect", "causal_attention", [r("e.q", 1, 2, 3, 8), r("e.k", 1, 2, 7, 8),
+                                                                    r("e.v", 1, 2, 7, 8)]))
+    r("f.q", 2, 8, 6, 16)
+    for h_kv in (2, 1, 8):
+        r(f"f.k{h_kv}", 2, h_kv, 6, 16), r(f"f.v{h_kv}", 2, h_kv, 6, 16)
+        for causal in (False, True):
+            calls.append(Call(f"gqa/{h_kv}/{causal}", "gqa_attention", ["f.q", f"f.k{h_kv}", f"f.v{h_kv}"],
+                              {"causal": causal}))
+    calls.append(Call("gqa/12/4", "gqa_attention", [r("h.q", 1, 12, 3, 8), r("h.k", 1, 4, 3, 8), r("h.v", 1, 4, 3, 8)]))
+    calls.append(Call("gqa/bad", "gqa_attention", [r("i.q", 1, 6, 2, 8), r("i.k", 1, 4, 2, 8), r("i.v", 1, 4, 2, 8)]))
+    return calls, t
+
+
+def _close(out, ref, atol, rtol) -> str | None:
+    if not isinstance(out, torch.Tensor):
+        return "did not return a tensor"
+    if tuple(out.shape) != tuple(ref.shape):
+        return f"shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    if out.dtype != ref.dtype:
+        return f"dtype {out.dtype}, expected {ref.dtype}"
+    if out.dtype == torch.bool:
+        return None if torch.equal(out, ref) else "wrong values"
+    a, b = out.double(), ref.double()
+    if not torch.isfinite(a).all():
+        return "not finite (inf or nan)"
+    bad = (a - b).abs() > atol + rtol * b.abs()
+    return None if not bad.any() else f"max abs error {(a - b).abs().max().item():.3g} (atol={atol:g}, rtol={rtol:g})"
+
+
+def _judge(prefixes, reference, atol=1e-5, rtol=1e-5):
+    def judge(inputs, outputs, errors) -> str | None:
+        for cid, ref_fn in reference(inputs).items():
+            if not any(cid.startswith(p) for p in prefixes):
+                continue
+            if cid in errors:
+                return f"{cid}: raised {errors[cid][0]}: {errors[cid][1]}"[:300]
+            why = _close(outputs.get(cid), ref_fn, *((1e-4, 1e-4) if cid.endswith("large") else (atol, rtol)))
+            if why:
+                return f"{cid}: {why}"
+        return None
+    return judge
+
+
+def _refs_01(t):
+    refs = {"attention/fp32": _sdpa(t["a.q"], t["a.k"], t["a.v"]).float(),
+            "attention/fp64": _sdpa(t["b.q"], t["b.k"], t["b.v"]),
+            "attention/large": _sdpa(t["c.q"], t["c.k"], t["c.v"]).float(),
+            "causal_attention/square": _sdpa(t["d.q"], t["d.k"], t["d.v"], causal=True).float(),
+            "causal_attention/rect": _sdpa(t["e.q"], t["e.k"], t["e.v"], causal=True).float(),
+            "gqa/12/4": _sdpa(t["h.q"], t["h.k"], t["h.v"]).float()}
+    for t_q, t_k in ((5, 5), (3, 5), (1, 6), (4, 9)):
+        refs[f"causal_mask/{t_q}x{t_k}"] = _mask(t_q, t_k)
+    for h_kv in (2, 1, 8):
+        for causal in (False, True):
+            refs[f"gqa/{h_kv}/{causal}"] = _sdpa(t["f.q"], t[f"f.k{h_kv}"], t[f"f.v{h_kv}"], causal=causal).float()
+    return refs
+
+
+def _judge_gqa(inputs, outputs, errors):
+    why = _judge(("gqa/1", "gqa/2", "gqa/8"), _refs_01)(inputs, outputs, errors)
+    if why:
+        return why
+    err = errors.get("gqa/bad")
+    if err is None or err[0] != "ValueError" or not ("6" in err[1] and "4" in err[1]):
+        return "gqa/bad: 6 query heads with 4 K/V heads must raise ValueError naming 6 and 4, got " + (
+            "no error" if err is None else f"{err[0]}: {err[1]}"[:200])
+    return None
+
+
+# ---- assignment 10: speculative decoding (verify_step) --------------------------------------------------
+_GREEDY = [([1, 2, 3], [1, 2, 3, 4]), ([1, 2, 3], [1, 0, 3, 4]), ([4], [2, 2]), ([0, 0, 0, 0], [0, 0, 0, 0, 1]),
+           ([2, 2, 1], [2, 3, 1, 0]), ([3], [3, 1])]
+_SAMPLES = 3000
+
+
+def _calls_10(g: torch.Generator):
+    t: dict[str, torch.Tensor] = {}
+    calls = []
+    eye = torch.eye(5)
+    for j, (draft, target) in enumerate(_GREEDY):
+        t[f"g{j}.q"], t[f"g{j}.p"] = eye[draft], eye[target]
+        calls.append(Call(f"greedy/{j}", "verify_step", [draft, f"g{j}.q", f"g{j}.p"]))
+    gamma, V = 3, 5
+    p = torch.softmax(torch.randn(gamma + 1, V, generator=g, dtype=torch.float64) * 2, -1).float()
+    q = torch.softmax(torch.randn(gamma, V, generator=g, dtype=torch.float64) * 2, -1).float()
+    p2, q2 = p.clone(), q.clone()
+    p2[:, 0], q2[:, 1] = 0, 0
+    p2, q2 = p2 / p2.sum(-1, keepdim=True), q2 / q2.sum(-1, keepdim=True)
+    for name, (pp, qq) in {"plain": (p, q), "topk": (p2, q2)}.items():
+        t[f"{name}.p"], t[f"{name}.q"] = pp, qq
+        t[f"{name}.drafts"] = torch.stack([torch.multinomial(qq[i], _SAMPLES, replacement=True, generator=g)
+                                           for i in range(gamma)], 1)
+        calls.append(Call(f"dist/{name}", "verify_step", [{"repeat": f"{name}.drafts"}, f"{name}.q", f"{name}.p",
+                                                          {"generator": int(torch.randint(0, 2**62, (), generator=g))}]))
+    for j, (length, keep) in enumerate(((9, 5), (9, 9), (6, 0), (12, 7))):
+        k = torch.zeros(2, 1, 2, 16, 8)
+        v = torch.zeros(2, 1, 2, 16, 8)
+        k[:, :, :, :length] = torch.randn(2, 1, 2, length, 8, generator=g)
+        v[:, :, :, :length] = torch.randn(2, 1, 2, length, 8, generator=g)
+        t[f"rb{j}.k"], t[f"rb{j}.v"] = k, v
+        calls.append(Call(f"rollback/{j}", "rollback", [{"kvcache": {"k": f"rb{j}.k", "v": f"rb{j}.v",
+                                                                     "lengths": [length, length]}}, keep]))
+    calls.append(Call("rollback/bad", "rollback", [{"kvcache": {"k": "rb0.k", "v": "rb0.v", "lengths": [9, 9]}}, 10]))
+    for j, (ids, gamma) in enumerate(_loop_prompts()):
+        calls.append(Call(f"loop/{j}", "speculative_greedy", [{"counted": "model"}, {"ns": "drafter"}, ids, 20, gamma]))
+    return calls, t
+
+
+_PROMPTS = (("KING.\nMy lords,", 1), ("ROMEO.\n", 3), ("HAMLET.\nWhat is", 5), ("JULIET.\nO", 4))
+_TINY: dict = {}
+_TINY_LOCK = threading.Lock()           # `grade` runs several submissions in threads; load (and import) once
+
+
+def _tiny():
+    with _TINY_LOCK:
+        if not _TINY:
+            from ..model import load_tiny
+
+            _TINY["model"], _TINY["tok"] = load_tiny()
+    return _TINY["model"], _TINY["tok"]
+
+
+def _loop_prompts():
+    _, tok = _tiny()
+    return [(tok(text).input_ids, gamma) for text, gamma in _PROMPTS]
+
+
+def _judge_rollback(t, outputs, errors):
+    for j, (length, keep) in enumerate(((9, 5), (9, 9), (6, 0), (12, 7))):
+        cid = f"rollback/{j}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        for part in ("k", "v"):
+            want = t[f"rb{j}.{part}"].clone()
+            want[:, :, :, keep:] = 0
+            got = outputs.get(f"{cid}#{part}")
+            if got is None or not torch.equal(got, want):
+                return (f"{cid}: after rolling a cache of {length} tokens back to {keep}, its {part} must equal a cache "
+                        f"that holds the first {keep} tokens only (the rest zero)")
+        lengths = outputs.get(f"{cid}#lengths")
+        if lengths is None or lengths.tolist() != [keep, keep]:
+            return f"{cid}: the cache's lengths must be [{keep}, {keep}], got {None if lengths is None else lengths.tolist()}"
+    return _expect_value_error(errors, "rollback/bad", "rolling back to more tokens than the cache holds")
+
+
+def _judge_loop(inputs, outputs, errors):
+    from ..generate import generate
+
+    model, _ = _tiny()
+    for j, (ids, gamma) in enumerate(_loop_prompts()):
+        cid = f"loop/{j}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        with torch.no_grad():
+            want = generate(model, [ids], max_new_tokens=20, eos_token_id=None).new_tokens[0]
+        got = outputs.get(cid)
+        if got is None or got.tolist() != list(want):
+            return f"{cid} (gamma {gamma}): got {None if got is None else got.tolist()}, expected the target's greedy " \
+                   f"tokens {list(want)}"
+        calls = outputs.get(f"{cid}@calls")
+        if gamma >= 3 and (calls is None or int(calls) >= 20):
+            return (f"{cid} (gamma {gamma}): the target model ran {None if calls is None else int(calls)} forward "
+                    "passes for 20 tokens: speculative decoding verifies several drafted tokens per target pass")
+    return None
+
+
+def _chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    counts, probs = counts.double(), probs.double()
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    return float(torch.special.gammaincc(torch.tensor((int(keep.sum()) - 1) / 2, dtype=torch.double), stat / 2))
+
+
+def _pair(value) -> tuple[int, int] | None:
+    if isinstance(value, torch.Tensor) and value.dtype == torch.int64 and tuple(value.shape) == (2,):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def _judge_greedy(inputs, outputs, errors):
+    for j, (draft, target) in enumerate(_GREEDY):
+        cid = f"greedy/{j}"
+        if cid in errors:
+            return f"{cid}: raised {errors[cid][0]}: {errors[cid][1]}"[:300]
+        n = next((i for i, (a, b) in enumerate(zip(draft, target)) if a != b), len(draft))
+        got = _pair(outputs.get(cid))
+        if got != (n, target[n]):
+            return f"draft {draft}, target argmax {target}: expected (accepted, next) = {(n, target[n])}, got {got}"
+    return None
+
+
+def _judge_distribution(inputs, outputs, errors):
+    for name in ("plain", "topk"):
+        cid = f"dist/{name}"
+        if cid in errors:
+            return f"{cid}: raised {errors[cid][0]}: {errors[cid][1]}"[:300]
+        out = outputs.get(cid)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (_SAMPLES, 2) or out.dtype != torch.int64:
+            return f"{cid}: no (accepted, next) pair per draft came back"
+        p = inputs[f"{name}.p"]
+        drafts = inputs[f"{name}.drafts"]
+        first = torch.where(out[:, 0] > 0, drafts[:, 0], out[:, 1])
+        counts = torch.bincount(first.clamp(0, p.shape[1] - 1), minlength=p.shape[1])
+        if ((first < 0) | (first >= p.shape[1])).any():
+            return f"{cid}: a token outside the vocabulary"
+        pv = _chi_square_p(counts, p[0])
+        if pv < 1e-6 or (name == "topk" and counts[0] > 0):     # fresh inputs per submission: a strict level
+            return f"{cid}: the first emitted token does not follow p (chi-square p-value {pv:.2e}, counts {counts.tolist()})"
+    return None
+
+
+# ---- assignment 09: mixture of experts -----------------------------------------------------------------
+_ROUTER_CASES = ((8, 2, True), (8, 2, False), (6, 3, True), (16, 4, False), (5, 1, True), (5, 5, False))
+
+
+def _swiglu_ref(x, gate_w, up_w, down_w, e):
+    x = x.double()
+    h = torch.nn.functional.silu(x @ gate_w[e].double().T) * (x @ up_w[e].double().T)
+    return h @ down_w[e].double().T
+
+
+def _route_ref(x, w, k, norm):
+    logits = x.double() @ w.double().T
+    probs = torch.softmax(logits, dim=-1)
+    weights, experts = torch.topk(probs, k, dim=-1)
+    if norm:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return logits, probs, weights, experts
+
+
+def _moe_ref(x, router_w, gate_w, up_w, down_w, k, norm=True):
+    flat = x.reshape(-1, x.shape[-1])
+    _, _, weights, experts = _route_ref(flat, router_w, k, norm)
+    return _combine_ref(flat, weights, experts, gate_w, up_w, down_w).reshape(x.shape)
+
+
+def _combine_ref(x, weights, experts, gate_w, up_w, down_w):
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for n in range(x.shape[0]):
+        for j in range(experts.shape[1]):
+            y[n] += weights[n, j].double() * _swiglu_ref(x[n:n + 1], gate_w, up_w, down_w, int(experts[n, j]))[0]
+    return y
+
+
+def _lb_ref(logits_list, k):
+    logits = torch.cat([t.reshape(-1, t.shape[-1]) for t in logits_list]).double()
+    probs = torch.softmax(logits, -1)
+    chosen = torch.topk(probs, k, -1).indices
+    f = torch.nn.functional.one_hot(chosen, logits.shape[-1]).sum(1).double().mean(0)
+    return logits.shape[-1] * (f * probs.mean(0)).sum()
+
+
+def _calls_09(g: torch.Generator):
+    t: dict[str, torch.Tensor] = {}
+    calls = []
+    for i, (E, k, norm) in enumerate(_ROUTER_CASES):
+        t[f"r{i}.x"], t[f"r{i}.w"] = torch.randn(37, 16, generator=g), torch.randn(E, 16, generator=g) * 0.5
+        calls.append(Call(f"router/{i}", "router", [f"r{i}.x", f"r{i}.w", k, norm]))
+    calls.append(Call("router/bad", "router", ["r0.x", "r0.w", 9, True]))
+    for i, (N, E, k) in enumerate(((30, 8, 2), (7, 4, 4), (50, 16, 1))):
+        experts = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+        experts[experts == 1] = 0 if k == 1 else experts[experts == 1]
+        t[f"s{i}.experts"] = experts
+        calls.append(Call(f"sort/{i}", "sort_assignments", [f"s{i}.experts", E]))
+    t["s.bad"] = torch.tensor([[0, 9]])
+    calls.append(Call("sort/bad", "sort_assignments", ["s.bad", 4]))
+    E, h, inter = 8, 16, 24
+    for name, shape in (("gate", (E, inter, h)), ("up", (E, inter, h)), ("down", (E, h, inter))):
+        t[f"m.{name}"] = torch.randn(*shape, generator=g) * 0.2
+    t["m.router"] = torch.randn(E, h, generator=g) * 0.5
+    t["d.x"] = torch.randn(40, h, generator=g)
+    _, _, w, ex = _route_ref(t["d.x"], t["m.router"], 2, True)
+    ex[ex == 5] = 6
+    t["d.weights"], t["d.experts"] = w.float(), ex
+    calls.append(Call("dispatch/0", "dispatch_combine", ["d.x", "d.weights", "d.experts", "m.gate", "m.up", "m.down"]))
+    for i, (shape, k) in enumerate((((3, 7, h), 2), ((2, 5, h), 1), ((1, 9, h), 3))):
+        t[f"l{i}.x"] = torch.randn(*shape, generator=g)
+        calls.append(Call(f"moe/{i}", "moe_layer", [f"l{i}.x", "m.router", "m.gate", "m.up", "m.down", k]))
+    for i, (E, k, layers) in enumerate(((8, 2, 1), (8, 2, 3), (16, 4, 2))):
+        names = []
+        for j in range(layers):
+            t[f"lb{i}.{j}"] = torch.randn(24, E, generator=g) * 2
+            names.append(f"lb{i}.{j}")
+        calls.append(Call(f"lb/{i}", "load_balancing_loss", [{"tuple": names}, k]))
+    return calls, t
+
+
+def _err(errors, cid):
+    return f"{cid}: raised {errors[cid][0]}: {errors[cid][1]}"[:300] if cid in errors else None
+
+
+def _expect_value_error(errors, cid, what):
+    if errors.get(cid, [""])[0] != "ValueError":
+        got = errors.get(cid)
+        return f"{what} must raise ValueError, got " + ("no error" if got is None else f"{got[0]}: {got[1]}"[:200])
+    return None
+
+
+def _judge_router(cases):
+    def judge(t, outputs, errors):
+        for i in cases:
+            cid = f"router/{i}"
+            if _err(errors, cid):
+                return _err(errors, cid)
+            E, k, norm = _ROUTER_CASES[i]
+            logits, probs, weights, experts = _route_ref(t[f"r{i}.x"], t[f"r{i}.w"], k, norm)
+            got = [outputs.get(f"{cid}#{j}") for j in range(4)]
+            if any(x is None for x in got):
+                return f"{cid}: router must return (logits, probs, weights, experts)"
+            if got[3].dtype != torch.int64 or not torch.equal(got[3], experts):
+                return f"{cid} (E={E}, k={k}): chosen experts differ (largest probability first)"
+            for name, a, b in (("logits", got[0], logits.float()), ("probs", got[1], probs.float()),
+                               ("weights", got[2], weights.float())):
+                why = _close(a, b, 1e-5, 1e-5)
+                if why:
+                    return f"{cid} (E={E}, k={k}, norm_topk_prob={norm}): {name}: {why}"
+        return None
+    return judge
+
+
+def _judge_router_edge(t, outputs, errors):
+    return _judge_router((4, 5))(t, outputs, errors) or _expect_value_error(errors, "router/bad", "top_k > E")
+
+
+def _judge_sort(t, outputs, errors):
+    for i in range(3):
+        cid = f"sort/{i}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        experts = t[f"s{i}.experts"]
+        flat = experts.reshape(-1)
+        slot = torch.argsort(flat, stable=True)
+        want = (slot // experts.shape[1], slot, torch.bincount(flat, minlength=(8, 4, 16)[i]))
+        got = [outputs.get(f"{cid}#{j}") for j in range(3)]
+        for name, a, b in zip(("token", "slot", "counts"), got, want):
+            if a is None or not torch.equal(a.long(), b):
+                return f"{cid}: {name} differs from a stable sort by expert"
+    return _expect_value_error(errors, "sort/bad", "an expert id >= num_experts")
+
+
+def _judge_dispatch(t, outputs, errors):
+    if _err(errors, "dispatch/0"):
+        return _err(errors, "dispatch/0")
+    ref = _combine_ref(t["d.x"], t["d.weights"], t["d.experts"], t["m.gate"], t["m.up"], t["m.down"]).float()
+    why = _close(outputs.get("dispatch/0"), ref, 1e-5, 1e-4)
+    return f"dispatch/0: {why}" if why else None
+
+
+def _judge_moe(t, outputs, errors):
+    for i, k in enumerate((2, 1, 3)):
+        cid = f"moe/{i}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        ref = _moe_ref(t[f"l{i}.x"], t["m.router"], t["m.gate"], t["m.up"], t["m.down"], k).float()
+        why = _close(outputs.get(cid), ref, 1e-5, 1e-4)
+        if why:
+            return f"{cid} (k={k}): {why}"
+    return None
+
+
+def _judge_lb(t, outputs, errors):
+    for i, (E, k, layers) in enumerate(((8, 2, 1), (8, 2, 3), (16, 4, 2))):
+        cid = f"lb/{i}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        ref = _lb_ref([t[f"lb{i}.{j}"] for j in range(layers)], k).float()
+        out = outputs.get(cid)
+        why = _close(out.reshape(()) if isinstance(out, torch.Tensor) and out.numel() == 1 else out, ref, 1e-5, 1e-5)
+        if why:
+            return f"{cid} (E={E}, k={k}, {layers} layers): {why}"
+    return None
+
+
+SPECS: dict[str, Spec] = {
+    "01_attention": Spec(
+        hide=["attention.py"],
+        calls=_calls_01,
+        judge={"test_attention": _judge(("attention/",), _refs_01),
+               "test_causal_mask": _judge(("causal_mask/",), _refs_01),
+               "test_causal_attention": _judge(("causal_attention/",), _refs_01),
+               "test_gqa": _judge_gqa}),
+    "09_moe": Spec(
+        hide=[], calls=_calls_09,
+        judge={"test_router": _judge_router((0, 1, 2, 3)), "test_router_edge_cases": _judge_router_edge,
+               "test_sort": _judge_sort, "test_dispatch": _judge_dispatch, "test_mixtral_block": _judge_moe,
+               "test_load_balancing_loss": _judge_lb}),
+    "10_speculative_decoding": Spec(
+        hide=[], strip={"speculative.py": ("verify", "speculative_generate")},
+        calls=_calls_10,
+        judge={"test_verify_greedy": _judge_greedy, "test_verify_distribution": _judge_distribution,
+               "test_rollback": _judge_rollback, "test_loop_greedy": _judge_loop}),
+}
+
+
+def stripped_modules(spec: Spec, folder: Path) -> dict[str, str]:
+    """{kit file: a copy written into folder in which the spec's functions only raise}: what the sandbox sees."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1]
+    out = {}
+    for rel, names in spec.strip.items():
+        source = (package / rel).read_text()
+        tree = ast.parse(source)
+        lines = source.split("\n")
+        for node in sorted((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names),
+                           key=lambda n: -n.lineno):
+            first = node.body[0].lineno - 1
+            if isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None), ast.Constant):
+                first = node.body[0].end_lineno           # keep the docstring
+            indent = " " * node.body[0].col_offset
+            lines[first:node.end_lineno] = [f"{indent}raise RuntimeError('llmsys_lab.{Path(rel).stem}.{node.name} is "
+                                            "not available while this assignment is graded: write your own')"]
+        copy = folder / f"stripped_{Path(rel).stem}.py"
+        copy.write_text("\n".join(lines))
+        out[str(package / rel)] = str(copy)
+    return out
+
+
+def spec_for(source_path: str | None) -> Spec | None:
+    """The harness of the assignment whose source notebook is source_path (its folder's name)."""
+    return None if source_path is None else SPECS.get(Path(source_path).parent.name)
+
+
+def hidden_files(spec: Spec) -> list[str]:
+    package = Path(__file__).resolve().parents[1]
+    return [str(package / rel) for rel in spec.hide]
+
+
+# ---- the job folder ---------------------------------------------------------------------------------
+def write_inputs(spec: Spec, work: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(secrets.randbits(63))
+    calls, tensors = spec.calls(g)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / "probe_in.safetensors"))
+    (work / "probe_calls.json").write_text(json.dumps([c.__dict__ for c in calls]))
+    return tensors
+
+
+def read_outputs(work: Path, limit: int = 256 << 20) -> tuple[dict, dict] | None:
+    """What the probe returned: tensors (safetensors) and errors (JSON); None if absent or malformed."""
+    import os
+
+    from safetensors.torch import load
+
+    try:
+        parts = []
+        for name in ("probe_out.safetensors", "probe_errors.json"):
+            fd = os.open(work / name, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(limit + 1)
+            if len(data) > limit:
+                return None
+            parts.append(data)
+        outputs = load(parts[0])
+        errors = json.loads(parts[1])
+        if not isinstance(errors, dict) or not all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, str)
+                                                                                                for x in v)
+                                                   for v in errors.values()):
+            return None
+        return outputs, errors
+    except Exception:  # noqa: BLE001  (absent or malformed: the harness scores 0)
+        return None
+
+
+def decide(spec: Spec, inputs: dict, returned: tuple[dict, dict] | None) -> dict[str, str | None]:
+    """test id -> None (accepted) or why not."""
+    if returned is None:
+        return {tid: "the harness got no outputs back from the notebook (did it run to its end?)"
+                for tid in spec.judge}
+    outputs, errors = returned
+    return {tid: judge(inputs, outputs, errors) for tid, judge in spec.judge.items()}
