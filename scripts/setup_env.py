@@ -17,6 +17,11 @@ build with several GB of NVIDIA packages, which is wasted on a CPU-only laptop. 
 5. Linux without one: prefer a CPU wheel already on disk (pip's find-links folders, the
    repository's `wheels/`), else PyTorch's CPU index, else PyPI as a last resort.
 
+Last, the lessons' Jupyter kernel `llmsys-lab` is registered inside the environment
+(`ipykernel install --sys-prefix`: <venv>/share/jupyter/kernels/llmsys-lab, running this
+venv's Python), so `jupyter nbconvert --execute` and JupyterLab started from the venv find it
+right after `make setup`, and two clones with two environments never overwrite each other's.
+
 Then the package itself is installed in editable mode with its dependencies; the
 torch chosen above already satisfies the `torch` requirement, so pip keeps it. Triton is
 installed on Linux only (pyproject.toml's marker): PyPI has no Triton wheel for macOS or
@@ -180,6 +185,17 @@ def install_torch(py: Path) -> None:
         run(pip + [TORCH_RANGE])
 
 
+KERNEL_NAME = "llmsys-lab"                  # the kernelspec name every lesson and assignment names
+
+
+def kernel_command(py: Path, prefix: Path | None = None) -> list[str]:
+    """Register the lessons' kernel for this environment only: --sys-prefix puts it in the venv
+    (<venv>/share/jupyter/kernels/llmsys-lab), never in the user-wide folder another clone shares."""
+    where = ["--prefix", str(prefix)] if prefix is not None else ["--sys-prefix"]
+    return [str(py), "-m", "ipykernel", "install", *where, "--name", KERNEL_NAME,
+            "--display-name", "Python (llmsys-lab)"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--venv", default=str(ROOT / ".venv"))
@@ -195,6 +211,7 @@ def main() -> int:
     install_torch(py)
     run([str(py), "-m", "pip", "install", "-e", f"{ROOT}[dev]"])
     run([str(py), "-c", smoke_imports()])
+    run(kernel_command(py))
     say("environment ready: " + str(venv))
     return 0
 
