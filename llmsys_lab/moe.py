@@ -76,7 +76,7 @@ class MoEConfig:
         if not isinstance(self.shared_expert_size, int) or self.shared_expert_size < 0:
             raise ConfigError(f"MoEConfig.shared_expert_size must be an int >= 0, got {self.shared_expert_size!r}")
         if self.capacity_factor is not None:
-            check_number(self.capacity_factor, "MoEConfig.capacity_factor (None for no limit)", positive=True)
+            check_number(self.capacity_factor, "MoEConfig.capacity_factor", positive=True)   # None: no limit
         if self.dispatch not in DISPATCHES:
             raise ConfigError(f"MoEConfig.dispatch must be one of {', '.join(DISPATCHES)}, got {self.dispatch!r}")
 
