@@ -112,6 +112,12 @@ class Engine:
         larger ones (a long prefill) run eagerly.
     num_splits: the paged kernel's split-KV count: an int for every batch, or None to choose it per
         bucket from the shape (kernels.paged_attention.choose_num_splits).
+    check_finite: raise FloatingPointError, naming the iteration and the requests, when a request's
+        logits hold NaN or inf (off by default; computed on the device with the next tokens, no extra sync).
+    eos_token_id: None, or a token id of the model's vocabulary.
+
+    When nothing runs and the next request arrives later, ``step`` jumps to that request's arrival
+    iteration instead of stepping through the idle ones (``log[i]["iteration"]`` says which ran).
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, policy: str = "continuous",
