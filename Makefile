@@ -49,8 +49,10 @@ $(STAMP): requirements.lock pyproject.toml setup.py scripts/setup_env.py
 
 setup: $(STAMP)
 
+# set-up registers the kernel inside the venv (--sys-prefix: two clones never overwrite each other's);
+# this target only repeats that
 kernel: setup
-	$(PY) -m ipykernel install --user --name llmsys-lab --display-name "Python (llmsys-lab)"
+	$(PY) -m ipykernel install --sys-prefix --name llmsys-lab --display-name "Python (llmsys-lab)"
 
 lab: setup kernel
 	$(PY) -m jupyter lab --notebook-dir=notebooks --port=$(PORT) $(ROOT_FLAG)

@@ -74,8 +74,8 @@ def _estimate(args) -> int:
         if args.json:
             result = estimate(cfg, args.batch, args.seq, args.dtype, args.gpu, **kw)
             if parallel:
-                batch = max(args.batch, plan.dp * plan.micro_batches)
-                result["parallel"] = estimate_parallel(cfg, batch, args.seq, plan).as_dict()
+                result["parallel"] = estimate_parallel(cfg, args.batch, args.seq, plan,
+                                                       args.precision or "mixed-zero").as_dict()
             print(json.dumps(result, indent=1))
         else:
             print(format_report(cfg, args.batch, args.seq, args.dtype, args.gpu, **kw))

@@ -21,6 +21,14 @@ from torch import nn
 
 from .model import TINY_MODEL_PATH, LlamaLM
 from .speculative import ContiguousRunner, Sampling, _common_prefix, _draw, check_same_vocab
+from .validate import check_int
+
+
+def _check_propose_args(context, gamma) -> None:
+    """gamma = 0 is a valid request (an empty proposal: the step is a plain decode step)."""
+    check_int(gamma, "gamma (tokens to propose)", minimum=0)
+    if not isinstance(context, (list, tuple)) or not context:
+        raise ValueError(f"context must hold at least one token (the prompt so far), got {context!r}")
 
 DRAFT_MODEL_PATH = TINY_MODEL_PATH.parent / "llmsys-tiny-draft"
 
@@ -55,8 +63,14 @@ class ModelDrafter:
     @torch.no_grad()
     def propose(self, context: list[int], gamma: int, sampling: Sampling,
                 generator: torch.Generator | None = None) -> tuple[list[int], torch.Tensor]:
+        """Up to gamma draft tokens after `context` and the (gamma, V) distributions they were drawn
+        from; gamma = 0 gives an empty proposal ([], a (0, V) tensor)."""
+        _check_propose_args(context, gamma)
         if self.runner is None:
             raise RuntimeError("call begin(max_len) before propose (speculative_generate does)")
+        if gamma == 0:                                        # nothing to draft: an empty proposal
+            w = self.model.lm_head.weight
+            return [], torch.zeros(0, self.model.config.vocab_size, device=w.device)
         keep = min(_common_prefix(self.runner.tokens, context), len(context) - 1)
         self.runner.truncate(keep)                            # roll back what the target rejected
         logits = self.runner.forward(context[keep:])[-1]       # (V,) next-token logits
@@ -92,6 +106,9 @@ class PromptLookupDrafter:
 
     def propose(self, context: list[int], gamma: int, sampling: Sampling = Sampling(),
                 generator: torch.Generator | None = None) -> tuple[list[int], None]:
+        _check_propose_args(context, gamma)
+        if gamma == 0:
+            return [], None
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
             tail = context[-n:]
             for start in range(len(context) - n - 1, -1, -1):       # latest earlier occurrence first

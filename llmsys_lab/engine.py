@@ -59,6 +59,7 @@ from .generate import check_token_ids
 from .paged import BlockManager
 from .paged_cache import PagedKVCache
 from .scheduler import Outcome, Request, Scheduler
+from .validate import check_bool, check_token_id
 
 
 # ---- decode-attention dispatch ------------------------------------------------------------------
@@ -111,13 +112,24 @@ class Engine:
         larger ones (a long prefill) run eagerly.
     num_splits: the paged kernel's split-KV count: an int for every batch, or None to choose it per
         bucket from the shape (kernels.paged_attention.choose_num_splits).
+    check_finite: raise FloatingPointError, naming the iteration and the requests, when a request's
+        logits hold NaN or inf (off by default; computed on the device with the next tokens, no extra sync).
+    eos_token_id: None, or a token id of the model's vocabulary.
+
+    When nothing runs and the next request arrives later, ``step`` jumps to that request's arrival
+    iteration instead of stepping through the idle ones (``log[i]["iteration"]`` says which ran).
     """
 
     def __init__(self, model, num_blocks: int, block_size: int = 16, policy: str = "continuous",
                  max_batch: int = 8, token_budget: int = 2048, chunked_prefill: bool = False,
                  eos_token_id: int | None = 0, use_kernel: bool | None = None, cuda_graphs: bool | None = None,
-                 num_splits: int | None = None, max_graph_tokens: int = MAX_GRAPH_TOKENS):
+                 num_splits: int | None = None, max_graph_tokens: int = MAX_GRAPH_TOKENS,
+                 check_finite: bool = False):
         self.model, self.cfg = model, model.config
+        self.eos = check_token_id(eos_token_id, "eos_token_id", self.cfg.vocab_size)
+        # NaN/inf logits raise FloatingPointError naming the iteration and requests (computed on the
+        # device inside the step, read with the tokens: no extra sync, graphs keep working)
+        self.check_finite = check_bool(check_finite, "check_finite")
         weight = model.lm_head.weight
         device = weight.device
         # the Triton paged-attention kernel for decode rows: by default on a GPU only (on a CPU
@@ -172,7 +184,6 @@ class Engine:
         self._modules = list(model.modules())
         self.graphs = (IterationGraphs(self._step, self.buckets, pad=[0, 1, max_batch], device=device)
                        if cuda_graphs else None)
-        self.eos = eos_token_id
         self.capture_seconds = 0.0             # time capture_graphs() took (0: graphs captured at first use)
         self.iteration = 0
         self.start = None
@@ -192,6 +203,9 @@ class Engine:
         """Run one iteration; return the requests that finished in it."""
         if self.start is None:
             self.start = time.perf_counter()
+        waiting = self.scheduler.waiting
+        if not self.scheduler.running and waiting and waiting[0].arrival_step > self.iteration + 1:
+            self.iteration = waiting[0].arrival_step - 1     # nothing runs until then: skip the idle iterations
         self.iteration += 1
         began = time.perf_counter() - self.start
         for r in self.scheduler.waiting:                 # arrived now: the clock of its latency starts
@@ -283,7 +297,7 @@ class Engine:
     def _forward(self, work) -> tuple[list[int], bool]:
         """Next token of every request of `work` (batch order), and whether a CUDA graph produced them."""
         if not self.use_kernel:
-            return self._padded_step(work).tolist(), False
+            return self._checked(self._padded_step(work).tolist(), work), False
         # every packed token is a paged-attention row: (token, context length incl. itself, table row)
         chunks = [(r.token_slice(r.prefilled, r.prefilled + n), r.prefilled, self._table_row(r))
                   for r, n in work.prefill]
@@ -295,7 +309,7 @@ class Engine:
             stage = torch.tensor([tokens, lens, rows], dtype=torch.int64).to(self._tables.device)
             out, graphed = self._step(stage), False
         out = out.tolist()                              # the iteration's one device-to-host copy
-        return [out[i] for i in last], graphed
+        return self._checked([out[i] for i in last], work), graphed
 
     def _step(self, stage: torch.Tensor) -> torch.Tensor:
         """An iteration from its (3, N) int64 stage on the device: tokens, context lengths, table rows.
@@ -308,7 +322,21 @@ class Engine:
         slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
         batch = PackedPagedBatch(self.cache, positions, slots, block_tables=tables, context_lens=lens.int(),
                                  decode_attention=self._decode_fn(stage.shape[1]))
-        return self.model(tokens, kv_cache=batch).argmax(-1)                   # (N,) greedy next tokens
+        return self._next_tokens(self.model(tokens, kv_cache=batch))           # (N,) greedy next tokens
+
+    def _next_tokens(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy next tokens; with check_finite, -1 marks a row whose logits hold NaN or inf."""
+        nxt = logits.argmax(-1)
+        if self.check_finite:
+            nxt = torch.where(torch.isfinite(logits).all(-1), nxt, -1)
+        return nxt
+
+    def _checked(self, tokens: list[int], work) -> list[int]:
+        if self.check_finite and -1 in tokens:
+            bad = [r.id for r, t in zip(work.requests, tokens) if t == -1]
+            raise FloatingPointError(f"iteration {self.iteration}: the logits of request(s) {bad} hold NaN or inf "
+                                     "(the model's output is not usable; check its weights and dtype)")
+        return tokens
 
     def _padded_step(self, work) -> torch.Tensor:
         """An iteration without the paged kernel, eagerly: every request's new tokens (a prefill chunk
@@ -323,7 +351,7 @@ class Engine:
         batch = PackedPagedBatch(self.cache, pos, write,
                                  logit_rows=torch.tensor([b - 1 for b in bounds[1:]], device=device),
                                  prefill=self._padded_batch(chunks, bounds[:-1], device))
-        return self.model(ids, kv_cache=batch).argmax(-1)                      # (requests,)
+        return self._next_tokens(self.model(ids, kv_cache=batch))              # (requests,)
 
     def _padded_batch(self, chunks, offsets, device):
         """Index tensors that put P chunks side by side, padded to the longest, for one attention call.

@@ -48,7 +48,7 @@ from torch import nn
 
 from .configs import ModelConfig
 from .layers import SwiGLU
-from .validate import ConfigError, ShapeError, check_tensor
+from .validate import ConfigError, ShapeError, check_int, check_number, check_same, check_tensor
 
 DISPATCHES = ("loop", "sorted", "triton")
 
@@ -75,9 +75,8 @@ class MoEConfig:
             raise ConfigError(f"MoEConfig.top_k = {self.top_k} is more than num_experts = {self.num_experts}")
         if not isinstance(self.shared_expert_size, int) or self.shared_expert_size < 0:
             raise ConfigError(f"MoEConfig.shared_expert_size must be an int >= 0, got {self.shared_expert_size!r}")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ConfigError(f"MoEConfig.capacity_factor must be > 0 (or None for no limit), "
-                              f"got {self.capacity_factor!r}")
+        if self.capacity_factor is not None:
+            check_number(self.capacity_factor, "MoEConfig.capacity_factor", positive=True)   # None: no limit
         if self.dispatch not in DISPATCHES:
             raise ConfigError(f"MoEConfig.dispatch must be one of {', '.join(DISPATCHES)}, got {self.dispatch!r}")
 
@@ -111,16 +110,26 @@ class Routing:
 
 
 def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Assignments one expert may take: ceil(capacity_factor * tokens * k / E)."""
-    if not capacity_factor > 0:
-        raise ConfigError(f"capacity_factor must be > 0, got {capacity_factor!r}")
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    """Assignments one expert may take: ceil(capacity_factor * tokens * k / E), at most `num_tokens`
+    (a token's k choices are k different experts, so no expert can receive more than every token)."""
+    num_tokens = check_int(num_tokens, "num_tokens", minimum=0)
+    num_experts = check_int(num_experts, "num_experts", minimum=1)
+    top_k = check_int(top_k, "top_k", minimum=1, maximum=num_experts)
+    capacity_factor = check_number(capacity_factor, "capacity_factor", positive=True)
+    return min(num_tokens, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk_prob: bool = True,
           capacity_factor: float | None = None) -> Routing:
     """x: (N, h) -> Routing. Softmax in float32 (as Mixtral and Qwen2-MoE), then top-k."""
+    check_tensor(x, "x", "N h")
+    check_tensor(router_weight, "router_weight", "E h")
+    if x.shape[1] != router_weight.shape[1]:
+        raise ShapeError(f"x has {x.shape[1]} features but router_weight expects {router_weight.shape[1]} "
+                         f"(router_weight is (experts, hidden) = {tuple(router_weight.shape)})")
+    check_same({"x": x, "router_weight": router_weight}, "dtype")
     num_experts = router_weight.shape[0]
+    top_k = check_int(top_k, "top_k", minimum=1)
     if top_k > num_experts:
         raise ConfigError(f"top_k = {top_k} is more than the {num_experts} experts")
     logits = F.linear(x, router_weight)                                  # (N, E)
@@ -160,6 +169,17 @@ def load_stats(routing: Routing, num_experts: int) -> dict:
     }
 
 
+def _check_router_logits(logits: torch.Tensor) -> None:
+    """(..., E) router logits with at least one token and one expert (a mean over none is NaN)."""
+    check_tensor(logits, "router_logits")
+    if logits.dim() < 2:
+        raise ShapeError(f"router_logits must be (tokens, experts), got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ShapeError(f"router_logits have 0 experts (shape {tuple(logits.shape)})")
+    if logits.numel() == 0:
+        raise ShapeError(f"router_logits have 0 tokens (shape {tuple(logits.shape)}): the loss is a mean over tokens")
+
+
 def load_balancing_loss(router_logits, top_k: int, num_experts: int | None = None) -> torch.Tensor:
     """Switch / Mixtral auxiliary loss: E * sum_i f_i P_i over all layers' tokens.
 
@@ -170,8 +190,11 @@ def load_balancing_loss(router_logits, top_k: int, num_experts: int | None = Non
     layers = router_logits if isinstance(router_logits, (tuple, list)) else (router_logits,)
     if not layers:
         raise ShapeError("load_balancing_loss needs at least one (tokens, experts) tensor of router logits")
-    logits = torch.cat([torch.as_tensor(t).reshape(-1, t.shape[-1]) for t in layers], dim=0)   # (N, E)
+    for t in layers:
+        _check_router_logits(t)
+    logits = torch.cat([t.reshape(-1, t.shape[-1]) for t in layers], dim=0)   # (N, E)
     e = logits.shape[-1]
+    top_k = check_int(top_k, "top_k", minimum=1)
     if num_experts is not None and num_experts != e:
         raise ShapeError(f"router logits have {e} experts, num_experts says {num_experts}")
     if top_k > e:
@@ -185,6 +208,7 @@ def load_balancing_loss(router_logits, top_k: int, num_experts: int | None = Non
 
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE (Zoph et al., 2022): mean over tokens of logsumexp(logits)^2."""
+    _check_router_logits(router_logits)
     return torch.logsumexp(router_logits.float(), dim=-1).pow(2).mean()
 
 

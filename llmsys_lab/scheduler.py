@@ -34,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .paged import BlockManager
+from .validate import check_bool
 
 
 class RequestError(ValueError):
@@ -150,6 +151,7 @@ class Scheduler:
         if token_budget < max_batch:
             raise RequestError(f"token_budget = {token_budget} must be >= max_batch = {max_batch}: every running "
                                f"request decodes one token per iteration")
+        check_bool(chunked_prefill, "chunked_prefill")
         self.blocks, self.policy, self.max_batch = blocks, policy, max_batch
         self.token_budget, self.max_context, self.chunked_prefill = token_budget, max_context, chunked_prefill
         self.waiting: deque[Request] = deque()
@@ -159,6 +161,11 @@ class Scheduler:
 
     # ---- the request pool ------------------------------------------------------------------
     def add(self, request: Request) -> None:
+        try:
+            hash(request.id)
+        except TypeError:
+            raise RequestError(f"request_id must be hashable (a str, an int, a tuple), got {request.id!r} "
+                               f"({type(request.id).__name__})") from None
         if request.id in self.ids:
             raise RequestError(f"duplicate request id {request.id!r}")
         if not request.prompt:
@@ -170,6 +177,9 @@ class Scheduler:
         if not isinstance(request.arrival_step, int) or isinstance(request.arrival_step, bool):
             raise RequestError(f"request {request.id!r}: arrival_step must be an int (an iteration), "
                                f"got {request.arrival_step!r}")
+        if request.arrival_step < 0:
+            raise RequestError(f"request {request.id!r}: arrival_step must be an int >= 0 (an iteration), "
+                               f"got {request.arrival_step}")
         longest = len(request.prompt) + request.max_new_tokens
         if longest > self.max_context:
             raise RequestError(f"request {request.id!r} needs up to {longest} tokens, more than the model's "

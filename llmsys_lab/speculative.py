@@ -30,7 +30,7 @@ from .generate import _check_prompts, _sync
 from .kv_cache import KVCache
 from .paged import BlockManager
 from .paged_cache import PagedBatch, PagedKVCache
-from .validate import ConfigError
+from .validate import ConfigError, check_bool, check_finite_logits, check_int, check_number, check_token_id, is_int
 
 
 # ---- sampling: the same transform for draft and target ----------------------------------------
@@ -42,17 +42,24 @@ class Sampling:
     top_k: int | None = None
 
     def __post_init__(self):
+        check_bool(self.do_sample, "do_sample")
+        check_number(self.temperature, "temperature")
         if self.do_sample and not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
+            raise ConfigError(f"temperature must be > 0 for sampling, got {self.temperature}")
+        if self.top_k is not None:
+            check_int(self.top_k, "top_k (None for no limit)", minimum=1)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., V) logits -> (..., V) float32 probabilities (temperature, then top-k, then softmax)."""
         logits = logits.float()
         if not self.do_sample:
             return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        logits = logits / self.temperature
+        scaled = logits / self.temperature
+        if self.temperature < 1 and bool((torch.isinf(scaled) & torch.isfinite(logits)).any()):
+            # a tiny temperature overflows finite logits to +-inf (inf - inf = NaN in the softmax):
+            # shift first, which softmax and top-k ignore, so the limit is the argmax, as it should be
+            scaled = (logits - logits.amax(-1, keepdim=True)) / self.temperature
+        logits = scaled
         if self.top_k is not None:
             kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -66,6 +73,18 @@ def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
 
 def _uniform(generator: torch.Generator | None) -> float:
     return float(torch.rand((), generator=generator))
+
+
+def _check_distributions(probs: torch.Tensor, name: str) -> None:
+    """Every row of `probs` is a distribution: finite, >= 0, with a positive sum (rounding allowed)."""
+    if bool(torch.isnan(probs).any()) or bool(torch.isinf(probs).any()):
+        raise ValueError(f"{name} must hold probabilities, but it holds NaN or inf")
+    if bool((probs < 0).any()):
+        raise ValueError(f"{name} must hold probabilities, but it has negative entries")
+    sums = probs.sum(-1)
+    if probs.shape[0] and bool((sums <= 0).any()):
+        row = int((sums <= 0).nonzero()[0, 0])
+        raise ValueError(f"{name} must hold probabilities, but row {row} sums to 0")
 
 
 # ---- the verify step ----------------------------------------------------------------------------
@@ -84,8 +103,17 @@ def verify(draft_tokens: list[int], q: torch.Tensor | None, p: torch.Tensor,
                          f"got {tuple(p.shape)}")
     if q is not None and tuple(q.shape) != (gamma, p.shape[1]):
         raise ValueError(f"q must be (gamma, vocab) = {(gamma, p.shape[1])}, got {tuple(q.shape)}")
+    vocab = p.shape[1]
+    for i, x in enumerate(draft_tokens):
+        if not is_int(x):
+            raise TypeError(f"draft_tokens[{i}] must be a token id (an int), got {x!r}")
+        if not 0 <= x < vocab:
+            raise ValueError(f"draft_tokens[{i}] = {x} is outside the vocabulary 0 .. {vocab - 1}")
     p = p.float().cpu()
     q = q.float().cpu() if q is not None else None
+    _check_distributions(p, "p")
+    if q is not None:
+        _check_distributions(q, "q")
     for i, x in enumerate(draft_tokens):
         px = float(p[i, x])
         qx = float(q[i, x]) if q is not None else 1.0
@@ -183,6 +211,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def make_runner(model, max_len: int, cache: str = "contiguous", block_size: int = 16):
+    check_int(block_size, "block_size", minimum=1)
     if cache == "contiguous":
         return ContiguousRunner(model, max_len)
     if cache == "paged":
@@ -238,11 +267,30 @@ class SpeculativeOutput:
     steps: list[StepRecord]
 
 
+def _check_proposal(drafter, draft, q, k: int, vocab: int) -> list[int]:
+    """A drafter's proposal keeps the contract: at most k token ids of the vocabulary, q (len, V) or None."""
+    who = f"drafter {type(drafter).__name__}.propose"
+    if not isinstance(draft, (list, tuple)):
+        raise TypeError(f"{who} must return a list of token ids, got {type(draft).__name__}")
+    draft = list(draft)
+    if len(draft) > k:
+        raise ValueError(f"{who} returned {len(draft)} tokens for gamma = {k}: it may propose at most "
+                         f"gamma tokens (fewer, or none, is fine)")
+    for i, x in enumerate(draft):
+        if not is_int(x) or not 0 <= x < vocab:
+            raise ValueError(f"{who} returned token {x!r} at position {i}: not a token id in 0 .. {vocab - 1}")
+    if q is not None and (not isinstance(q, torch.Tensor) or tuple(q.shape) != (len(draft), vocab)):
+        shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise ValueError(f"{who} returned q of shape {shape} for {len(draft)} tokens: expected "
+                         f"({len(draft)}, {vocab}) or None")
+    return [int(x) for x in draft]
+
+
 @torch.no_grad()
 def speculative_generate(target, drafter, prompt: list[int], max_new_tokens: int = 32, gamma: int = 4,
                          sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
                          eos_token_id: int | None = 0, cache: str = "contiguous", block_size: int = 16,
-                         on_step=None) -> SpeculativeOutput:
+                         on_step=None, check_finite: bool = True) -> SpeculativeOutput:
     """Generate up to `max_new_tokens` after `prompt` (a list of ids) with draft-and-verify.
 
     drafter: a ``drafters.ModelDrafter`` or ``drafters.PromptLookupDrafter`` (anything with
@@ -250,6 +298,8 @@ def speculative_generate(target, drafter, prompt: list[int], max_new_tokens: int
     KV cache, 'contiguous' or 'paged'. Greedy (the default) returns target greedy decoding exactly;
     with sampling, every token is distributed as the target's (temperature and top-k applied to
     draft and target alike). on_step(record, runner) is called after each verify step.
+    check_finite: raise FloatingPointError if the target's logits hold NaN or inf (a free check
+    here: every step already copies its probabilities to the CPU).
     """
     if not isinstance(gamma, int) or isinstance(gamma, bool) or gamma < 1:
         raise ValueError(f"gamma (draft tokens per step) must be an int >= 1, got {gamma!r}")
@@ -257,6 +307,9 @@ def speculative_generate(target, drafter, prompt: list[int], max_new_tokens: int
         raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
     cfg = target.config
     (prompt,) = _check_prompts([prompt], cfg.vocab_size, cfg.max_position_embeddings, max_new_tokens)
+    eos_token_id = check_token_id(eos_token_id, "eos_token_id", cfg.vocab_size)
+    check_bool(check_finite, "check_finite")
+    check_int(block_size, "block_size", minimum=1)
     drafter.check_target(target)
     drafter.begin(len(prompt) + max_new_tokens)
     device = target.lm_head.weight.device
@@ -270,12 +323,15 @@ def speculative_generate(target, drafter, prompt: list[int], max_new_tokens: int
             runner.forward(prompt[:-1])
         context = list(prompt)
         while len(out) < max_new_tokens:
-            room = max_new_tokens - len(out) - 1            # draft no further than the output can go
+            k = min(gamma, max_new_tokens - len(out) - 1)   # draft no further than the output can go
             t0 = time.perf_counter()
-            draft, q = drafter.propose(context, min(gamma, room), sampling, generator) if room > 0 else ([], None)
+            draft, q = drafter.propose(context, k, sampling, generator)
             _sync(device)
             stats.draft_seconds += time.perf_counter() - t0
+            draft = _check_proposal(drafter, draft, q, k, cfg.vocab_size)
             logits = runner.forward([context[-1]] + draft)                 # (1 + k, V): one pass
+            if check_finite:
+                check_finite_logits(logits, f"the target's verify pass after {len(out)} new tokens")
             n, nxt = verify(draft, q, sampling.probs(logits), generator)
             held = runner.blocks_in_use()
             freed = runner.truncate(len(context) + n)                      # drop the rejected drafts' K/V
@@ -305,10 +361,8 @@ def speculative_generate(target, drafter, prompt: list[int], max_new_tokens: int
 
 # ---- the speed-up model ---------------------------------------------------------------------------
 def _check_model_args(alpha: float, gamma: int) -> None:
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha (per-token acceptance probability) must be in [0, 1], got {alpha}")
-    if not isinstance(gamma, int) or gamma < 1:
-        raise ValueError(f"gamma must be an int >= 1, got {gamma!r}")
+    check_number(alpha, "alpha (per-token acceptance probability, in [0, 1])", minimum=0, maximum=1)
+    check_int(gamma, "gamma", minimum=1)
 
 
 def expected_tokens_per_step(alpha: float, gamma: int) -> float:
@@ -322,13 +376,13 @@ def expected_tokens_per_step(alpha: float, gamma: int) -> float:
 def expected_speedup(alpha: float, gamma: int, c: float) -> float:
     """Speed-up over plain decoding: tokens per step / (cost of gamma draft steps + one target step),
     in units of a target step; c = draft step time / target step time."""
-    if c < 0:
-        raise ValueError(f"c (draft step / target step cost) must be >= 0, got {c}")
+    check_number(c, "c (draft step / target step cost)", minimum=0)
     return expected_tokens_per_step(alpha, gamma) / (gamma * c + 1)
 
 
 def best_gamma(alpha: float, c: float, max_gamma: int = 16) -> int:
     """The gamma in 1..max_gamma with the largest expected speed-up."""
+    check_int(max_gamma, "max_gamma", minimum=1)
     return max(range(1, max_gamma + 1), key=lambda g: expected_speedup(alpha, g, c))
 
 

@@ -66,3 +66,80 @@ def check_heads(num_heads: int, num_kv_heads: int, what: str = "num_heads") -> N
             f"num_kv_heads = {num_kv_heads} must divide {what} = {num_heads} "
             f"(each K/V head is shared by {what} / num_kv_heads query heads)"
         )
+
+
+# ---- scalar arguments: one home for "must be an int >= 1", "must be a finite number > 0" ----------
+def is_int(x) -> bool:
+    """A Python or NumPy integer (not a bool, not a float that happens to be whole)."""
+    import numbers
+
+    import numpy as np
+
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def check_int(value, name: str, minimum: int | None = None, maximum: int | None = None,
+              error: type = ConfigError) -> int:
+    """`value` is an int (not a bool or float) within [minimum, maximum]; returns it as an int.
+
+    A wrong type raises TypeError; a value out of range raises `error` (ConfigError unless the
+    caller's module has its own ValueError subclass). Messages name the argument.
+    """
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise error(f"{name} must be an int >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise error(f"{name} must be an int <= {maximum}, got {value}")
+    return value
+
+
+def check_number(value, name: str, minimum: float | None = None, positive: bool = False,
+                 maximum: float | None = None, error: type = ConfigError) -> float:
+    """`value` is a finite real number (int or float, not a bool or str), > 0 if `positive`,
+    >= minimum and <= maximum where given; returns it as a float."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise error(f"{name} must be a finite number, got {value}")
+    if positive and not value > 0:
+        raise error(f"{name} must be > 0, got {value}")
+    if minimum is not None and value < minimum:
+        raise error(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise error(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+def check_bool(value, name: str) -> bool:
+    """`value` is True or False (a string such as 'no' is truthy, so it is refused)."""
+    import numpy as np
+
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def check_token_id(value, name: str, vocab_size: int, allow_none: bool = True):
+    """An optional token id (e.g. eos_token_id): None, or an int in 0 .. vocab_size - 1."""
+    if value is None and allow_none:
+        return None
+    if not is_int(value):
+        raise TypeError(f"{name} must be a token id (an int){' or None' if allow_none else ''}, got {value!r}")
+    if not 0 <= int(value) < vocab_size:
+        raise ConfigError(f"{name} = {int(value)} is outside the vocabulary 0 .. {vocab_size - 1}")
+    return int(value)
+
+
+def check_finite_logits(logits: torch.Tensor, where: str) -> None:
+    """Raise FloatingPointError if `logits` holds a NaN or an infinity (a model that diverged, a bad
+    weight load, an fp16 overflow): sampling from them would give silent garbage."""
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):
+        rows = bad.reshape(-1, logits.shape[-1]).any(-1).nonzero()[:, 0].tolist()
+        raise FloatingPointError(f"{where}: the logits hold NaN or inf (rows {rows[:8]}"
+                                 f"{' ...' if len(rows) > 8 else ''}): the model's output is not usable")

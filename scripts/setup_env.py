@@ -25,6 +25,11 @@ on Linux pulls a CUDA build with several GB of NVIDIA packages, which is wasted 
 
 Triton is installed on Linux only (the lock's marker): PyPI has no Triton wheel for macOS or Windows,
 and there the lessons show the PyTorch reference where a kernel would run.
+
+Last, the lessons' Jupyter kernel `llmsys-lab` is registered inside the environment
+(`ipykernel install --sys-prefix`: <venv>/share/jupyter/kernels/llmsys-lab, running this
+venv's Python), so `jupyter nbconvert --execute` and JupyterLab started from the venv find it
+right after `make setup`, and two clones with two environments never overwrite each other's.
 """
 from __future__ import annotations
 
@@ -241,6 +246,17 @@ KEY_PACKAGES = {"torch", "triton", "transformers", "kernels", "numpy", "jupyterl
                 "ipywidgets", "matplotlib"}
 
 
+KERNEL_NAME = "llmsys-lab"                  # the kernelspec name every lesson and assignment names
+
+
+def kernel_command(py: Path, prefix: Path | None = None) -> list[str]:
+    """Register the lessons' kernel for this environment only: --sys-prefix puts it in the venv
+    (<venv>/share/jupyter/kernels/llmsys-lab), never in the user-wide folder another clone shares."""
+    where = ["--prefix", str(prefix)] if prefix is not None else ["--sys-prefix"]
+    return [str(py), "-m", "ipykernel", "install", *where, "--name", KERNEL_NAME,
+            "--display-name", "Python (llmsys-lab)"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--venv", default=str(ROOT / ".venv"))
@@ -261,6 +277,7 @@ def main() -> int:
     else:
         install_locked(py)
     run([str(py), "-c", smoke_imports()])
+    run(kernel_command(py))
     say("environment ready: " + str(venv))
     return 0
 

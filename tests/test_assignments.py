@@ -11,9 +11,11 @@
 The heavy part (two runs of every assignment notebook per grading path) happens once, in one module-scoped nbgrader course; nbgrader and
 the command line run at the same time.
 """
+import ast
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -209,3 +211,186 @@ def test_nbval_does_not_collect_assignment_notebooks():
         import tomli as tomllib
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert not {"solutions", "assignments", "."} & set(config["testpaths"])
+
+
+# ---- every graded feature has a visible check ------------------------------------------------------
+# Hidden tests may use other values than the visible ones, never other features: a student whose
+# self-checks pass must not lose a whole test to something no visible check touched. A "feature" here
+# is what a test asks of the answer functions: a keyword argument it passes (attention_mask=...), a
+# half/double dtype of the tensors it passes (followed through assignments and loops), or an exception
+# it expects them to raise. Each one in a hidden block must also occur in a visible test or self-check
+# that calls the same answer function.
+HIDDEN_BLOCK = re.compile(r"### BEGIN HIDDEN TESTS\n(.*?)### END HIDDEN TESTS\n?", re.S)
+DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16", "float64": "float64", "double": "float64"}
+
+
+def _dtype_of(node) -> str | None:
+    """The half/double dtype an expression names (torch.bfloat16, x.half(), ...), else None."""
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute) and n.attr in DTYPES and (
+                isinstance(n.value, ast.Name) and n.value.id == "torch"):
+            return DTYPES[n.attr]
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in DTYPES and not n.args:
+            return DTYPES[n.func.attr]
+    return None
+
+
+def features(code: str, answers: set[str]) -> set[tuple]:
+    """What a block of test code asks of the answer functions: keyword arguments it passes them, the
+    non-default dtypes of the tensors it passes them (followed through assignments and loops), and the
+    exceptions it expects them to raise."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    tainted: dict[str, str] = {}
+    for _ in range(4):                                        # dtype flows through assignments and for loops
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.For, ast.AnnAssign)):
+                value = node.iter if isinstance(node, ast.For) else node.value
+                if value is None:
+                    continue
+                d = _dtype_of(value) or next((tainted[n.id] for n in ast.walk(value)
+                                              if isinstance(n, ast.Name) and n.id in tainted), None)
+                if d:
+                    targets = [node.target] if isinstance(node, (ast.For, ast.AnnAssign)) else node.targets
+                    for t in targets:
+                        for n in ast.walk(t):
+                            if isinstance(n, ast.Name):
+                                tainted[n.id] = d
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in answers:
+            name = node.func.id
+            for kw in node.keywords:
+                if kw.arg:
+                    out.add(("keyword", f"{name}({kw.arg}=...)"))
+            for arg in list(node.args) + [kw.value for kw in node.keywords]:
+                d = _dtype_of(arg) or next((tainted[n.id] for n in ast.walk(arg)
+                                            if isinstance(n, ast.Name) and n.id in tainted), None)
+                if d:
+                    out.add(("dtype", f"{name}(... {d} ...)"))
+        if isinstance(node, ast.ExceptHandler) and node.type is not None:
+            types = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
+            for t in types:
+                if isinstance(t, ast.Name) and t.id not in ("CheckFailed", "Exception", "BaseException"):
+                    out.add(("raises", t.id))
+    return out
+
+
+def hidden_features_without_visible_check(nb) -> dict:
+    """{graded test id: features its hidden tests ask for that no visible test or self-check of the same
+    answer functions asks for}."""
+    answers = set()
+    for c in nb.cells:
+        if c.cell_type != "code":
+            continue
+        try:
+            tree = ast.parse(c.source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if c.metadata.get("nbgrader", {}).get("solution") and isinstance(node, (ast.FunctionDef, ast.ClassDef)) \
+                    and node.col_offset == 0:
+                answers.add(node.name)
+    hidden, visible = {}, []
+    for i, c in enumerate(nb.cells):
+        if c.cell_type != "code" or c.metadata.get("nbgrader", {}).get("solution"):
+            continue
+        gid = c.metadata.get("nbgrader", {}).get("grade_id", f"cell {i}")
+        for block in HIDDEN_BLOCK.findall(c.source):
+            hidden[gid] = (calls(block, answers), features(block, answers))
+        rest = HIDDEN_BLOCK.sub("", c.source)
+        visible.append((calls(rest, answers), features(rest, answers)))
+    missing = {}
+    for gid, (called, feats) in hidden.items():
+        pool = set().union(*[f for c, f in visible if not called or c & called])
+        if feats - pool:
+            missing[gid] = sorted(feats - pool)
+    return missing
+
+
+def calls(code: str, answers: set[str]) -> set[str]:
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return set()
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in answers}
+
+
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_hidden_feature_has_a_visible_check(name):
+    missing = hidden_features_without_visible_check(nbformat.read(SOLUTIONS / name, as_version=4))
+    assert missing == {}, f"{name}: hidden tests check features no visible check touches: {missing}"
+
+
+def test_hidden_feature_check_sees_a_hidden_only_feature():
+    """Negative control: a keyword, a dtype and an exception used only in hidden tests are all reported."""
+    nb = nbformat.v4.new_notebook()
+    answer = nbformat.v4.new_code_cell("def f(x, mask=None):\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION")
+    answer.metadata["nbgrader"] = {"solution": True, "grade": False, "grade_id": "f"}
+    test = nbformat.v4.new_code_cell(
+        "f(torch.ones(2))\n### BEGIN HIDDEN TESTS\nf(torch.ones(2), mask=1)\nxs = torch.ones(2).half()\n"
+        "for x in (xs,):\n    f(x)\ntry:\n    f(None)\nexcept ValueError:\n    pass\n### END HIDDEN TESTS\n")
+    test.metadata["nbgrader"] = {"grade": True, "grade_id": "test_f", "points": 1}
+    nb.cells = [answer, test]
+    assert hidden_features_without_visible_check(nb) == {"test_f": [
+        ("dtype", "f(... float16 ...)"), ("keyword", "f(mask=...)"), ("raises", "ValueError")]}
+    test.source = "f(torch.ones(2), mask=0)\nf(torch.ones(3).half())\ntry:\n    f(1)\nexcept ValueError:\n    pass\n" \
+        + test.source
+    assert hidden_features_without_visible_check(nb) == {}
+
+
+# ---- assignment 07's traffic numbers are the kit's ---------------------------------------------------
+def test_assignment_07_fusion_numbers_match_the_benchmark_and_the_kernel():
+    """The bytes per element and launch counts assignment 07 states, derived from benchmarks/fusion.py's
+    operator-by-operator count (EAGER_OPS), the kernel's own bytes_moved, and the operators the kit's
+    RMSNorm really dispatches."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llmsys_lab.kernels.fused_norm import bytes_moved
+    from llmsys_lab.layers import RMSNorm
+
+    spec = importlib.util.spec_from_file_location("fusion_benchmark", ROOT / "benchmarks" / "fusion.py")
+    fusion = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fusion)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def launches(dtype):
+        norm, x, r = RMSNorm(64).to(dtype), torch.randn(4, 64, dtype=dtype), torch.randn(4, 64, dtype=dtype)
+        with torch.no_grad(), Ops() as ops:
+            norm(x + r)
+        return ops.names
+
+    rows, hidden = 4096, 4096
+    eager16 = sum(f(2) for _, f in fusion.EAGER_OPS)
+    fused16 = round(bytes_moved(rows, hidden, torch.float16) / (rows * hidden))
+    casts = {"h.float()", ".to(dtype)"}                               # no-ops (no kernel) in fp32
+    eager32 = sum(f(4) for name, f in fusion.EAGER_OPS if name not in casts)
+    fused32 = round(bytes_moved(rows, hidden, torch.float32) / (rows * hidden))
+    assert (eager16, fused16, eager32, fused32) == (42, 8, 40, 16)
+    assert len(launches(torch.float16)) == len(launches(torch.bfloat16)) == 9 and len(launches(torch.float32)) == 7
+    assert "_to_copy" not in launches(torch.float32)
+    text = "\n".join(c.source for c in nbformat.read(SOLUTIONS / "07_performance" / "performance.ipynb",
+                                                     as_version=4).cells if c.cell_type == "markdown")
+    for claim in ("**nine kernel launches**", "**42 bytes per element**", "2 writes = 8 bytes per element**",
+                  "about 5x less traffic", "7 launches and 40 bytes against 16, 2.5x", "42 against 8 per"):
+        assert claim in text, claim
+    per_op = {name: f(2) for name, f in fusion.EAGER_OPS}
+    assert " + ".join(str(v) for v in per_op.values()) == "6 + 6 + 8 + 4 + 8 + 6 + 4"
+    for stated in ("read 2 + 2, write 2: 6", "read 2, write 4: 6", "read 4, write 4: 8", "read 4 (one number per row out): 4",
+                   "read 4, write 2: 6", "read 2, write 2: 4"):
+        assert stated in text, stated
+    for old in ("2.5x as many bytes", "~8 kernel launches", "at least 4 reads and 2 writes"):
+        assert old not in text, old

@@ -149,3 +149,29 @@ def test_figure_check_catches_missing_title_labels_and_legend():
     assert figure_problems("view.figure()") == []                         # showing a view's figure is not making one
     assert figure_problems("fig = Figure()\nax = fig.add_subplot()\nax.imshow(w)") == [
         "missing a title", "missing an x-axis label", "missing a y-axis label"]
+
+
+# ---- the lessons' exercise hints are where students may read them ---------------------------------
+HINTS = ROOT / "notebooks" / "exercise_hints"
+
+
+def test_every_lesson_has_its_exercise_hints_outside_solutions():
+    lessons = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    assert lessons and all((HINTS / f"{stem}.md").is_file() for stem in lessons), lessons
+    assert not (ROOT / "solutions" / "lesson_exercises").exists()     # the folder graders keep from students
+    text_files = [p for p in ROOT.rglob("*") if p.suffix in (".md", ".py", ".toml", ".cfg") and ".git" not in p.parts
+                  and "site-packages" not in str(p) and p.is_file()]
+    stale = [str(p.relative_to(ROOT)) for p in text_files
+             if "solutions/lesson_exercises" in p.read_text(errors="replace") and p.name != "test_lesson_text.py"]
+    assert stale == []
+
+
+@pytest.mark.xfail(strict=True, reason="the lesson notebooks still link solutions/lesson_exercises/: their links are "
+                   "updated with the lessons (notebooks/exercise_hints/NN_topic.md); then remove this marker")
+def test_lesson_links_to_exercise_hints_resolve():
+    import re
+
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        for link in re.findall(r"`([\w/.-]*exercise\w*/[\w.-]+\.md)`", nb.read_text()):
+            assert not link.startswith("solutions/"), (nb.name, link)
+            assert (ROOT / link).is_file(), (nb.name, link)

@@ -50,8 +50,12 @@ def test_bad_arguments_fail_before_any_process_starts():
         launch(hang, 0)
     with pytest.raises(ConfigError, match="backend must be"):
         launch(hang, 2, backend="mpi")
+    no_source = {}
+    exec("def made_by_exec(rank):\n    return rank", no_source)            # not importable, no source file
     with pytest.raises(ConfigError, match="its source is not available"):
-        launch(lambda: 1, 2) if False else launch(eval("lambda: 1"), 2)
+        launch(no_source["made_by_exec"], 2)
+    with pytest.raises(ConfigError, match="launch cannot ship a lambda"):  # a lambda's source is a line fragment
+        launch(eval("lambda: 1"), 2)
     with pytest.raises(TypeError, match="needs a function"):
         launch(3, 2)
     assert _no_children_left()

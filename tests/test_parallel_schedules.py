@@ -31,7 +31,7 @@ def test_1f1b_holds_at_most_p_micro_batches_gpipe_holds_all():
 def test_schedule_rejects_bad_input():
     with pytest.raises(ConfigError, match="schedule must be one of gpipe, 1f1b"):
         schedule("zigzag", 2, 2)
-    with pytest.raises(ConfigError, match="at least one stage"):
+    with pytest.raises(ConfigError, match="stages must be an int >= 1, got 0"):
         schedule("gpipe", 0, 2)
 
 

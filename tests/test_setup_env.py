@@ -115,3 +115,36 @@ def test_intel_mac_stops_with_the_way_out():
     setup_env.check_supported("darwin", "arm64")
     setup_env.check_supported("linux", "aarch64")
     setup_env.check_supported("win32", "AMD64")
+
+
+# ---- the lessons' kernel: registered by set-up, per environment -------------------------------------
+def test_setup_registers_the_lessons_kernel_inside_the_environment(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(setup_env, "check_supported", lambda *a: None)
+    monkeypatch.setattr(setup_env, "install_torch", lambda py: None)
+    monkeypatch.setattr(setup_env, "run", lambda cmd, check=True: calls.append(cmd))
+    monkeypatch.setattr(sys, "argv", ["setup_env.py", "--venv", str(tmp_path / "venv")])
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").touch()
+    assert setup_env.main() == 0
+    kernel = [c for c in calls if "ipykernel" in c]
+    assert kernel == [setup_env.kernel_command(setup_env.venv_python(tmp_path / "venv"))]
+    assert "--sys-prefix" in kernel[0] and "--user" not in kernel[0]        # never the shared user folder
+    assert kernel[0][kernel[0].index("--name") + 1] == "llmsys-lab"
+
+
+def test_the_registered_kernel_is_found_and_runs_this_python(tmp_path):
+    """Really register it (into a temporary prefix, not the user's folder) and look it up as Jupyter does."""
+    import json
+    import subprocess
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    subprocess.run(setup_env.kernel_command(Path(sys.executable), prefix=tmp_path), check=True,
+                   capture_output=True)
+    manager = KernelSpecManager(kernel_dirs=[str(tmp_path / "share" / "jupyter" / "kernels")])
+    spec = manager.get_kernel_spec("llmsys-lab")
+    assert Path(spec.argv[0]).resolve() == Path(sys.executable).resolve()
+    # every lesson names this kernel (assignments name python3, which ipykernel always provides)
+    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        assert json.loads(nb.read_text())["metadata"]["kernelspec"]["name"] == setup_env.KERNEL_NAME, nb.name

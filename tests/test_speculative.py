@@ -153,20 +153,44 @@ def test_speculative_sampling_first_two_tokens_match_the_target():
     assert chi_square_p(counts, _target_first_two(draft, prompt, sampling)) < SIGNIFICANCE
 
 
-def test_speculative_sampling_on_the_real_model_first_token(tiny):
+def test_speculative_sampling_on_the_real_model_first_two_tokens(tiny):
+    """The speculative path itself on the bundled model: every run drafts (gamma = 2 tokens in its first
+    step, so the first two output tokens come from verify: accepted drafts, a correction or the bonus),
+    and the joint law of the first two tokens is the target's (chi-square over the top-k x top-k cells)."""
     model, tok = tiny
-    sampling = Sampling(True, temperature=1.0, top_k=8)
+    sampling = Sampling(True, temperature=1.0, top_k=4)
     prompt = tok("KING.\nMy lords,").input_ids
     drafter = ModelDrafter(truncated_model(model, 2))
     gen = torch.Generator().manual_seed(0)
-    counts = torch.zeros(model.config.vocab_size)
-    for _ in range(100):
-        out = speculative_generate(model, drafter, prompt, 1, gamma=3, sampling=sampling, generator=gen)
-        counts[out.new_tokens[0]] += 1
+    counts = torch.zeros(model.config.vocab_size, model.config.vocab_size)
+    drafted = accepted = rejections = first_step_drafts = 0
+    runs = 150
+    for _ in range(runs):
+        out = speculative_generate(model, drafter, prompt, 3, gamma=2, sampling=sampling, generator=gen,
+                                   eos_token_id=None)
+        counts[out.new_tokens[0], out.new_tokens[1]] += 1
+        drafted += out.stats.drafted
+        accepted += out.stats.accepted
+        rejections += out.stats.rejections
+        first_step_drafts += len(out.steps[0].draft)
+    assert first_step_drafts == 2 * runs                              # the first step always drafted gamma
+    assert accepted > 0.05 * drafted and rejections > 0.05 * runs     # both verify outcomes were exercised
     with torch.no_grad():
-        p = sampling.probs(model(torch.tensor([prompt]))[0, -1])
-    assert chi_square_p(counts, p) > SIGNIFICANCE
-    assert counts[p == 0].sum() == 0                                  # never a token outside the top-k
+        p1 = sampling.probs(model(torch.tensor([prompt]))[0, -1])
+        first = p1.nonzero()[:, 0]
+        p2 = sampling.probs(model(torch.tensor([prompt + [int(t)] for t in first]))[:, -1])   # (k, V)
+    expected = torch.zeros_like(counts)
+    expected[first] = p1[first, None] * p2
+    assert chi_square_p(counts, expected) > SIGNIFICANCE
+    assert counts[expected == 0].sum() == 0                           # never a pair outside the top-k
+    # negative control: the drafter's own joint law differs from the target's, and the test sees it
+    with torch.no_grad():
+        d = drafter.model
+        q1 = sampling.probs(d(torch.tensor([prompt]))[0, -1])
+        q2 = sampling.probs(d(torch.tensor([prompt + [int(t)] for t in q1.nonzero()[:, 0]]))[:, -1])
+    wrong = torch.zeros_like(counts)
+    wrong[q1.nonzero()[:, 0]] = q1[q1.nonzero()[:, 0], None] * q2
+    assert chi_square_p(counts, wrong) < SIGNIFICANCE
 
 
 # ---- greedy: identical to target greedy decoding ---------------------------------------------------

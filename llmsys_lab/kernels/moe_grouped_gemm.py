@@ -85,6 +85,15 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, block_m
         raise ValueError(f"counts must be >= 0 and sum to the {x.shape[0]} rows of x, got sum {int(counts.sum())}")
     if x.dtype != w.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"x and w must share a float16, bfloat16 or float32 dtype, got {x.dtype} and {w.dtype}")
+    from ..validate import ConfigError, is_int
+
+    for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        # tl.arange needs a power of two, tl.dot tiles of at least 16
+        if v is not None and not (is_int(v) and v >= 16 and v & (v - 1) == 0):
+            raise ConfigError(f"{name} must be a power of two >= 16, got {v!r}")
+    for name, v in (("num_warps", num_warps), ("num_stages", num_stages)):
+        if v is not None and not (is_int(v) and v >= 1):
+            raise ConfigError(f"{name} must be an int >= 1, got {v!r}")
     given = (block_m, block_n, block_k, num_warps, num_stages)
     block_m, block_n, block_k, num_warps, num_stages = (
         a if a is not None else d for a, d in zip(given, GPU_TILES if x.is_cuda else CPU_TILES))

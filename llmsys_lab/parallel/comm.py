@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from ..validate import ShapeError
+from ..validate import ShapeError, check_int
 
 
 class Traffic:
@@ -45,7 +45,20 @@ def nbytes(t: torch.Tensor) -> int:
 
 def ring_factor(world: int) -> float:
     """Bytes each rank sends in a ring all-reduce, per byte of the tensor: 2(N-1)/N."""
+    world = check_int(world, "world", minimum=1)
     return 2 * (world - 1) / world
+
+
+def check_rank(rank: int, world: int) -> tuple[int, int]:
+    """world >= 1 ranks and 0 <= rank <= world - 1; returns (rank, world)."""
+    world = check_int(world, "world", minimum=1)
+    return check_int(rank, "rank", minimum=0, maximum=world - 1), world
+
+
+def check_sizes(**sizes) -> None:
+    """Counts (tokens, elements, parameters) are ints >= 0; `world` is an int >= 1."""
+    for name, v in sizes.items():
+        check_int(v, name, minimum=1 if name == "world" else 0)
 
 
 def check_same_shape(t: torch.Tensor, name: str, group=None) -> None:

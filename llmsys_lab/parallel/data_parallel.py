@@ -40,6 +40,9 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 def shard_batch(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rank's contiguous slice of the batch; the slices must be equal for mean-of-means = mean."""
+    from .comm import check_rank
+
+    rank, world = check_rank(rank, world)
     if batch.shape[0] % world:
         raise ShapeError(f"batch of {batch.shape[0]} sequences does not split evenly over {world} ranks")
     return batch.chunk(world)[rank]

@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass
 from ..configs import ModelConfig
 from ..estimators.memory import OPTIMIZER_BYTES, head_activation_bytes, layer_activation_bytes
 from ..estimators.params import param_breakdown
-from ..validate import ConfigError
+from ..validate import ConfigError, check_int
 from .comm import ring_factor
 from .pipeline import SCHEDULES, peak_in_flight
 
 PRECISIONS = {  # weight, gradient, activation bytes; fp32 master copy in the optimizer state
     "fp32": dict(w=4, g=4, act=4, master=0, act_precision="fp32"),
+    "mixed": dict(w=4, g=4, act=2, master=0, act_precision="mixed"),      # fp32 weights, bf16 autocast
     "mixed-zero": dict(w=2, g=2, act=2, master=4, act_precision="mixed-zero"),
 }
 
@@ -107,6 +108,8 @@ def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int) -> float:
 def estimate_parallel(cfg: ModelConfig, batch: int, seq: int, plan: ParallelPlan = ParallelPlan(),
                       precision: str = "mixed-zero", optimizer: str = "adamw") -> ParallelEstimate:
     """The busiest device of `plan` training `cfg` on a global batch of `batch` sequences of `seq` tokens."""
+    check_int(batch, "batch (global batch, sequences)", minimum=1)
+    check_int(seq, "seq (tokens per sequence)", minimum=1)
     plan.check(cfg, batch)
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -164,9 +167,10 @@ def add_arguments(parser) -> None:
 
 
 def report_from_args(cfg: ModelConfig, args) -> str | None:
-    """The strategy table for the CLI flags, or None when no parallelism was asked for."""
+    """The strategy table for the CLI flags, or None when no parallelism was asked for. The global batch
+    is --batch as given (it must split into dp x micro-batches: it is never changed silently) and the
+    precision --precision (default mixed-zero: bf16 weights and gradients, fp32 master copy)."""
     plan = ParallelPlan(args.tp, args.pp, args.dp, args.zero, args.micro_batches)
     if plan.devices == 1 and plan.zero == 0 and plan.micro_batches == 1:
         return None
-    batch = max(args.batch, plan.dp * plan.micro_batches)
-    return strategy_table(cfg, batch, args.seq, [plan])
+    return strategy_table(cfg, args.batch, args.seq, [plan], getattr(args, "precision", None) or "mixed-zero")

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..moe import MoE, MoEConfig, grouped_swiglu, route, sort_by_expert
 from ..validate import ConfigError, ShapeError, check_tensor
-from .comm import Traffic, all_to_all, nbytes, ring_factor
+from .comm import Traffic, all_to_all, check_sizes, nbytes, ring_factor
 from .tensor_parallel import copy_to_tp, reduce_from_tp
 
 
@@ -164,11 +164,13 @@ class TensorParallelMoE(nn.Module):
 def ep_bytes(num_experts: int, cap: int, hidden: int, world: int, bytes_per_el: int = 4,
              backward: bool = True) -> float:
     """Bytes each rank sends in the (E, C, h) all-to-alls: 2 forward (dispatch, combine), 2 more backward."""
+    check_sizes(num_experts=num_experts, cap=cap, hidden=hidden, world=world, bytes_per_el=bytes_per_el)
     return (4 if backward else 2) * (world - 1) / world * num_experts * cap * hidden * bytes_per_el
 
 
 def tp_moe_bytes(tokens: int, hidden: int, world: int, bytes_per_el: int = 4, backward: bool = True) -> float:
     """Bytes each rank sends under TP: one all-reduce of (T, h) forward, one more backward."""
+    check_sizes(tokens=tokens, hidden=hidden, world=world, bytes_per_el=bytes_per_el)
     return (2 if backward else 1) * ring_factor(world) * tokens * hidden * bytes_per_el
 
 

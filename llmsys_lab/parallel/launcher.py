@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..validate import ConfigError
+from ..validate import ConfigError, check_number
 
 
 class RankError(RuntimeError):
@@ -112,6 +112,10 @@ def _source_of(fn) -> str:
 def _target(fn, helpers, preamble: str = "") -> object:
     if not callable(fn):
         raise TypeError(f"launch needs a function to run on every rank, got {type(fn).__name__}")
+    for f in (fn, *helpers):
+        if getattr(f, "__name__", None) == "<lambda>":
+            raise ConfigError("launch cannot ship a lambda to the ranks (its source is one line of a larger "
+                              "expression, and it has no name to call): define the function with def")
     if _importable(fn) and not helpers and not preamble:
         return fn
     sources = [textwrap.dedent(preamble)] + [_source_of(h) for h in helpers] + [_source_of(fn)]
@@ -194,8 +198,8 @@ def launch(fn, world_size: int = 2, args: tuple = (), kwargs: dict | None = None
     """
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise ConfigError(f"world_size must be a positive int, got {world_size!r}")
-    if timeout <= 0:
-        raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
+    check_number(timeout, "timeout (seconds)", positive=True)
+    check_number(startup_timeout, "startup_timeout (seconds)", positive=True)
     backend = choose_backend(world_size, backend)
     target = _target(fn, tuple(helpers), preamble)
     try:

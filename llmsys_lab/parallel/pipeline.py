@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..validate import ConfigError, ShapeError
+from ..validate import ConfigError, ShapeError, check_int, check_number
 from .comm import Traffic, check_same_shape, nbytes
 from .launcher import device
 
@@ -48,8 +48,8 @@ def schedule(kind: str, stages: int, micro_batches: int) -> list[list[Op]]:
     """The order in which each stage runs its m forward and m backward operations."""
     if kind not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
-    if stages < 1 or micro_batches < 1:
-        raise ConfigError(f"need at least one stage and one micro-batch, got {stages} and {micro_batches}")
+    check_int(stages, "stages", minimum=1)
+    check_int(micro_batches, "micro_batches", minimum=1)
     m = micro_batches
     out = []
     for s in range(stages):
@@ -83,6 +83,8 @@ def simulate(kind: str, stages: int, micro_batches: int, t_f: float = 1.0, t_b: 
 
     F(s, i) waits for F(s-1, i); B(s, i) waits for B(s+1, i) (the last stage: for its own F(s, i)).
     """
+    check_number(t_f, "t_f (forward time per stage)", positive=True)
+    check_number(t_b, "t_b (backward time per stage)", positive=True)
     plan = schedule(kind, stages, micro_batches)
     done: dict[tuple, float] = {}
     pos, free = [0] * stages, [0.0] * stages

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ..attention import repeat_kv, scaled_dot_product_attention
 from ..flash import block_stats, merge_stats
 from ..validate import ConfigError, check_tensor
-from .comm import Traffic, all_to_all, check_same_shape, nbytes
+from .comm import Traffic, all_to_all, check_rank, check_same_shape, check_sizes, nbytes
 from .launcher import device
 
 
@@ -183,16 +183,19 @@ def ring_attention(q, k, v, causal: bool = True, traffic: Traffic | None = None)
 def shard_sequence(x: torch.Tensor, rank: int, world: int, dim: int = 2) -> torch.Tensor:
     if x.shape[dim] % world:
         raise ConfigError(f"sequence of {x.shape[dim]} tokens does not split into {world} equal shards")
+    rank, world = check_rank(rank, world)
     return x.chunk(world, dim=dim)[rank]
 
 
 def ulysses_bytes(local_numel_qkvo: tuple, world: int, bytes_per_el: int = 4) -> float:
     """Forward bytes a rank sends: four all-to-alls (q, k, v in, output back), (N-1)/N of each."""
+    check_sizes(world=world, bytes_per_el=bytes_per_el, **{f"local_numel_qkvo[{i}]": n for i, n in enumerate(local_numel_qkvo)})
     return sum((world - 1) / world * n * bytes_per_el for n in local_numel_qkvo)
 
 
 def ring_attention_bytes(local_kv_numel: int, world: int, bytes_per_el: int = 4) -> float:
     """Forward bytes a rank sends: its K and V block, passed on N-1 times."""
+    check_sizes(local_kv_numel=local_kv_numel, world=world, bytes_per_el=bytes_per_el)
     return (world - 1) * 2 * local_kv_numel * bytes_per_el
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from ..attention import scaled_dot_product_attention
 from ..layers import LlamaBlock
 from ..validate import ConfigError, ShapeError, check_tensor
-from .comm import Traffic, nbytes, ring_factor
+from .comm import Traffic, check_int, check_rank, check_sizes, nbytes, ring_factor
 from .launcher import device
 
 
@@ -70,6 +70,7 @@ def reduce_from_tp(x: torch.Tensor, traffic: Traffic | None = None) -> torch.Ten
 
 
 def _split(size: int, world: int, what: str) -> int:
+    world = check_int(world, "world", minimum=1)
     if size % world:
         raise ConfigError(f"{what} = {size} is not divisible by the tensor-parallel degree {world}")
     return size // world
@@ -88,6 +89,7 @@ class ColumnParallelLinear(nn.Module):
         """Rows [rank * out/N, (rank+1) * out/N) of linear.weight; unit: keep groups of `unit` rows (a head) whole."""
         if linear.bias is not None:
             raise ConfigError("ColumnParallelLinear copies bias-free layers (the Llama block has no biases)")
+        rank, world = check_rank(rank, world)
         out = _split(linear.out_features // unit, world, "output features / unit") * unit
         return cls(linear.weight[rank * out:(rank + 1) * out], traffic)
 
@@ -112,6 +114,7 @@ class RowParallelLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, rank: int, world: int, traffic=None, unit: int = 1):
         if linear.bias is not None:
             raise ConfigError("RowParallelLinear copies bias-free layers (the Llama block has no biases)")
+        rank, world = check_rank(rank, world)
         cols = _split(linear.in_features // unit, world, "input features / unit") * unit
         return cls(linear.weight[:, rank * cols:(rank + 1) * cols], traffic)
 
@@ -190,6 +193,7 @@ def _copy_module(m: nn.Module) -> nn.Module:
 def tp_bytes_per_layer(batch: int, seq: int, hidden: int, world: int, bytes_per_el: int = 4,
                        backward: bool = True) -> float:
     """Bytes each rank sends per Llama block: 2 all-reduces of (B, T, hidden) forward, 2 more backward."""
+    check_sizes(batch=batch, seq=seq, hidden=hidden, world=world, bytes_per_el=bytes_per_el)
     n_reduce = 4 if backward else 2
     return n_reduce * ring_factor(world) * batch * seq * hidden * bytes_per_el
 

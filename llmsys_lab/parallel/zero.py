@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..estimators.memory import OPTIMIZER_BYTES
 from ..estimators.params import param_count
-from ..validate import ConfigError
+from ..validate import ConfigError, check_int
 from .comm import Traffic
 from .launcher import device
 from .ring import ring_all_gather, ring_reduce_scatter
@@ -59,8 +59,8 @@ def zero_memory(params: int, stage: int, world: int, precision: str = "mixed-zer
         raise ConfigError(f"precision must be one of {', '.join(PRECISION_BYTES)}, got {precision!r}")
     if optimizer not in OPTIMIZER_BYTES:
         raise ConfigError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_BYTES)}")
-    if world < 1:
-        raise ConfigError(f"world size must be >= 1, got {world}")
+    check_int(world, "world", minimum=1)
+    check_int(params, "params", minimum=0)
     w, g, master = PRECISION_BYTES[precision]
     o = OPTIMIZER_BYTES[optimizer] + master
     return ZeroMemory(stage, params * w / (world if stage >= 3 else 1), params * g / (world if stage >= 2 else 1),
