@@ -37,11 +37,14 @@ def imbalance(experts: torch.Tensor, num_experts: int) -> float:
 
 
 def train_balancing(batches: torch.Tensor, strategy: str, steps: int, *, aux_coef: float = 0.01,
-                    bias_rate: float = 0.001, lr: float = 3e-3, seed: int = 0, eval_batch: torch.Tensor | None = None):
+                    bias_rate: float = 0.001, lr: float = 3e-3, seed: int = 0, eval_batch: torch.Tensor | None = None,
+                    start: str = "scratch"):
     """Train the tiny MoE (llmsys-tiny-moe's shape) from scratch on `batches` (n, B, T) token ids, cycling.
 
     strategy: "none" (cross-entropy only), "aux_loss" (+ aux_coef x the Switch/Mixtral loss, averaged over
     layers) or "bias" (cross-entropy only; DeepSeek-V3's selection bias updated by bias_rate each step).
+    start: "scratch" (transformers' N(0, 0.02) init) or "checkpoint" (the bundled llmsys-tiny-moe, trained
+    with the auxiliary loss; its bias starts at zero).
     Returns per-step losses and imbalance (mean over layers of max/mean load) and the final evaluation."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
@@ -53,15 +56,11 @@ def train_balancing(batches: torch.Tensor, strategy: str, steps: int, *, aux_coe
     if int(batches.max()) >= base.vocab_size or int(batches.min()) < 0:
         raise ConfigError(f"token ids must be in [0, {base.vocab_size}), got {int(batches.min())}..{int(batches.max())}")
     torch.manual_seed(seed)
-    model = moe_llama(base, moe_cfg)
-    with torch.no_grad():                                      # transformers' init, as the training script
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.02)
+    model = tiny_moe_model(strategy == "bias", start)
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     log = {"loss": [], "imbalance": [], "strategy": strategy}
-    start = time.perf_counter()
+    began = time.perf_counter()
     for step in range(steps):
         x = batches[step % batches.shape[0]]
         logits = model(x)
@@ -78,7 +77,7 @@ def train_balancing(batches: torch.Tensor, strategy: str, steps: int, *, aux_coe
                 update_selection_bias(m.e_score_correction_bias, m.last_routing.experts, bias_rate)
         log["loss"].append(ce.item())
         log["imbalance"].append(sum(imbalance(m.last_routing.experts, moe_cfg.num_experts) for m in layers) / len(layers))
-    log["seconds"] = time.perf_counter() - start
+    log["seconds"] = time.perf_counter() - began
     if eval_batch is not None:
         model.eval()
         with torch.no_grad():
@@ -87,6 +86,42 @@ def train_balancing(batches: torch.Tensor, strategy: str, steps: int, *, aux_coe
         log["eval_imbalance"] = [imbalance(m.last_routing.experts, moe_cfg.num_experts) for m in layers]
     log["model"] = model
     return log
+
+
+def tiny_moe_model(selection_bias: bool, start: str = "checkpoint"):
+    """The kit's ``moe_llama`` of llmsys-tiny-moe's shape, from the bundled checkpoint or from scratch
+    (transformers' N(0, 0.02) init); with ``selection_bias`` each MoE layer gets a zero bias buffer."""
+    if start not in ("scratch", "checkpoint"):
+        raise ConfigError(f"start must be 'scratch' or 'checkpoint', got {start!r}")
+    base, moe_cfg = tiny_moe_shape(selection_bias)
+    model = moe_llama(base, moe_cfg)
+    if start == "checkpoint":
+        from ..moe import load_tiny_moe
+        missing = model.load_state_dict(load_tiny_moe()[0].state_dict(), strict=False).missing_keys
+        if any("e_score_correction_bias" not in k for k in missing):
+            raise ConfigError(f"the checkpoint does not fill {missing}")
+    else:
+        with torch.no_grad():                                  # transformers' init, as the training script
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02)
+    return model
+
+
+@torch.no_grad()
+def calibrate_bias(model, batches: torch.Tensor, rate: float, rounds: int) -> list[float]:
+    """Only the bias moves: `rounds` forward passes over `batches` (n, B, T), each followed by
+    ``update_selection_bias`` in every MoE layer. Returns the mean imbalance over layers, per round."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if not layers or not all(m.config.selection_bias for m in layers):
+        raise ConfigError("calibrate_bias needs a model whose MoE layers have selection_bias=True")
+    out = []
+    for r in range(rounds):
+        model(batches[r % batches.shape[0]])
+        out.append(sum(imbalance(m.last_routing.experts, m.config.num_experts) for m in layers) / len(layers))
+        for m in layers:
+            update_selection_bias(m.e_score_correction_bias, m.last_routing.experts, rate)
+    return out
 
 
 def sample_corpus(n: int, batch: int, seq: int, seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
