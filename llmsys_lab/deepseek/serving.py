@@ -53,12 +53,13 @@ def mtp_speedup(alpha: float, s: DeepSeekV3Shape, context: int = 4096) -> dict:
 
 def decode_step(s: DeepSeekV3Shape, batch_per_gpu: int, context: int, gpu: GPU, attention_tp: int = 4,
                 ep: int = 256, bytes_per_param: float = 1.0) -> StepCost:
-    """One decode step on one GPU of the decode deployment, `batch_per_gpu` sequences of `context` tokens in
-    its attention data-parallel group: its weights read once, its sequences' latent caches read, the
-    FLOPs of those tokens (attention / TP) and of the expert assignments that land on it (balanced)."""
+    """One decode step on one GPU of the decode deployment, `batch_per_gpu` sequences of `context` tokens per
+    GPU: its weights read once; the latent caches of its TP group's sequences (batch_per_gpu x attention_tp:
+    MLA's latent is shared by all heads, so tensor parallelism over heads does not split it); the FLOPs of
+    batch_per_gpu tokens (the work of the whole system divided by its GPUs, routing balanced)."""
     f = forward_flops_per_token(s, context)
     w = gpu_weight_bytes(s, attention_tp, ep, bytes_per_param)["total"]
-    kv = batch_per_gpu * attention_tp * context * kv_bytes_per_token(s, "bf16") / attention_tp
+    kv = batch_per_gpu * attention_tp * context * kv_bytes_per_token(s, "bf16")
     return StepCost("decode", batch_per_gpu * f["total"], w + kv)
 
 
@@ -74,7 +75,8 @@ def disaggregated(s: DeepSeekV3Shape, gpu: GPU, prompt: int = 2048, output: int 
     decode_rps = decode_batch / (step.time(gpu) * output)
     return {"prefill_rps_per_gpu": prefill_rps, "decode_rps_per_gpu": decode_rps, "decode_step_s": step.time(gpu),
             "decode_bound": step.bound(gpu),
-            "goodput_per_gpu": disaggregated_goodput(prefill_rps, decode_rps, prefill_gpus, decode_gpus)}
+            "goodput_per_gpu": disaggregated_goodput(prefill_rps, decode_rps, prefill_gpus, decode_gpus),
+            "balanced_decode_per_prefill_gpu": prefill_rps / decode_rps}
 
 
 __all__ = ["PREFILL", "DECODE", "gpu_weight_bytes", "mtp_speedup", "decode_step", "disaggregated", "mla_params"]
