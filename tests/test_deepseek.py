@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from llmsys_lab.deepseek import (DEEPSEEK_V3, MLA, LatentKVCache, MLAConfig, DeepSeekV3Shape, attention_variants,
+                                 forward_flops_per_token,
                                  hf_param_count, kv_bytes_per_token, max_batch, param_breakdown)
 from llmsys_lab.deepseek.balancing import calibrate_bias, dispatch_bytes, imbalance, tiny_moe_model, train_balancing
 from llmsys_lab.deepseek.serving import mtp_speedup
@@ -256,3 +257,52 @@ def test_imbalance_and_node_limited_dispatch():
 def test_mtp_speedup_near_the_reported_one():
     r = mtp_speedup(0.85, DEEPSEEK_V3)
     assert 0 < r["c"] < 0.05 and 1.75 < r["speedup"] < 1.85      # the report: 1.8x TPS
+
+
+def test_flops_per_token_equal_flop_counter_on_a_small_transformers_model():
+    """One token through transformers' DeepSeek-V3 (the experts' eager loop, so every matmul is counted):
+    FlopCounterMode's matmul FLOPs equal the estimator's (2 x the activated matmul parameters + attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import DeepseekV3ForCausalLM
+
+    mla = MLAConfig(32, 2, 16, 8, 8, 4, 8)
+    shape = DeepSeekV3Shape(vocab_size=50, hidden_size=32, num_layers=3, first_dense=1, dense_intermediate=48, mla=mla,
+                            moe=MoEConfig(32, 16, 8, 2, shared_expert_size=16, score="sigmoid", num_groups=2,
+                                          topk_groups=1, shared_expert_gated=False, selection_bias=True), num_mtp=0)
+    hf_cfg = shape.to_hf()
+    hf_cfg._attn_implementation, hf_cfg._experts_implementation = "eager", "eager"
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.tensor([[3]]))
+    f = forward_flops_per_token(shape, context=1)          # the token attends to itself
+    assert counter.get_total_flops() == f["total"]
+    with pytest.raises(ConfigError, match="context"):
+        forward_flops_per_token(shape, context=-1)
+
+
+def test_bad_shapes_and_serving_inputs_are_refused():
+    from llmsys_lab.deepseek.serving import disaggregated, gpu_weight_bytes
+    from llmsys_lab.estimators.roofline import get_gpu
+
+    with pytest.raises(ConfigError, match="first_dense"):
+        DEEPSEEK_V3.replace(first_dense=62)
+    with pytest.raises(ConfigError, match="hidden_size"):
+        DEEPSEEK_V3.replace(hidden_size=4096)
+    with pytest.raises(ConfigError, match="ep = 3"):
+        gpu_weight_bytes(DEEPSEEK_V3, 4, 3)
+    with pytest.raises(ConfigError, match="mfu"):
+        disaggregated(DEEPSEEK_V3, get_gpu("H100-SXM"), mfu=1.5)
+    with pytest.raises(ConfigError, match="seq_len"):
+        max_batch(DEEPSEEK_V3, 141e9, 0, devices=8)
+    from transformers import LlamaConfig
+
+    with pytest.raises(ConfigError, match="deepseek_v3"):
+        DeepSeekV3Shape.from_hf(LlamaConfig())
+    with pytest.raises(ConfigError, match="rope_type"):
+        MLAConfig.from_hf(MLAConfig().to_hf(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 40.0,
+                                                              "original_max_position_embeddings": 4096}))
+
+
+def test_shape_round_trips_through_the_transformers_config():
+    assert DeepSeekV3Shape.from_hf(DEEPSEEK_V3.to_hf(), name="deepseek-v3") == DEEPSEEK_V3

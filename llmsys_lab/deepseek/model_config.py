@@ -166,13 +166,15 @@ def hf_param_count(s: DeepSeekV3Shape) -> dict[str, int]:
 
 # ---- FLOPs -----------------------------------------------------------------------------------
 def forward_flops_per_token(s: DeepSeekV3Shape, context: int = 4096) -> dict[str, float]:
-    """Matmul FLOPs of one token's forward pass, 2 per multiply-add: the weights it uses (2 x activated
-    parameters without the embedding lookup) plus attention against `context` earlier tokens (the
-    materialised path: QK^T over d_h + d_h^R, PV over d_v, every head and layer)."""
+    """Matmul FLOPs of one token's forward pass, 2 per multiply-add: the weights it multiplies by (2 x the
+    activated parameters without the embedding lookup and the RMSNorm weights, which scale element-wise)
+    plus attention against `context` keys (the materialised path: QK^T over d_h + d_h^R, PV over d_v,
+    every head and layer). Equal to ``FlopCounterMode`` on transformers' model (tests)."""
     if not isinstance(context, int) or context < 0:
         raise ConfigError(f"context must be an int >= 0, got {context!r}")
     p, c = param_breakdown(s), s.mla
-    weights = 2 * (p["active"] - p["embedding"])
+    norms = p["norms"] + s.num_layers * ((c.q_lora_rank or 0) + c.kv_lora_rank)
+    weights = 2 * (p["active"] - p["embedding"] - norms)
     attention = s.num_layers * 2 * c.num_heads * context * (c.qk_head_dim + c.v_head_dim)
     return {"weights": weights, "attention": attention, "total": weights + attention}
 
