@@ -31,6 +31,16 @@ output, so in a block it passes through unchanged on the residual path (h + 0). 
 only one of its k choices keeps the other's output at its original weight (no renormalisation).
 Expert parallelism (``llmsys_lab.parallel.expert_parallel``) is dropless.
 
+DeepSeek-V3's router (``MoEConfig.from_hf`` of a ``DeepseekV3Config``; checked against transformers'
+``DeepseekV3MoE``): sigmoid affinities instead of a softmax, the top-k weights renormalised and
+multiplied by ``routed_scaling``, an ungated shared expert (``shared_expert_gated=False``), group-
+(node-) limited routing (``num_groups``, ``topk_groups``: experts are split into groups, a token first
+picks its best ``topk_groups`` groups by the sum of each group's top ``top_k // topk_groups``
+scores, then its k experts inside them), and a per-expert ``e_score_correction_bias``
+(``selection_bias=True``) added to the scores *for the choice only*: auxiliary-loss-free load
+balancing updates it from the measured load (``update_selection_bias``), the weights stay the
+unbiased scores.
+
 Losses: the auxiliary load-balancing loss of Switch / Mixtral, ``E * sum_i f_i P_i`` with f_i the
 fraction of top-k assignments to expert i and P_i its mean router probability (equal to
 transformers' ``load_balancing_loss_func``), and the router z-loss of ST-MoE,
@@ -51,6 +61,7 @@ from .layers import SwiGLU
 from .validate import ConfigError, ShapeError, check_int, check_number, check_same, check_tensor
 
 DISPATCHES = ("loop", "sorted", "triton")
+SCORES = ("softmax", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,12 @@ class MoEConfig:
     shared_expert_size: int = 0            # intermediate size of an always-on shared expert (0: none)
     capacity_factor: float | None = None   # None: no capacity limit (no token dropped)
     dispatch: str = "sorted"
+    score: str = "softmax"                 # router affinities: "softmax" (Mixtral, Qwen2-MoE) or "sigmoid" (DeepSeek-V3)
+    routed_scaling: float = 1.0            # the routed experts' weights are multiplied by this (DeepSeek-V3: 2.5)
+    num_groups: int = 1                    # group- (node-) limited routing: experts in this many groups ...
+    topk_groups: int = 1                   # ... of which a token may use at most this many
+    shared_expert_gated: bool = True       # Qwen2-MoE: sigmoid-gated shared expert; DeepSeek-V3: ungated
+    selection_bias: bool = False           # a per-expert bias added to the scores for the choice only
 
     def __post_init__(self):
         for f in ("hidden_size", "intermediate_size", "num_experts", "top_k"):
@@ -79,6 +96,11 @@ class MoEConfig:
             check_number(self.capacity_factor, "MoEConfig.capacity_factor", positive=True)   # None: no limit
         if self.dispatch not in DISPATCHES:
             raise ConfigError(f"MoEConfig.dispatch must be one of {', '.join(DISPATCHES)}, got {self.dispatch!r}")
+        if self.score not in SCORES:
+            raise ConfigError(f"MoEConfig.score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if not self.routed_scaling > 0:
+            raise ConfigError(f"MoEConfig.routed_scaling must be > 0, got {self.routed_scaling!r}")
+        check_groups(self.num_experts, self.top_k, self.num_groups, self.topk_groups, "MoEConfig.")
 
     def replace(self, **changes) -> "MoEConfig":
         from dataclasses import replace
@@ -95,7 +117,37 @@ class MoEConfig:
             return cls(hf_config.hidden_size, hf_config.moe_intermediate_size, hf_config.num_experts,
                        hf_config.num_experts_per_tok, norm_topk_prob=bool(hf_config.norm_topk_prob),
                        shared_expert_size=hf_config.shared_expert_intermediate_size)
-        raise ConfigError(f"MoEConfig.from_hf knows 'mixtral' and 'qwen2_moe' configs, got {t!r}")
+        if t == "deepseek_v3":
+            return cls(hf_config.hidden_size, hf_config.moe_intermediate_size, hf_config.n_routed_experts,
+                       hf_config.num_experts_per_tok, norm_topk_prob=bool(hf_config.norm_topk_prob),
+                       shared_expert_size=hf_config.moe_intermediate_size * hf_config.n_shared_experts,
+                       score="sigmoid", routed_scaling=float(hf_config.routed_scaling_factor),
+                       num_groups=hf_config.n_group or 1, topk_groups=hf_config.topk_group or 1,
+                       shared_expert_gated=False, selection_bias=True)
+        raise ConfigError(f"MoEConfig.from_hf knows 'mixtral', 'qwen2_moe' and 'deepseek_v3' configs, got {t!r}")
+
+    @property
+    def softmax_routing(self) -> bool:
+        """True for the plain softmax top-k router (Mixtral / Qwen2-MoE): what expert parallelism supports."""
+        return (self.score == "softmax" and self.routed_scaling == 1.0 and self.num_groups == 1
+                and self.shared_expert_gated and not self.selection_bias)
+
+
+def check_groups(num_experts: int, top_k: int, num_groups: int, topk_groups: int, where: str = "") -> None:
+    """Group-limited routing needs E divisible by the groups, 1 <= topk_groups <= groups, and k divisible
+    by topk_groups (a group's score is the sum of its top k / topk_groups experts)."""
+    for name, v in (("num_groups", num_groups), ("topk_groups", topk_groups)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{where}{name} must be a positive int, got {v!r}")
+    if num_experts % num_groups:
+        raise ConfigError(f"{where}num_experts = {num_experts} is not divisible by num_groups = {num_groups}")
+    if topk_groups > num_groups:
+        raise ConfigError(f"{where}topk_groups = {topk_groups} is more than num_groups = {num_groups}")
+    if num_groups > 1 and top_k % topk_groups:
+        raise ConfigError(f"{where}top_k = {top_k} is not divisible by topk_groups = {topk_groups}")
+    if num_groups > 1 and top_k > topk_groups * (num_experts // num_groups):
+        raise ConfigError(f"{where}top_k = {top_k} is more than the {topk_groups} x {num_experts // num_groups} "
+                          "experts a token may reach")
 
 
 @dataclass
@@ -120,8 +172,13 @@ def capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: flo
 
 
 def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk_prob: bool = True,
-          capacity_factor: float | None = None) -> Routing:
-    """x: (N, h) -> Routing. Softmax in float32 (as Mixtral and Qwen2-MoE), then top-k."""
+          capacity_factor: float | None = None, *, score: str = "softmax", bias: torch.Tensor | None = None,
+          num_groups: int = 1, topk_groups: int = 1, routed_scaling: float = 1.0) -> Routing:
+    """x: (N, h) -> Routing. Scores in float32: softmax (Mixtral, Qwen2-MoE) or sigmoid (DeepSeek-V3).
+
+    bias: (E,) added to the scores to *choose* the experts only; the weights are the unbiased scores
+    (DeepSeek-V3's auxiliary-loss-free balancing). num_groups / topk_groups: a token may only pick
+    experts from its best ``topk_groups`` of ``num_groups`` groups (node-limited routing)."""
     check_tensor(x, "x", "N h")
     check_tensor(router_weight, "router_weight", "E h")
     if x.shape[1] != router_weight.shape[1]:
@@ -132,15 +189,39 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk_pr
     top_k = check_int(top_k, "top_k", minimum=1)
     if top_k > num_experts:
         raise ConfigError(f"top_k = {top_k} is more than the {num_experts} experts")
-    logits = F.linear(x, router_weight)                                  # (N, E)
-    probs = torch.softmax(logits.float(), dim=-1)
-    top, experts = torch.topk(probs, top_k, dim=-1)                      # (N, k)
+    if score not in SCORES:
+        raise ConfigError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    check_groups(num_experts, top_k, num_groups, topk_groups)
+    logits = F.linear(x.float(), router_weight.float()) if score == "sigmoid" else F.linear(x, router_weight)
+    probs = torch.softmax(logits.float(), dim=-1) if score == "softmax" else torch.sigmoid(logits.float())
+    choice = probs
+    if bias is not None:
+        if bias.shape != (num_experts,):
+            raise ShapeError(f"bias must have shape ({num_experts},), one per expert, got {tuple(bias.shape)}")
+        choice = probs + bias.float()
+    if num_groups > 1:
+        choice = group_limited(choice, num_groups, topk_groups, top_k // topk_groups)
+    experts = torch.topk(choice, top_k, dim=-1).indices                  # (N, k)
+    top = probs.gather(1, experts)
     if norm_topk_prob:
         top = top / top.sum(dim=-1, keepdim=True)
+    if routed_scaling != 1.0:
+        top = top * routed_scaling
     kept = torch.ones_like(experts, dtype=torch.bool)
     if capacity_factor is not None:
         kept = capacity_mask(experts, num_experts, capacity(x.shape[0], num_experts, top_k, capacity_factor))
     return Routing(logits, probs, top.to(x.dtype), experts, kept)
+
+
+def group_limited(choice: torch.Tensor, num_groups: int, topk_groups: int, per_group: int) -> torch.Tensor:
+    """(N, E) scores -> the same with every expert outside the token's best ``topk_groups`` groups at -inf.
+    A group's score is the sum of its ``per_group`` highest expert scores (DeepSeek-V3: k / M = 8 / 4 = 2)."""
+    n, e = choice.shape
+    grouped = choice.view(n, num_groups, e // num_groups)
+    group_score = grouped.topk(per_group, dim=-1).values.sum(-1)                 # (N, G)
+    best = group_score.topk(topk_groups, dim=-1).indices                         # (N, M)
+    allowed = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
+    return grouped.masked_fill(~allowed[..., None], float("-inf")).view(n, e)
 
 
 def capacity_mask(experts: torch.Tensor, num_experts: int, cap: int) -> torch.Tensor:
@@ -204,6 +285,22 @@ def load_balancing_loss(router_logits, top_k: int, num_experts: int | None = Non
     f = F.one_hot(chosen, e).float().sum(dim=(0, 1)) / logits.shape[0]  # (E,) sums to k
     p = probs.mean(dim=0)                                                # (E,)
     return e * (f * p).sum()
+
+
+def update_selection_bias(bias: torch.Tensor, experts: torch.Tensor, rate: float) -> torch.Tensor:
+    """Auxiliary-loss-free balancing (DeepSeek-V3 report, section 2.1.2), in place: after a step, each
+    expert's bias goes down by ``rate`` if it got more than the mean load, up by ``rate`` if less
+    (``rate * sign(mean - load)``). experts: (N, k) the choices of that step. Returns the load (E,)."""
+    if not rate >= 0:
+        raise ConfigError(f"rate (the bias update speed, gamma) must be >= 0, got {rate!r}")
+    if experts.dim() != 2:
+        raise ShapeError(f"experts must be (tokens, k) expert ids, got shape {tuple(experts.shape)}")
+    load = torch.bincount(experts.reshape(-1), minlength=bias.shape[0]).float()
+    if load.shape[0] != bias.shape[0]:
+        raise ShapeError(f"expert ids go up to {load.shape[0] - 1} but the bias has {bias.shape[0]} entries")
+    with torch.no_grad():
+        bias += rate * torch.sign(load.mean() - load)
+    return load
 
 
 def router_z_loss(router_logits: torch.Tensor) -> torch.Tensor:
@@ -293,7 +390,10 @@ class MoE(nn.Module):
                                      for _ in range(config.num_experts))
         if config.shared_expert_size:
             self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_size)
-            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+            if config.shared_expert_gated:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        if config.selection_bias:     # not a parameter: updated from the load, never by gradients
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
         self.last_routing: Routing | None = None
 
     def forward(self, x: torch.Tensor, dispatch: str | None = None) -> torch.Tensor:
@@ -306,17 +406,20 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])                                # (N, h)
         c = self.config
-        routing = route(flat, self.gate.weight, c.top_k, c.norm_topk_prob, c.capacity_factor)
+        routing = route(flat, self.gate.weight, c.top_k, c.norm_topk_prob, c.capacity_factor, score=c.score,
+                        bias=self.e_score_correction_bias if c.selection_bias else None, num_groups=c.num_groups,
+                        topk_groups=c.topk_groups, routed_scaling=c.routed_scaling)
         self.last_routing = routing
         out = DISPATCH[dispatch](flat, routing, self.experts)
         if c.shared_expert_size:
-            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+            shared = self.shared_expert(flat)
+            out = out + (torch.sigmoid(self.shared_expert_gate(flat)) * shared if c.shared_expert_gated else shared)
         return out.reshape(shape)
 
     # ---- transformers weights -----------------------------------------------------------------
     def load_hf_block(self, block) -> "MoE":
-        """Copy a transformers MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock (fused expert weights:
-        gate_up_proj (E, 2i, h) with gate rows first, down_proj (E, h, i))."""
+        """Copy a transformers MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock / DeepseekV3MoE (fused expert
+        weights: gate_up_proj (E, 2i, h) with gate rows first, down_proj (E, h, i))."""
         self.load_state_dict(state_from_hf_block(block.state_dict()), strict=True)
         return self
 
@@ -336,6 +439,10 @@ def state_from_hf_block(sd: dict, prefix: str = "") -> dict:
         elif name == "experts.down_proj":
             for e in range(v.shape[0]):
                 out[f"{prefix}experts.{e}.down_proj.weight"] = v[e]
+        elif name == "gate.e_score_correction_bias":                      # DeepSeek-V3's names
+            out[f"{prefix}e_score_correction_bias"] = v
+        elif name.startswith("shared_experts."):
+            out[f"{prefix}shared_expert.{name[len('shared_experts.'):]}"] = v
         else:
             out[key] = v
     return out

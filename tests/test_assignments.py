@@ -109,7 +109,7 @@ def test_every_lesson_with_an_assignment_has_one():
     assert [n.split("/")[0] for n in NAMES] == ["01_attention", "02_estimators", "03_kv_cache", "04_paged_kv",
                                                 "05_continuous_batching", "06_flash_attention", "07_performance",
                                                 "08_parallelism", "09_moe", "10_speculative_decoding",
-                                                "11_scaling_laws"]
+                                                "11_scaling_laws", "12_deepseek_v3"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -336,3 +336,56 @@ def test_calling_the_kits_fit_scores_zero_for_that_part_only(tmp_path):
     assert points == {"test_fit_law": 0, "test_compute_optimal": 3, "test_longer_or_bigger": 3}, points
     feedback = {t.test: t.feedback for t in cheat.tests}["test_fit_law"]
     assert "your code called" in feedback and "fit_chinchilla" in feedback, feedback
+# ---- assignment 12: the kit's MLA pieces instead of the student's own ---------------------------------
+A12_SOURCE = ROOT / "solutions" / "12_deepseek_v3" / "deepseek_v3.ipynb"
+A12_STUDENT = ROOT / "assignments" / "12_deepseek_v3" / "deepseek_v3.ipynb"
+
+
+def a12_right_answers() -> dict:
+    """The solution's answer cells (its BEGIN/END SOLUTION lines are comments)."""
+    nb = nbformat.read(A12_SOURCE, as_version=4)
+    return {c.metadata.nbgrader["grade_id"]: c.source for c in nb.cells
+            if c.metadata.get("nbgrader", {}).get("solution")}
+
+
+A12_CHEATS = {   # answer cell -> a right answer made by the kit, and the points each test should give
+    "kit_absorbed": ({"absorbed": "def _make():\n    from llmsys_lab.deepseek import mla as m\n"
+                                  "    return lambda *args, **kwargs: m.absorbed_attention(*args, **kwargs)\n"
+                                  "absorbed_attention = _make()                # a closure over the kit's\n"},
+                     {"test_cache": 3, "test_absorbed": 0, "test_mla_step": 0}),
+    "kit_forward": ({"mla_step": "def mla_step(mla, x, cache, layer=0):      # right outputs from the kit's MLA.forward\n"
+                                 "    seen = getattr(cache, '_seen', None)\n"
+                                 "    cache._seen = x if seen is None else torch.cat([seen, x], dim=1)\n"
+                                 "    cache.update(layer, torch.zeros(x.shape[0], x.shape[1], mla.config.kv_lora_rank),\n"
+                                 "                 torch.zeros(x.shape[0], x.shape[1], mla.config.qk_rope_head_dim))\n"
+                                 "    return type(mla).__call__(mla, cache._seen)[:, -x.shape[1]:]\n"},
+                    {"test_cache": 3, "test_absorbed": 4, "test_mla_step": 0}),
+}
+
+
+@pytest.fixture(scope="module")
+def graded_a12(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("redteam12")
+    right, paths = a12_right_answers(), []
+    for name, (cheat, _) in A12_CHEATS.items():
+        nb = nbformat.read(A12_STUDENT, as_version=4)
+        for cell in nb.cells:
+            gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+            if gid in right:
+                cell.source = cheat.get(gid, right[gid])
+        nbformat.write(nb, folder / f"{name}.ipynb")
+        paths.append(folder / f"{name}.ipynb")
+    results = grading.grade(paths, source=ROOT / "solutions", timeout=120, jobs=2)
+    return {Path(r.path).stem: r for r in results}
+
+
+@pytest.mark.parametrize("name", list(A12_CHEATS))
+def test_assignment_12_kit_mla_instead_of_own_code_scores_zero_for_that_part(graded_a12, name):
+    sub = graded_a12[name]
+    assert sub.error is None, sub.error
+    assert sub.official and sub.source == "solutions/12_deepseek_v3/deepseek_v3.ipynb"
+    assert {t.test: t.points for t in sub.tests} == A12_CHEATS[name][1], [(t.test, t.points, t.feedback) for t in sub.tests]
+    for t in sub.tests:                       # a zero comes from the own-code rule, not from a wrong number
+        if not t.points:
+            assert ("your code called" in t.feedback and "llmsys_lab.deepseek" in t.feedback
+                    or "the kit's MLA forward" in t.feedback), t.feedback

@@ -58,6 +58,9 @@ def all_to_all_autograd(x: torch.Tensor, traffic: Traffic | None = None, kind: s
 def _check_moe(moe) -> MoEConfig:
     if not isinstance(moe, MoE):
         raise TypeError(f"expected a llmsys_lab.moe.MoE layer, got {type(moe).__name__}")
+    if not moe.config.softmax_routing:
+        raise ConfigError("the parallel MoE layers route as Mixtral / Qwen2-MoE (softmax, gated shared expert): "
+                          "DeepSeek-V3's sigmoid, grouped or biased routing is single-process only here")
     return moe.config
 
 
