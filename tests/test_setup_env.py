@@ -121,7 +121,7 @@ def test_intel_mac_stops_with_the_way_out():
 def test_setup_registers_the_lessons_kernel_inside_the_environment(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(setup_env, "check_supported", lambda *a: None)
-    monkeypatch.setattr(setup_env, "install_torch", lambda py: None)
+    monkeypatch.setattr(setup_env, "install_torch", lambda py, latest=False: None)
     monkeypatch.setattr(setup_env, "run", lambda cmd, check=True: calls.append(cmd))
     monkeypatch.setattr(sys, "argv", ["setup_env.py", "--venv", str(tmp_path / "venv")])
     (tmp_path / "venv" / "bin").mkdir(parents=True)
