@@ -88,12 +88,14 @@ test-browser: setup browser-deps
 # Chromium from the distribution where this machine allows it (apt-get as root or with sudo that
 # asks no password); elsewhere it prints how to install it and the browser tests are skipped.
 browser-deps:
-	@sh scripts/install_chromium.sh "$(CHROMIUM)"
+	@sh scripts/install_debian_package.sh chromium "$(CHROMIUM)" "browser tests" \
+	  "install Chromium (Debian/Ubuntu: apt-get install chromium) or set LLMSYS_CHROMIUM=/path/to/chromium"
 
 # bubblewrap for the grader's per-submission sandbox, the same way (apt-get where root/sudo allows, else how)
 .PHONY: sandbox-deps
 sandbox-deps:
-	@sh scripts/install_bubblewrap.sh
+	@sh scripts/install_debian_package.sh bubblewrap bwrap "grading sandbox" \
+	  "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)"
 
 test-notebooks: setup
 	$(PY) -m pytest notebooks

@@ -30,6 +30,19 @@ def _site_dirs() -> list[str]:
     return [d for d in dirs if Path(d).resolve() != ROOT and not Path(d, "llmsys_lab").exists()]
 
 
+def fresh_venv(tmp: Path) -> Path:
+    """A new venv in tmp/venv that sees this environment's packages (the dependencies) through a .pth
+    file, but not the kit; returns its interpreter."""
+    venv = tmp / "venv"
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)],
+                   check=True)
+    py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "_deps_from_test_env.pth").write_text("\n".join(_site_dirs()) + "\n")
+    return py
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """(python of the fresh venv, the wheel, a working directory outside the repository)."""
@@ -38,13 +51,7 @@ def installed(tmp_path_factory):
                             "-w", str(tmp / "dist"), str(ROOT)], capture_output=True, text=True)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     (wheel,) = (tmp / "dist").glob("llmsys_lab-*.whl")
-    venv = tmp / "venv"
-    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)],
-                   check=True)
-    py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    Path(purelib, "_deps_from_test_env.pth").write_text("\n".join(_site_dirs()) + "\n")
+    py = fresh_venv(tmp)
     inst = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index",
                            str(wheel)], capture_output=True, text=True)
     assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from test_packaging import _site_dirs
+from test_packaging import fresh_venv
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -142,18 +142,6 @@ def test_make_lab_opens_jupyterlab_on_the_lessons(tmp_path):
         log.close()
 
 
-def _fresh_venv(tmp: Path) -> Path:
-    """A new venv that sees this environment's packages (dependencies) but not the kit."""
-    venv = tmp / "venv"
-    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(venv)],
-                   check=True)
-    py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
-    Path(purelib, "_deps_from_test_env.pth").write_text("\n".join(_site_dirs()) + "\n")
-    return py
-
-
 def _pip_line(line: str, py: Path, *extra: str) -> list[str]:
     """A README `pip install ...` line run by the fresh venv's interpreter through this environment's pip,
     offline (the dependencies are already visible to it)."""
@@ -182,7 +170,7 @@ def test_wheel_lines_build_and_install_the_kit(tmp_path):
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     wheel = dist / f"llmsys_lab-{version}-py3-none-any.whl"
     assert wheel.exists() and "llmsys_lab/kernels/softmax.py" in zipfile.ZipFile(wheel).namelist()
-    py = _fresh_venv(tmp_path)
+    py = fresh_venv(tmp_path)
     inst = subprocess.run(_pip_line(pip_line, py), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]
     where = tmp_path / "elsewhere"
@@ -203,7 +191,7 @@ def test_git_line_installs_the_kit_at_a_tag(tmp_path):
     subprocess.run(["git", "-C", str(clone), "tag", "-f", m.group(2)], check=True, capture_output=True)
     # file://localhost/...: pip's requirement parser wants a host in a git+ URL; git takes localhost
     local = line.replace(m.group(1), "file://localhost" + clone.as_posix())
-    py = _fresh_venv(tmp_path)
+    py = fresh_venv(tmp_path)
     inst = subprocess.run(_pip_line(local, py, "--no-build-isolation"), cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert inst.returncode == 0, inst.stdout[-3000:] + inst.stderr[-3000:]
