@@ -210,3 +210,33 @@ def test_without_the_sandbox_the_grader_refuses_unless_unsafe_and_then_labels_ev
     assert main(["grade", str(path), "--no-source", "--timeout", "60", "--unsafe", "--json", "-"]) == 0
     [result] = json.loads(capsys.readouterr().out)
     assert result["score"] == 2 and result["official"] is False and result["messages"][0] == grading.UNSAFE
+
+
+@needs_sandbox
+def test_an_environment_under_tmp_is_bound_back_read_only_and_its_solutions_stay_hidden(tmp_path, monkeypatch):
+    """CI clones the kit and makes its venv wherever it likes, /tmp included: the private /tmp must not
+    hide the environment (the run would fail to start), nor uncover solutions/ inside such a clone."""
+    clone = tmp_path / "clone"
+    (clone / "kitlike").mkdir(parents=True)
+    (clone / "kitlike" / "__init__.py").write_text("ANSWER = 42\n")
+    (clone / "solutions").mkdir()
+    (clone / "solutions" / "secret.txt").write_text("the answers")
+    job = tmp_path / "job"
+    job.mkdir()
+    assert Path("/tmp").resolve() in clone.resolve().parents
+    monkeypatch.setenv("PYTHONPATH", str(clone))
+    assert clone.resolve() in sandbox.visible_under_tmp()
+    code = ("import os, kitlike\n"
+            "print('imported', kitlike.ANSWER)\n"
+            f"print('solutions', os.listdir({str(clone / 'solutions')!r}))\n"
+            "try:\n"
+            f"    open({str(clone / 'kitlike' / 'planted.py')!r}, 'w').write('x = 1')\n"
+            "    print('WROTE')\n"
+            "except OSError as err:\n"
+            "    print('refused', err.errno)\n")
+    done = sandbox.run([sys.executable, "-c", code], work=job, hide=[clone / "solutions"],
+                       env={"PYTHONPATH": str(clone)})
+    assert done.returncode == 0, done.stderr
+    assert "imported 42" in done.stdout and "solutions []" in done.stdout, done.stdout
+    assert "refused" in done.stdout and "WROTE" not in done.stdout, done.stdout
+    assert not (clone / "kitlike" / "planted.py").exists()

@@ -8,7 +8,8 @@
 * the paths in ``hide`` absent: an empty, read-only folder over each folder (``solutions/``, the
   ``--source`` folder) and an unreadable one over each file (a kit module an assignment forbids, and
   its byte-compiled copies);
-* a private, empty ``/tmp`` (a tmpfs that disappears with the sandbox) that is also ``$HOME``; the
+* a private, empty ``/tmp`` (a tmpfs that disappears with the sandbox) that is also ``$HOME`` (the
+  environment and the kit are bound back into it, read-only, where they live under /tmp); the
   only other writable place is the job folder ``work``, mounted at ``WORK`` (the job's inputs and
   outputs, in formats that cannot execute code);
 * no network (a new network namespace with only the loopback), its own IPC, UTS and user namespaces,
@@ -82,9 +83,32 @@ def available() -> tuple[bool, str]:
     return _checked[exe]
 
 
+def visible_under_tmp() -> list[Path]:
+    """What the private /tmp would hide but the run needs: the Python environment, the kit and the
+    import path when they live under /tmp (a clone or a venv made there, as CI and pytest do). They are
+    bound back read-only, before the hidden paths, so ``solutions/`` inside such a clone stays hidden."""
+    import sys
+
+    import llmsys_lab
+
+    tmp = Path("/tmp").resolve()
+    wanted = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, Path(llmsys_lab.__file__).parent.parent,
+              *os.environ.get("PYTHONPATH", "").split(os.pathsep)}
+    found = set()
+    for item in wanted:
+        if not item:
+            continue
+        path = Path(item).resolve()
+        if path.exists() and tmp in path.parents and not str(path).startswith((WORK, HOME)):
+            found.add(path)
+    return sorted(p for p in found if not any(q in p.parents for q in found))
+
+
 def _bwrap_args(exe: str, work: Path | None, hide, replace: dict | None = None) -> list[str]:
     args = [exe, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "--new-session",
             "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", HOME]
+    for path in visible_under_tmp():
+        args += ["--ro-bind", str(path), str(path)]
     for dev in sorted(Path("/dev").glob("nvidia*")) + [Path("/dev/dri"), Path("/dev/kfd")]:   # GPUs
         if dev.exists():
             args += ["--dev-bind", str(dev), str(dev)]
