@@ -149,7 +149,7 @@ def sample_corpus(n: int, batch: int, seq: int, seed: int = 0, temperature: floa
 
 
 def dispatch_bytes(num_experts: int, top_k: int, nodes: int, max_nodes: int | None, hidden: int = 7168,
-                   bytes_per_el: float = 1.0, tokens: int = 10000, seed: int = 0, score_skew: float = 0.0) -> dict:
+                   bytes_per_el: int = 1, tokens: int = 10000, seed: int = 0, score_skew: float = 0.0) -> dict:
     """Inter-node dispatch bytes per token when the experts are spread evenly over `nodes` nodes:
     measured on `tokens` random tokens routed by ``route`` with ``topk_groups = max_nodes`` (None: no
     limit), one h-vector copy per *distinct node* a token reaches other than its own (IB traffic;
