@@ -35,8 +35,8 @@ LESSONS = (sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))           # 0
 SOLUTIONS = sorted((ROOT / "solutions").glob("*/*.ipynb"))
 UNAVAILABLE = "Triton unavailable:"
 # Names a notebook imports from llmsys_lab.kernels that work without Triton (PyTorch references,
-# reading a kernel's source, constants): calling them is not using Triton.
-NO_TRITON_NEEDED = re.compile(r"reference|kernel_source|^[A-Z_0-9]+$|_flops$|KernelConfig")
+# reading a kernel's source, constants, byte and FLOP counts): calling them is not using Triton.
+NO_TRITON_NEEDED = re.compile(r"reference|kernel_source|^[A-Z_0-9]+$|_flops$|^bytes_moved$|KernelConfig")
 IMPORT_FROM_KERNELS = re.compile(r"from[ \t]+llmsys_lab\.kernels(?:\.\w+)?[ \t]+import[ \t]+(?:\(([^)]*)\)|([\w \t,]+))")
 TRITON_SOURCE = re.compile(r"^\s*(import triton|from triton\b)|@triton\.jit|\b\w+\[\s*grid\s*\]\s*\(", re.M)
 
