@@ -56,6 +56,17 @@ def graded(tmp_path_factory):
 
 @pytest.mark.skipif(not sandbox.available()[0], reason="no grading sandbox on this machine")
 @pytest.mark.parametrize("name", list(CASES))
+
+def assert_the_harness_takes_every_point(nb, tmp_path):
+    """An unanswered notebook that forges every in-kernel verdict scores 0/10, and what took the points is
+    the grader's own check outside the sandbox (the forgery did fool the in-kernel verdicts)."""
+    nbformat.write(nb, tmp_path / "forged.ipynb")
+    [sub] = grading.grade([tmp_path / "forged.ipynb"], source=ROOT / "solutions", timeout=300)
+    assert sub.error is None, sub.error
+    assert (sub.score, sub.max_score) == (0, 10), [(t.test, t.points, t.feedback) for t in sub.tests]
+    assert all(t.feedback.startswith("the grader's own check of your outputs failed") for t in sub.tests), \
+        [t.feedback for t in sub.tests]
+
 def test_verify_step_scores_what_it_deserves(graded, name):
     sub = graded[name]
     assert sub.error is None, sub.error
@@ -123,13 +134,7 @@ def test_an_unanswered_moe_notebook_that_forges_every_in_kernel_verdict_scores_z
     nb = nbformat.read(ROOT / "assignments" / "09_moe" / "moe.ipynb", as_version=4)
     cell = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "router")
     cell.source += "\n" + FORGE_COMPLETION
-    nbformat.write(nb, tmp_path / "forged.ipynb")
-    [sub] = grading.grade([tmp_path / "forged.ipynb"], source=ROOT / "solutions", timeout=300)
-    assert sub.error is None, sub.error
-    assert (sub.score, sub.max_score) == (0, 10), [(t.test, t.points, t.feedback) for t in sub.tests]
-    # the forgery did fool the in-kernel verdicts: what took the points is the harness
-    assert all(t.feedback.startswith("the grader's own check of your outputs failed") for t in sub.tests), \
-        [t.feedback for t in sub.tests]
+    assert_the_harness_takes_every_point(nb, tmp_path)
 
 
 PLAIN_GREEDY = (   # right tokens, wrong method: the target alone, one forward pass per token, no drafts verified
@@ -165,9 +170,4 @@ def test_an_unanswered_speculative_notebook_that_forges_every_in_kernel_verdict_
 
     nb = student(next(c for c in nbformat.read(STUDENT, as_version=4).cells
                       if c.metadata.get("nbgrader", {}).get("grade_id") == "verify_step").source + "\n" + FORGE_COMPLETION)
-    nbformat.write(nb, tmp_path / "forged.ipynb")
-    [sub] = grading.grade([tmp_path / "forged.ipynb"], source=ROOT / "solutions", timeout=300)
-    assert sub.error is None, sub.error
-    assert (sub.score, sub.max_score) == (0, 10), [(t.test, t.points, t.feedback) for t in sub.tests]
-    assert all(t.feedback.startswith("the grader's own check of your outputs failed") for t in sub.tests), \
-        [t.feedback for t in sub.tests]
+    assert_the_harness_takes_every_point(nb, tmp_path)
