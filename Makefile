@@ -17,7 +17,8 @@ GPU_PYTHON      ?= python3
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 # Browser tests: Debian's Chromium, driven by Playwright (no browser download)
 CHROMIUM ?= $(or $(LLMSYS_CHROMIUM),/usr/bin/chromium)
-REQUIRE_BROWSER = LLMSYS_REQUIRE_BROWSER=$$([ -x "$(CHROMIUM)" ] && echo 1 || echo 0)
+REQUIRE_BROWSER = LLMSYS_REQUIRE_BROWSER=$$([ -x "$(CHROMIUM)" ] && echo 1 || echo 0) \
+  LLMSYS_REQUIRE_SANDBOX=$$(command -v bwrap >/dev/null 2>&1 && echo 1 || echo 0)
 
 # Installs come from requirements.lock (exact versions with hashes; `make lock` rewrites it, see
 # scripts/lock.py); `make test-latest` is the canary against the newest versions pyproject.toml allows.

@@ -12,6 +12,7 @@ import pytest
 
 from llmsys_lab import grading
 from llmsys_lab.grading import harness, sandbox
+from test_grading_sandbox import needs_sandbox   # skipped only where bwrap is missing (make test requires it where present)
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT = next((ROOT / "assignments" / "10_speculative_decoding").glob("*.ipynb"))
@@ -54,7 +55,7 @@ def graded(tmp_path_factory):
     return {Path(r.path).stem: r for r in grading.grade(paths, source=ROOT / "solutions", timeout=120, jobs=2)}
 
 
-@pytest.mark.skipif(not sandbox.available()[0], reason="no grading sandbox on this machine")
+@needs_sandbox
 @pytest.mark.parametrize("name", list(CASES))
 
 def assert_the_harness_takes_every_point(nb, tmp_path):
@@ -125,7 +126,7 @@ def test_a_flash_attention_style_merge_scores_full_marks():
     assert merge and all(points == most for points, most, _ in merge.values()), merge
 
 
-@pytest.mark.skipif(not sandbox.available()[0], reason="no grading sandbox on this machine")
+@needs_sandbox
 def test_an_unanswered_moe_notebook_that_forges_every_in_kernel_verdict_scores_zero(tmp_path):
     """Assignment 09: the submission rewrites each failing test's error into the grader's completion line
     (patched jupyter_client Session.send); every graded test is also decided by the harness outside."""
@@ -150,7 +151,7 @@ PLAIN_GREEDY = (   # right tokens, wrong method: the target alone, one forward p
     "    return out\n")
 
 
-@pytest.mark.skipif(not sandbox.available()[0], reason="no grading sandbox on this machine")
+@needs_sandbox
 def test_plain_greedy_decoding_is_not_speculative_decoding(tmp_path):
     source = next((ROOT / "solutions" / "10_speculative_decoding").glob("*.ipynb"))
     nb = nbformat.read(source, as_version=4)
@@ -164,7 +165,7 @@ def test_plain_greedy_decoding_is_not_speculative_decoding(tmp_path):
     assert "forward passes for 20 tokens" in scores["test_loop_greedy"][1]
 
 
-@pytest.mark.skipif(not sandbox.available()[0], reason="no grading sandbox on this machine")
+@needs_sandbox
 def test_an_unanswered_speculative_notebook_that_forges_every_in_kernel_verdict_scores_zero(tmp_path):
     from test_grading_redteam import FORGE_COMPLETION
 
