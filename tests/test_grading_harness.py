@@ -55,9 +55,6 @@ def graded(tmp_path_factory):
     return {Path(r.path).stem: r for r in grading.grade(paths, source=ROOT / "solutions", timeout=120, jobs=2)}
 
 
-@needs_sandbox
-@pytest.mark.parametrize("name", list(CASES))
-
 def assert_the_harness_takes_every_point(nb, tmp_path):
     """An unanswered notebook that forges every in-kernel verdict scores 0/10, and what took the points is
     the grader's own check outside the sandbox (the forgery did fool the in-kernel verdicts)."""
@@ -68,6 +65,9 @@ def assert_the_harness_takes_every_point(nb, tmp_path):
     assert all(t.feedback.startswith("the grader's own check of your outputs failed") for t in sub.tests), \
         [t.feedback for t in sub.tests]
 
+
+@needs_sandbox
+@pytest.mark.parametrize("name", list(CASES))
 def test_verify_step_scores_what_it_deserves(graded, name):
     sub = graded[name]
     assert sub.error is None, sub.error
