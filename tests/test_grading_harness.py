@@ -120,7 +120,7 @@ def test_a_flash_attention_style_merge_scores_full_marks():
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "flash_merge.ipynb"
         nbformat.write(nb, path)
-        [sub] = grading.grade([path], source=ROOT / "solutions", timeout=300, unsafe=True)
+        [sub] = grading.grade([path], source=ROOT / "solutions", timeout=300, unsafe=not sandbox.available()[0])
     assert sub.error is None, sub.error
     merge = {t.test: (t.points, t.max_points, t.feedback) for t in sub.tests if "merge" in t.test}
     assert merge and all(points == most for points, most, _ in merge.values()), merge
@@ -172,3 +172,70 @@ def test_an_unanswered_speculative_notebook_that_forges_every_in_kernel_verdict_
     nb = student(next(c for c in nbformat.read(STUDENT, as_version=4).cells
                       if c.metadata.get("nbgrader", {}).get("grade_id") == "verify_step").source + "\n" + FORGE_COMPLETION)
     assert_the_harness_takes_every_point(nb, tmp_path)
+
+
+# ---- assignment 07: the fused kernel and the merge, judged outside --------------------------------------
+SOLUTION_07 = next((ROOT / "solutions" / "07_performance").glob("*.ipynb"))
+POSING_KERNEL = (   # right outputs, wrong method: a PyTorch object that passes the in-kernel isinstance check
+    "class _Posing(triton.runtime.jit.KernelInterface):\n"
+    "    def __getitem__(self, grid):\n"
+    "        def run(x, r, w, out, new, n, eps, BLOCK):\n"
+    "            h = x + r\n"
+    "            new.copy_(h)\n"
+    "            h32 = h.float()\n"
+    "            out.copy_(w * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype))\n"
+    "        return run\n"
+    "add_rmsnorm_kernel = _Posing()\n")
+KIT_KERNEL = "from llmsys_lab.kernels.fused_norm import _fused_add_rmsnorm_kernel as add_rmsnorm_kernel\n"
+KIT_MERGE = "import llmsys_lab.kernels.paged_attention as _pa\nmerge_splits = _pa.merge_splits_reference\n"
+
+
+def solution_07(**answers) -> nbformat.NotebookNode:
+    nb = nbformat.read(SOLUTION_07, as_version=4)
+    for cell in nb.cells:
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if gid in answers:
+            cell.source = answers[gid]
+    return nb
+
+
+@needs_sandbox
+def test_assignment_07_right_outputs_by_the_wrong_method_score_zero(tmp_path):
+    """A PyTorch object posing as the Triton kernel passes the in-kernel check (it is a KernelInterface and its
+    outputs are right) but the harness launches the kernel itself and accepts only a @triton.jit function written
+    in the notebook; the kit's own kernel and merge are stripped from the sandbox, so aliases of them raise."""
+    nbformat.write(solution_07(add_rmsnorm_kernel=POSING_KERNEL, merge_splits=KIT_MERGE), tmp_path / "posing.ipynb")
+    nbformat.write(solution_07(add_rmsnorm_kernel=KIT_KERNEL), tmp_path / "kit_kernel.ipynb")
+    subs = {Path(s.path).stem: s for s in grading.grade([tmp_path / "posing.ipynb", tmp_path / "kit_kernel.ipynb"],
+                                                        source=ROOT / "solutions", timeout=300, jobs=2)}
+    posing = {t.test: t for t in subs["posing"].tests}
+    assert subs["posing"].score == 0, [(t.test, t.points, t.feedback) for t in posing.values()]
+    for test in ("test_fused_norm", "test_fused_norm_ragged"):
+        assert posing[test].feedback.startswith("the grader's own check of your outputs failed"), posing[test].feedback
+        assert "must be a @triton.jit kernel, got _Posing" in posing[test].feedback
+    assert all("merge_splits_reference is not available while this assignment is graded" in posing[t].feedback
+               for t in ("test_merge_splits", "test_merge_splits_edge")), [posing[t].feedback for t in posing]
+    kit = {t.test: (t.points, t.feedback) for t in subs["kit_kernel"].tests}
+    assert subs["kit_kernel"].score == 5, kit   # the merge (the solution's) keeps its 5 points
+    assert kit["test_fused_norm"][0] == kit["test_fused_norm_ragged"][0] == 0, kit
+
+
+@needs_sandbox
+def test_an_unanswered_performance_notebook_that_forges_every_in_kernel_verdict_scores_zero(tmp_path):
+    from test_grading_redteam import FORGE_COMPLETION
+
+    nb = nbformat.read(ROOT / "assignments" / "07_performance" / "performance.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "add_rmsnorm_kernel")
+    cell.source += "\n" + FORGE_COMPLETION
+    assert_the_harness_takes_every_point(nb, tmp_path)
+
+
+def test_every_stripped_function_exists(tmp_path):
+    """A kit function renamed after its harness entry was written would stay callable in the sandbox: the strip
+    refuses names the module does not define."""
+    for name, spec in harness.SPECS.items():
+        copies = harness.stripped_modules(spec, tmp_path)
+        assert len(copies) == len(spec.strip), name
+    bad = harness.Spec(hide=[], calls=lambda g: ([], {}), judge={}, strip={"flash.py": ("no_such_function",)})
+    with pytest.raises(RuntimeError, match="no_such_function"):
+        harness.stripped_modules(bad, tmp_path)

@@ -33,6 +33,7 @@ class Call:
     fn: str
     args: list                          # tensors (by name in the inputs file) or JSON values
     kwargs: dict = field(default_factory=dict)
+    via: str | None = None              # call the named object through one of the probe's launchers (probe.VIA)
 
 
 @dataclass
@@ -144,6 +145,113 @@ def _judge_gqa(inputs, outputs, errors):
         return "gqa/bad: 6 query heads with 4 K/V heads must raise ValueError naming 6 and 4, got " + (
             "no error" if err is None else f"{err[0]}: {err[1]}"[:200])
     return None
+
+
+# ---- assignment 07: the fused add + RMSNorm kernel and the split-KV merge --------------------------------
+def _norm_ref(x, r, w, eps):
+    """add_rmsnorm_reference, computed here: the new residual in the inputs' dtype, statistics in fp32."""
+    h = x + r
+    h32 = h.float()
+    return w * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype), h
+
+
+def _split_ref(q, k, v, num_splits):
+    """split_attention of the assignment, in float64: (part, lse) of each range of keys."""
+    B, H, T, D = k.shape
+    n = -(-T // num_splits)
+    part = torch.zeros(B, H, num_splits, D, dtype=torch.float64)
+    lse = torch.full((B, H, num_splits), float("-inf"), dtype=torch.float64)
+    for s in range(num_splits):
+        lo, hi = s * n, min((s + 1) * n, T)
+        if lo < hi:
+            scores = torch.einsum("bhd,bhtd->bht", q.double(), k[:, :, lo:hi].double()) / math.sqrt(D)
+            lse[:, :, s] = torch.logsumexp(scores, dim=-1)
+            part[:, :, s] = torch.einsum("bht,bhtd->bhd", torch.softmax(scores, dim=-1), v[:, :, lo:hi].double())
+    return part.float(), lse.float()
+
+
+def _merge_ref(part, lse):
+    m = lse.double().amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    w = torch.exp(lse.double() - m)
+    return ((w[..., None] * part.double()).sum(-2) / w.sum(-1, keepdim=True).clamp_min(1e-300)).float()
+
+
+_NORM_CASES = {   # id -> (rows, hidden, dtype, eps, test)
+    "a": (8, 64, torch.float32, 1e-6, "test_fused_norm"), "b": (8, 64, torch.float16, 1e-6, "test_fused_norm"),
+    "c": (3, 128, torch.float32, 1e-5, "test_fused_norm"),
+    "d": (5, 100, torch.float32, 1e-6, "test_fused_norm_ragged"), "e": (3, 1, torch.float32, 1e-6, "test_fused_norm_ragged"),
+    "f": (2, 1000, torch.float32, 1e-6, "test_fused_norm_ragged"), "g": (1, 777, torch.float32, 1e-6, "test_fused_norm_ragged"),
+    "h": (6, 3, torch.float32, 1e-6, "test_fused_norm_ragged"), "z1": (4, 48, torch.float32, 1e-6, "test_fused_norm_ragged"),
+    "z2": (4, 48, torch.float32, 0.5, "test_fused_norm_ragged")}
+_NORM_TOL = {torch.float32: 1e-4, torch.float16: 2e-3}   # a GPU's rsqrt and sum order differ in the last bits
+
+
+def _calls_07(g: torch.Generator):
+    t: dict[str, torch.Tensor] = {}
+    calls = []
+    for cid, (rows, hidden, dtype, eps, _) in _NORM_CASES.items():
+        x, r = torch.randn(rows, hidden, generator=g) * 2, torch.randn(rows, hidden, generator=g)
+        w = 1 + 0.5 * torch.randn(hidden, generator=g)
+        if cid.startswith("z"):                            # small values and a row of zeros: 0, not NaN
+            x, r = x * 0.05, r * 0.1
+            x[1], r[1] = 0.0, 0.0
+        t[f"n{cid}.x"], t[f"n{cid}.r"], t[f"n{cid}.w"] = x.to(dtype), r.to(dtype), w.to(dtype)
+        calls.append(Call(f"norm/{cid}", "add_rmsnorm_kernel", [f"n{cid}.x", f"n{cid}.r", f"n{cid}.w", eps],
+                          via="add_rmsnorm"))
+    merges = {}
+    for i, (B, H, T, D, S, scale) in enumerate(((2, 4, 50, 32, 1, 1), (2, 4, 50, 32, 2, 1), (2, 4, 50, 32, 4, 1),
+                                                (2, 4, 50, 32, 7, 1), (3, 2, 333, 64, 3, 4), (3, 2, 333, 64, 16, 4))):
+        q, k, v = (torch.randn(B, H, D, generator=g) * scale, torch.randn(B, H, T, D, generator=g) * scale,
+                   torch.randn(B, H, T, D, generator=g))
+        merges[f"split/{i}"] = _split_ref(q, k, v, S)
+    q, k, v = torch.randn(2, 2, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g)
+    merges["edge/empty_ranges"] = _split_ref(q, k, v, 5)                  # 3 keys in 5 ranges: two are empty
+    merges["edge/no_context"] = (torch.zeros(1, 2, 4, 8), torch.full((1, 2, 4), float("-inf")))
+    big = 700 + 100 * torch.rand((), generator=g).item()                   # e^lse overflows fp32
+    merges["edge/overflow"] = (torch.randn(1, 1, 3, 8, generator=g), torch.tensor([[[big, big - 1, float("-inf")]]]))
+    merges["edge/far_apart"] = (torch.randn(2, 1, 2, 8, generator=g), torch.tensor([[[300.0, 299.0]], [[10.0, 9.0]]]))
+    part, lse = torch.randn(4, 3, 6, 16, generator=g), torch.randn(4, 3, 6, generator=g) * 50
+    lse[0, 0, :5] = float("-inf")
+    lse[1, 2] = float("-inf")
+    part[1, 2] = 0.0
+    merges["edge/random"] = (part, lse)
+    for cid, (part, lse) in merges.items():
+        t[f"{cid}.part"], t[f"{cid}.lse"] = part.contiguous(), lse.contiguous()
+        calls.append(Call(f"merge/{cid}", "merge_splits", [f"{cid}.part", f"{cid}.lse"]))
+    return calls, t
+
+
+def _judge_norm(test):
+    def judge(t, outputs, errors):
+        for cid, (rows, hidden, dtype, eps, which) in _NORM_CASES.items():
+            if which != test:
+                continue
+            call = f"norm/{cid}"
+            if _err(errors, call):
+                return _err(errors, call)
+            want_normed, want_h = _norm_ref(t[f"n{cid}.x"], t[f"n{cid}.r"], t[f"n{cid}.w"], eps)
+            for name, got, want, tol in (("new_residual", outputs.get(f"{call}#1"), want_h, 0.0),
+                                         ("normed", outputs.get(f"{call}#0"), want_normed, _NORM_TOL[dtype])):
+                why = _close(got, want, tol, tol)
+                if why:
+                    return f"{call} ({rows}, {hidden}) {str(dtype)[6:]}, eps={eps:g}: {name}: {why}"
+        return None
+    return judge
+
+
+def _judge_merge(prefix, tol):
+    def judge(t, outputs, errors):
+        for key in sorted(k for k in t if k.startswith(prefix) and k.endswith(".part")):
+            cid = key[:-len(".part")]
+            call = f"merge/{cid}"
+            if _err(errors, call):
+                return _err(errors, call)
+            why = _close(outputs.get(call), _merge_ref(t[key], t[f"{cid}.lse"]), *tol(cid))
+            if why:
+                return f"{call}: {why}"
+        return None
+    return judge
 
 
 # ---- assignment 10: speculative decoding (verify_step) --------------------------------------------------
@@ -462,6 +570,16 @@ SPECS: dict[str, Spec] = {
                "test_causal_mask": _judge(("causal_mask/",), _refs_01),
                "test_causal_attention": _judge(("causal_attention/",), _refs_01),
                "test_gqa": _judge_gqa}),
+    "07_performance": Spec(
+        hide=[], calls=_calls_07,
+        strip={"kernels/fused_norm.py": ("_fused_add_rmsnorm_kernel", "fused_add_rmsnorm", "fused_add_rmsnorm_reference"),
+               "kernels/paged_attention.py": ("_merge_splits_kernel", "merge_splits_reference"),
+               "flash.py": ("merge_stats",)},
+        judge={"test_fused_norm": _judge_norm("test_fused_norm"),
+               "test_fused_norm_ragged": _judge_norm("test_fused_norm_ragged"),
+               # fp32 spacing at lse ~ 800 is 6e-5: every sound merge is exact to ~1e-4 there, not 1e-5
+               "test_merge_splits": _judge_merge("split/", lambda cid: (1e-5, 1e-4 if cid >= "split/4" else 1e-5)),
+               "test_merge_splits_edge": _judge_merge("edge/", lambda cid: (1e-4, 1e-4))}),
     "09_moe": Spec(
         hide=[], calls=_calls_09,
         judge={"test_router": _judge_router((0, 1, 2, 3)), "test_router_edge_cases": _judge_router_edge,
@@ -483,15 +601,20 @@ def stripped_modules(spec: Spec, folder: Path) -> dict[str, str]:
     out = {}
     for rel, names in spec.strip.items():
         source = (package / rel).read_text()
+        dotted = rel[:-3].replace("/", ".")
         tree = ast.parse(source)
         lines = source.split("\n")
-        for node in sorted((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names),
-                           key=lambda n: -n.lineno):
+        found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
+        missing = set(names) - {n.name for n in found}
+        if missing:   # a renamed kit function would otherwise stay callable in the sandbox
+            raise RuntimeError(f"the harness strips {sorted(missing)} from llmsys_lab/{rel}, which defines no such "
+                               "top-level function: update harness.SPECS")
+        for node in sorted(found, key=lambda n: -n.lineno):
             first = node.body[0].lineno - 1
             if isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None), ast.Constant):
                 first = node.body[0].end_lineno           # keep the docstring
             indent = " " * node.body[0].col_offset
-            lines[first:node.end_lineno] = [f"{indent}raise RuntimeError('llmsys_lab.{Path(rel).stem}.{node.name} is "
+            lines[first:node.end_lineno] = [f"{indent}raise RuntimeError('llmsys_lab.{dotted}.{node.name} is "
                                             "not available while this assignment is graded: write your own')"]
         copy = folder / f"stripped_{Path(rel).stem}.py"
         copy.write_text("\n".join(lines))
