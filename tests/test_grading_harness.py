@@ -239,3 +239,51 @@ def test_every_stripped_function_exists(tmp_path):
     bad = harness.Spec(hide=[], calls=lambda g: ([], {}), judge={}, strip={"flash.py": ("no_such_function",)})
     with pytest.raises(RuntimeError, match="no_such_function"):
         harness.stripped_modules(bad, tmp_path)
+
+
+# ---- assignment 09: the method, observed where the probe calls the answers ------------------------------
+HF_EXPERTS_DISPATCH = (   # right outputs, wrong method: transformers' own Mixtral experts do the dispatch
+    "def dispatch_combine(x, weights, experts, gate_w, up_w, down_w):\n"
+    "    from transformers.models.mixtral.modeling_mixtral import MixtralExperts\n"
+    "    E, i, h = gate_w.shape\n"
+    "    ex = MixtralExperts(MixtralConfig(hidden_size=h, intermediate_size=i, num_local_experts=E,\n"
+    "                                      num_experts_per_tok=experts.shape[1]))\n"
+    "    params = {'gate_up_proj': torch.cat([gate_w, up_w], 1), 'down_proj': down_w}   # differentiable\n"
+    "    return torch.func.functional_call(ex, params, (x, experts, weights.to(x.dtype)))\n")
+KIT_LB_COPY = (   # the kit's loss behind a wrapper whose helper is a __code__ copy of it
+    "import llmsys_lab.moe as _kit\n"
+    "import types\n"
+    "_f = _kit.load_balancing_loss\n_mine = types.FunctionType(_f.__code__, _f.__globals__, None, _f.__defaults__)\n"
+    "def load_balancing_loss(router_logits, top_k, attention_mask=None):\n"
+    "    return _mine(router_logits, top_k)\n")
+
+
+@needs_sandbox
+def test_assignment_09_transformers_experts_or_a_copied_kit_loss_score_what_they_deserve(tmp_path):
+    """Both give the right outputs; the probe traces the calls it makes and refuses code from the kit's MoE
+    module or transformers' MoE implementations, whichever way it was reached (import, wrapper, __code__ copy).
+    The submission also forges every in-kernel verdict, so what takes the points is the probe's trace."""
+    from test_grading_redteam import FORGE_COMPLETION
+
+    source = next((ROOT / "solutions" / "09_moe").glob("*.ipynb"))
+    nb = nbformat.read(source, as_version=4)
+    for cell in nb.cells:
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if gid == "dispatch_combine":
+            cell.source = HF_EXPERTS_DISPATCH
+        elif gid == "load_balancing_loss":
+            cell.source = KIT_LB_COPY
+        elif gid == "router":
+            cell.source += "\n" + FORGE_COMPLETION
+    nbformat.write(nb, tmp_path / "borrowed.ipynb")
+    [sub] = grading.grade([tmp_path / "borrowed.ipynb"], source=ROOT / "solutions", timeout=300)
+    assert sub.error is None, sub.error
+    tests = {t.test: t for t in sub.tests}
+    lost = ("test_dispatch", "test_mixtral_block", "test_load_balancing_loss")
+    assert sub.score == sub.max_score - sum(tests[t].max_points for t in lost) == 4, \
+        [(t.test, t.points, t.feedback) for t in sub.tests]
+    assert all(tests[t].feedback.startswith("the grader's own check of your outputs failed") for t in lost), \
+        [tests[t].feedback for t in lost]
+    assert "of transformers/" in tests["test_dispatch"].feedback, tests["test_dispatch"].feedback
+    assert "load_balancing_loss of llmsys_lab/moe.py" in tests["test_load_balancing_loss"].feedback, \
+        tests["test_load_balancing_loss"].feedback

@@ -34,6 +34,7 @@ class Call:
     args: list                          # tensors (by name in the inputs file) or JSON values
     kwargs: dict = field(default_factory=dict)
     via: str | None = None              # call the named object through one of the probe's launchers (probe.VIA)
+    forbid: list[str] = field(default_factory=list)   # files whose code the call may not run (probe.Tracer)
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Spec:
     calls: Callable[[torch.Generator], tuple[list[Call], dict[str, torch.Tensor]]]
     judge: dict[str, Callable[[dict, dict, dict], str | None]]   # test id -> (inputs, outputs, errors) -> why not
     strip: dict[str, tuple[str, ...]] = field(default_factory=dict)   # kit file -> functions removed in the sandbox
+    # "kit:<file>" or "<package>:<file>": code the student's functions may not run while the probe calls them
+    # (kit references the locked tests still need, and real implementations such as transformers' MoE blocks)
+    forbid: tuple[str, ...] = ()
 
 
 # ---- assignment 01: attention -------------------------------------------------------------------------
@@ -582,6 +586,9 @@ SPECS: dict[str, Spec] = {
                "test_merge_splits_edge": _judge_merge("edge/", lambda cid: (1e-4, 1e-4))}),
     "09_moe": Spec(
         hide=[], calls=_calls_09,
+        forbid=("kit:moe.py", "kit:kernels/moe_grouped_gemm.py", "kit:deepseek/balancing.py",
+                "transformers:models/mixtral/modeling_mixtral.py", "transformers:models/qwen2_moe/modeling_qwen2_moe.py",
+                "transformers:integrations/moe.py", "transformers:integrations/sonicmoe.py"),
         judge={"test_router": _judge_router((0, 1, 2, 3)), "test_router_edge_cases": _judge_router_edge,
                "test_sort": _judge_sort, "test_dispatch": _judge_dispatch, "test_mixtral_block": _judge_moe,
                "test_load_balancing_loss": _judge_lb}),
@@ -638,6 +645,8 @@ def write_inputs(spec: Spec, work: Path) -> dict[str, torch.Tensor]:
 
     g = torch.Generator().manual_seed(secrets.randbits(63))
     calls, tensors = spec.calls(g)
+    for call in calls:
+        call.forbid = list(spec.forbid)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / "probe_in.safetensors"))
     (work / "probe_calls.json").write_text(json.dumps([c.__dict__ for c in calls]))
     return tensors

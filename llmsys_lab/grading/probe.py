@@ -27,6 +27,8 @@ def run(work: str) -> None:
                 raise NameError(f"name '{call['fn']}' is not defined")
             if call.get("via"):                                     # e.g. a Triton kernel launched by the kit
                 fn = VIA[call["via"]](fn, call["fn"])
+            if call.get("forbid"):
+                fn = Tracer(call["forbid"]).wrap(fn)
             first = call["args"][0] if call["args"] else None
             if isinstance(first, dict) and "repeat" in first:      # one call per row: [(row, *rest), ...]
                 rest = _args(call["args"][1:], tensors)             # one generator for all the rows
@@ -54,6 +56,53 @@ def run(work: str) -> None:
             errors[call["id"]] = [type(err).__name__, str(err)[:500]]
     save_file(outputs, str(work / "probe_out.safetensors"))
     (work / "probe_errors.json").write_text(json.dumps(errors))
+
+
+class Tracer:
+    """Runs a call with a profile hook that notes every Python function it enters whose code comes from a
+    forbidden file (the kit's reference, transformers' implementation): an alias, ``functools.partial``,
+    wrapper or ``__code__`` copy all still run code whose ``co_filename`` is that file. Raises after the call
+    if any did, or if the hook was switched off meanwhile."""
+
+    def __init__(self, forbid: list[str]):
+        import importlib
+
+        self.files, self.hit = {}, None
+        self.hook = self._hook                   # one bound method, so that getprofile() can be compared with it
+        for entry in forbid:
+            package, _, rel = entry.partition(":")
+            try:
+                root = Path(importlib.import_module("llmsys_lab" if package == "kit" else package).__file__).parent
+            except ImportError:
+                continue
+            shown = f"{'llmsys_lab' if package == 'kit' else package}/{rel}"
+            self.files[str((root / rel).resolve())] = self.files[str(root / rel)] = shown
+
+    def _hook(self, frame, event, arg):
+        if event == "call" and self.hit is None and frame.f_code.co_filename in self.files:
+            self.hit = f"{frame.f_code.co_name} of {self.files[frame.f_code.co_filename]}"
+        return None
+
+    def wrap(self, fn):
+        import sys
+        import threading
+
+        def traced(*args, **kwargs):
+            sys.setprofile(self.hook)
+            threading.setprofile(self.hook)
+            try:
+                value = fn(*args, **kwargs)
+            finally:
+                switched_off = sys.getprofile() is not self.hook
+                sys.setprofile(None)
+                threading.setprofile(None)
+            if self.hit:
+                raise RuntimeError(f"your code ran {self.hit}, a reference implementation this exercise asks you "
+                                   "to write yourself")
+            if switched_off:
+                raise RuntimeError("the call tracing was switched off while your function ran")
+            return value
+        return traced
 
 
 def _student_triton_kernel(kernel, name):
