@@ -6,6 +6,7 @@ from llmsys_lab.deepseek import (DEEPSEEK_V3, MLA, LatentKVCache, MLAConfig, Dee
                                  forward_flops_per_token,
                                  hf_param_count, kv_bytes_per_token, max_batch, param_breakdown)
 from llmsys_lab.deepseek.balancing import calibrate_bias, dispatch_bytes, imbalance, tiny_moe_model, train_balancing
+from llmsys_lab.deepseek.mla import hf_cache_kwargs
 from llmsys_lab.deepseek.serving import mtp_speedup
 from llmsys_lab.estimators.memory import kv_bytes_per_token as kit_kv_bytes
 from llmsys_lab.kv_cache import CacheError
@@ -74,8 +75,9 @@ def test_latent_cache_decode_equals_full_forward_and_transformers_cache(absorbed
         steps = [mine(x[:, :5], cache)] + [mine(x[:, t:t + 1], cache, absorbed=absorbed) for t in range(5, 9)]
         hf_cache = DynamicCache(config=SMALL.to_hf())
         pos = lambda a, b: rope(x, torch.arange(a, b)[None])  # noqa: E731
-        hf_steps = [attn(x[:, :5], position_embeddings=pos(0, 5), attention_mask=None, cache=hf_cache)[0]]
-        hf_steps += [attn(x[:, t:t + 1], position_embeddings=pos(t, t + 1), attention_mask=None, cache=hf_cache)[0]
+        kw = hf_cache_kwargs(attn, hf_cache)
+        hf_steps = [attn(x[:, :5], position_embeddings=pos(0, 5), attention_mask=None, **kw)[0]]
+        hf_steps += [attn(x[:, t:t + 1], position_embeddings=pos(t, t + 1), attention_mask=None, **kw)[0]
                      for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(steps, 1), torch.cat(hf_steps, 1), atol=1e-5, rtol=1e-5)
@@ -306,3 +308,18 @@ def test_bad_shapes_and_serving_inputs_are_refused():
 
 def test_shape_round_trips_through_the_transformers_config():
     assert DeepSeekV3Shape.from_hf(DEEPSEEK_V3.to_hf(), name="deepseek-v3") == DEEPSEEK_V3
+
+
+def test_hf_cache_kwargs_names_the_keyword_this_transformers_takes():
+    """An unknown keyword would vanish into the module's **kwargs and the cache would silently not be used."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    attn, _ = hf_attention(SMALL, seed=1)
+    [(name, value)] = hf_cache_kwargs(attn, "the cache").items()
+    assert value == "the cache" and name in __import__("inspect").signature(DeepseekV3Attention.forward).parameters
+
+    class NoCache(torch.nn.Module):
+        def forward(self, x, **kwargs):
+            return x
+    with pytest.raises(TypeError, match="NoCache.forward takes none of cache / past_key_values"):
+        hf_cache_kwargs(NoCache(), None)

@@ -277,6 +277,20 @@ class MLA(nn.Module):
         return self
 
 
+def hf_cache_kwargs(hf_attention, cache) -> dict:
+    """{name: cache} for a transformers attention module's forward: releases differ in the keyword
+    (``cache`` in recent ones, ``past_key_values`` before); an unknown keyword would be swallowed by its
+    ``**kwargs`` and the cache silently not used."""
+    import inspect
+
+    params = inspect.signature(hf_attention.forward).parameters
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in params:
+            return {name: cache}
+    raise TypeError(f"{type(hf_attention).__name__}.forward takes none of cache / past_key_values: "
+                    "this transformers release is not supported here")
+
+
 def absorbed_attention(q_nope, q_rope, latent, k_rope, w_uk, w_uv, scale: float) -> torch.Tensor:
     """Attention in the latent space; causal with the queries as the last S of T positions.
 
