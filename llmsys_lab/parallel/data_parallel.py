@@ -32,6 +32,20 @@ def tiny_config(**changes) -> ModelConfig:
     return ModelConfig(**{**base, **changes})
 
 
+def frozen_tied_model(seed: int = 0, **changes):
+    """The checks' model with what real training has: the LM head tied to the embedding (one
+    parameter used twice), layer 0's up projection frozen and layer 1's input norm frozen at 2.0
+    (requires_grad=False: no gradient, no optimizer step, no weight decay)."""
+    torch.manual_seed(seed)
+    model = LlamaLM(tiny_config(tie_word_embeddings=True, **changes))
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    norm = model.model.layers[1].input_layernorm.weight
+    with torch.no_grad():
+        norm.fill_(2.0)
+    norm.requires_grad_(False)
+    return model
+
+
 def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy, mean over every predicted token of the batch."""
     logits = model(ids[:, :-1])

@@ -1,0 +1,164 @@
+"""Distributed data parallelism as PyTorch's DDP does it: overlap the all-reduce with the backward pass.
+
+``data_parallel_step`` (data_parallel.py) waits for the whole backward pass, then all-reduces one
+flat buffer: the network idles while the GPU computes, and the GPU idles while the network sends.
+But the gradient of the last layer is final long before the backward pass reaches the first layer.
+``DDP`` starts communicating as soon as it can:
+
+* At construction rank 0's parameters and buffers are broadcast, so every replica starts equal
+  (the optimizer keeps them equal: same averaged gradients, same step).
+* A hook on every trainable parameter (``register_post_accumulate_grad_hook``: it fires once the
+  parameter's ``.grad`` holds this backward's whole gradient, a tied parameter's both uses summed)
+  launches an *asynchronous* all-reduce (``async_op=True`` returns a handle at once) while autograd
+  goes on with the layers below.
+* ``bucket_size_mb=None`` launches one all-reduce per parameter. Each collective has a fixed cost
+  (latency: a round of messages, a kernel launch) on top of its bytes / bandwidth, so hundreds of
+  small messages are slow; ``bucket_size_mb=25`` (PyTorch's default; MB = 2**20 bytes here) packs
+  parameters into buckets of about that size, in *reverse* order of registration (the order the
+  backward pass finishes them), launching a bucket when all its parameters are ready. The last
+  bucket may be partial. One bucket as large as the model is the naive step again: nothing
+  launches before the backward pass ends.
+* ``finish_gradient_synchronization()`` waits on the handles and divides by the number of ranks;
+  call it after ``loss.backward()`` and before ``optimizer.step()``.
+
+Frozen parameters (``requires_grad=False``) get no hook, no bucket and no communication. Every rank
+must use the same parameters in its backward pass (as PyTorch's DDP without
+``find_unused_parameters``); a parameter that no rank used keeps ``grad = None``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..validate import check_number
+from .comm import Traffic, nbytes, ring_factor
+
+MB = 2 ** 20
+
+
+@dataclass
+class Bucket:
+    params: list                             # in the order the backward pass is expected to finish them
+    index: int
+    ready: set = field(default_factory=set)  # ids of the parameters whose gradient is final
+    buffer: torch.Tensor | None = None
+    handle: object = None
+    launched: float | None = None            # time.perf_counter() when its all-reduce was launched
+    done: float | None = None                # ... and when it completed (the handle's future)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(nbytes(p) for p in self.params)
+
+
+def make_buckets(params: list, bucket_size_mb: float | None) -> list[list]:
+    """Group parameters into buckets: reverse order, each at most bucket_size_mb (a parameter larger
+    than that gets a bucket of its own), one dtype per bucket; None: one bucket per parameter."""
+    order = list(reversed(params))
+    if bucket_size_mb is None:
+        return [[p] for p in order]
+    limit = bucket_size_mb * MB
+    buckets, current, size = [], [], 0
+    for p in order:
+        if current and (size + nbytes(p) > limit or p.dtype != current[0].dtype):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += nbytes(p)
+    if current:
+        buckets.append(current)                 # the last, partial bucket
+    return buckets
+
+
+class DDP(nn.Module):
+    """Wrap a module for data parallelism with gradient all-reduces overlapped with the backward pass.
+
+    ``model = DDP(module, bucket_size_mb=25)``; then per step: ``loss = f(model(x)); loss.backward();
+    model.finish_gradient_synchronization(); optimizer.step()``. ``traffic`` counts the bytes sent
+    (the ring's 2(N-1)/N per byte); ``record=True`` keeps each bucket's launch and completion times
+    (``self.events``) for a timeline.
+    """
+
+    def __init__(self, module: nn.Module, bucket_size_mb: float | None = None, traffic: Traffic | None = None,
+                 record: bool = False):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"DDP wraps a torch.nn.Module, got {type(module).__name__}")
+        if bucket_size_mb is not None:
+            check_number(bucket_size_mb, "bucket_size_mb", positive=True)
+        if not dist.is_initialized():
+            raise RuntimeError("DDP needs a torch.distributed process group (run it on ranks: "
+                               "llmsys_lab.parallel.launch)")
+        self.module, self.traffic, self.record = module, traffic, record
+        self.world = dist.get_world_size()
+        self.bucket_size_mb = bucket_size_mb
+        with torch.no_grad():                  # every replica starts from rank 0's weights
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, src=0)
+        self.params = [p for p in module.parameters() if p.requires_grad]   # parameters(): a tied one once
+        self.buckets = [Bucket(ps, i) for i, ps in enumerate(make_buckets(self.params, bucket_size_mb))]
+        self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self.events: list[dict] = []
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    # ---- during the backward pass ------------------------------------------------------------
+    def _on_grad_ready(self, p: torch.Tensor) -> None:
+        bucket = self._bucket_of[id(p)]
+        if bucket.handle is not None:
+            raise RuntimeError("a second backward pass reached DDP before finish_gradient_synchronization(): "
+                               "call it after every loss.backward()")
+        bucket.ready.add(id(p))
+        if len(bucket.ready) == len(bucket.params):
+            self._launch(bucket)
+
+    def _launch(self, bucket: Bucket) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket.params]
+        if len(grads) == 1 and bucket.params[0].grad is not None:
+            bucket.buffer = grads[0]                                   # in place, no copy
+        else:
+            bucket.buffer = torch.cat([g.reshape(-1) for g in grads])
+        bucket.launched = time.perf_counter()
+        bucket.handle = dist.all_reduce(bucket.buffer, async_op=True)
+        if self.record:
+            bucket.handle.get_future().then(lambda _, b=bucket: setattr(b, "done", time.perf_counter()))
+        if self.traffic is not None:
+            self.traffic.add("ddp_all_reduce", ring_factor(self.world) * nbytes(bucket.buffer))
+
+    # ---- after it ------------------------------------------------------------------------------
+    def finish_gradient_synchronization(self) -> None:
+        """Wait for every bucket's all-reduce and replace each gradient by the mean over the ranks.
+
+        A bucket some of whose parameters got no gradient (unused in this step) is sent now, zeros in
+        their place; a parameter keeps ``grad = None`` if it had none here."""
+        for bucket in self.buckets:
+            if bucket.handle is None and bucket.ready:
+                self._launch(bucket)
+        for bucket in self.buckets:
+            if bucket.handle is None:
+                continue
+            bucket.handle.wait()
+            finished = time.perf_counter()
+            flat = bucket.buffer.div_(self.world)
+            i = 0
+            for p in bucket.params:
+                n = p.numel()
+                if p.grad is not None and flat.data_ptr() != p.grad.data_ptr():
+                    p.grad.copy_(flat[i:i + n].view_as(p))
+                i += n
+            if self.record:
+                self.events.append({"bucket": bucket.index, "bytes": bucket.nbytes, "params": len(bucket.params),
+                                    "launched": bucket.launched, "done": bucket.done or finished,
+                                    "waited": finished})
+            bucket.handle, bucket.buffer, bucket.ready, bucket.launched, bucket.done = None, None, set(), None, None
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
