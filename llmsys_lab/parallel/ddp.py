@@ -162,3 +162,85 @@ class DDP(nn.Module):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+# ---- run on ranks ----------------------------------------------------------------------------------
+def check_ddp(bucket_sizes=(None, 1e-4, 0.01, 1000.0), batch_size: int = 4, seq: int = 9, steps: int = 3,
+              seed: int = 0) -> dict:
+    """On every rank: DDP (per parameter, and buckets from tiny to one) vs one process on the whole batch.
+
+    The model has a tied LM head and two frozen parameters; each rank builds it from its *own* seed,
+    so only the broadcast at construction makes the replicas equal. AdamW with weight decay."""
+    from .data_parallel import frozen_tied_model, lm_loss, max_param_diff, shard_batch, tiny_config
+    from .zero import all_reduce_gradients
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = [torch.randint(0, tiny_config().vocab_size, (batch_size, seq), generator=g).to(_device())
+               for _ in range(steps)]
+    opt_kwargs = {"lr": 1e-2, "weight_decay": 1.0}
+    ref = frozen_tied_model(seed).to(_device())
+    ref_opt = torch.optim.AdamW(ref.parameters(), **opt_kwargs)
+    for b in batches:
+        ref_opt.zero_grad()
+        lm_loss(ref, b).backward()
+        ref_opt.step()
+    plain = frozen_tied_model(seed).to(_device())         # the naive way: all-reduce after the backward
+    plain_opt = torch.optim.AdamW(plain.parameters(), **opt_kwargs)
+    for b in batches:
+        plain_opt.zero_grad()
+        lm_loss(plain, shard_batch(b, rank, world)).backward()
+        all_reduce_gradients(plain.parameters())
+        plain_opt.step()
+    out = {"trainable": sum(1 for p in ref.parameters() if p.requires_grad)}
+    for size in bucket_sizes:
+        model = frozen_tied_model(seed + rank).to(_device())          # different on every rank
+        traffic = Traffic()
+        ddp = DDP(model, bucket_size_mb=size, traffic=traffic, record=True)
+        start = frozen_tied_model(seed)
+        broadcast_err = max((a - b).abs().max().item() for a, b in zip(
+            [*model.parameters(), *model.buffers()], [*start.parameters(), *start.buffers()]))
+        opt = torch.optim.AdamW(ddp.parameters(), **opt_kwargs)
+        launches = []
+        for b in batches:
+            opt.zero_grad()
+            lm_loss(ddp, shard_batch(b, rank, world)).backward()
+            launches.append(sum(bk.handle is not None for bk in ddp.buckets))   # launched during backward
+            ddp.finish_gradient_synchronization()
+            opt.step()
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        out[size] = {"broadcast_err": broadcast_err, "max_param_diff": max_param_diff(model, ref),
+                     "diff_vs_naive": max_param_diff(model, plain),
+                     "buckets": [len(bk.params) for bk in ddp.buckets],
+                     "bucket_bytes": [bk.nbytes for bk in ddp.buckets],
+                     "launched_in_backward": launches,
+                     "frozen_grads_none": all(p.grad is None for p in frozen),
+                     "frozen_value": model.model.layers[1].input_layernorm.weight.detach().clone(),
+                     "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+                     "bytes_sent": traffic.total,
+                     "grad_bytes": sum(nbytes(p) for p in model.parameters() if p.requires_grad)}
+    return out
+
+
+def check_ddp_errors() -> dict:
+    """A second backward pass before finish_gradient_synchronization() fails with a clear error on every rank."""
+    from .data_parallel import frozen_tied_model, lm_loss, tiny_config
+
+    ddp = DDP(frozen_tied_model(0).to(_device()), bucket_size_mb=0.01)
+    batch = torch.randint(0, tiny_config().vocab_size, (2, 5)).to(_device())
+    lm_loss(ddp, batch).backward()
+    error = None
+    try:
+        lm_loss(ddp, batch).backward()
+    except RuntimeError as e:
+        error = str(e)
+    for bucket in ddp.buckets:          # the first backward's all-reduces were launched: finish them
+        if bucket.handle is not None:
+            bucket.handle.wait()
+    dist.barrier()
+    return {"double_backward": error}
+
+
+def _device():
+    from .launcher import device
+    return device()
