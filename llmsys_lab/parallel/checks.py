@@ -12,6 +12,7 @@ from .comm import Traffic, check_same_shape
 from .launcher import device
 from .data_parallel import check_data_parallel
 from .ddp import check_ddp, check_ddp_errors
+from .fsdp_checks import check_fsdp
 from .overlap import ddp_timeline
 from .pipeline import check_pipeline
 from .ring import ring_all_reduce
@@ -74,7 +75,8 @@ def check_bad_input() -> dict:
 CHECKS = {"ring": check_ring, "data_parallel": check_data_parallel, "zero": check_zero,
           "tensor_parallel": check_tensor_parallel, "pipeline": check_pipeline,
           "sequence_parallel": check_sequence_parallel, "bad_input": check_bad_input,
-          "ddp": check_ddp, "ddp_errors": check_ddp_errors, "ddp_timeline": ddp_timeline}
+          "ddp": check_ddp, "ddp_errors": check_ddp_errors, "ddp_timeline": ddp_timeline,
+          "fsdp": check_fsdp}
 
 
 def run_checks(names=tuple(CHECKS), options: dict | None = None) -> dict:
