@@ -13,7 +13,7 @@ from .launcher import device
 from .data_parallel import check_data_parallel
 from .ddp import check_ddp, check_ddp_errors
 from .fsdp_checks import check_fsdp
-from .overlap import ddp_timeline
+from .overlap import ddp_timeline, time_bucket_sizes
 from .pipeline import check_pipeline
 from .ring import ring_all_reduce
 from .sequence_parallel import check_sequence_parallel, ring_attention, ulysses_attention
@@ -76,6 +76,7 @@ CHECKS = {"ring": check_ring, "data_parallel": check_data_parallel, "zero": chec
           "tensor_parallel": check_tensor_parallel, "pipeline": check_pipeline,
           "sequence_parallel": check_sequence_parallel, "bad_input": check_bad_input,
           "ddp": check_ddp, "ddp_errors": check_ddp_errors, "ddp_timeline": ddp_timeline,
+          "ddp_buckets": time_bucket_sizes,
           "fsdp": check_fsdp}
 
 

@@ -69,8 +69,8 @@ def ddp_timeline(bucket_size_mb: float | None = 1.0, batch_size: int = 8, seq: i
     return _step(ddp, opt, batch)
 
 
-def time_bucket_sizes(sizes=(None, 0.1, 1.0, 4.0, "one"), batch_size: int = 8, seq: int = 65,
-                      steps: int = 5, warmup: int = 2) -> dict:
+def time_bucket_sizes(sizes=(None, 1.0, 4.0, "one"), batch_size: int = 8, seq: int = 65,
+                      steps: int = 3, warmup: int = 1) -> dict:
     """Median time of a training step (forward, backward, gradient sync, SGD) per bucket size.
 
     sizes: MB per bucket, None (one all-reduce per parameter) or "one" (a single bucket holding every
