@@ -152,6 +152,12 @@ def test_bad_input_fails_on_every_rank_with_a_clear_error(two, three):
             assert "ShapeError: the local q shard must have the same shape" in bad["ring_attention_shards"]
             assert f"num_heads = {n + 1} is not divisible by the tensor-parallel degree {n}" in bad["tp_heads"]
             assert f"num_layers = {n + 1} is not divisible by the number of pipeline stages {n}" in bad["pp_layers"]
+            assert ("ConfigError: DDP's module (parameter and buffer shapes, dtypes, requires_grad) must be the same "
+                    f"on every rank; rank 0 has [((4, 4), 'torch.float32', True)") in bad["ddp_model"]
+            assert f"rank {n - 1} has [((5, 4)" in bad["ddp_model"]
+            assert "ConfigError: DDP's buckets (bucket_size_mb) must be the same on every rank" in bad["ddp_buckets"]
+            assert "ConfigError: FSDP's module (parameter and buffer shapes" in bad["fsdp_model"]
+            assert f"rank {n - 1} has [((3,), 'torch.float32', True)]" in bad["zero_params"]
 
 
 def test_estimators_count_what_the_implementations_send(two):

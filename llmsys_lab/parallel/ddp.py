@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..validate import check_number
+from ..validate import ConfigError, check_number
 from .comm import Traffic, nbytes, ring_factor
 
 MB = 2 ** 20
@@ -74,6 +74,23 @@ def make_buckets(params: list, bucket_size_mb: float | None) -> list[list]:
     return buckets
 
 
+def same_on_every_rank(value, what: str) -> None:
+    """Raise ConfigError on *every* rank if the ranks disagree about `value` (a collective over
+    mismatched layouts would hang or mix up gradients); the message lists what each rank has."""
+    world = dist.get_world_size()
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    if any(v != values[0] for v in values):
+        differ = [r for r, v in enumerate(values) if v != values[0]]
+        raise ConfigError(f"{what} must be the same on every rank; rank 0 has {_short(values[0])}, "
+                          + ", ".join(f"rank {r} has {_short(values[r])}" for r in differ))
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 class DDP(nn.Module):
     """Wrap a module for data parallelism with gradient all-reduces overlapped with the backward pass.
 
@@ -96,11 +113,15 @@ class DDP(nn.Module):
         self.module, self.traffic, self.record = module, traffic, record
         self.world = dist.get_world_size()
         self.bucket_size_mb = bucket_size_mb
+        same_on_every_rank([(tuple(t.shape), str(t.dtype), t.requires_grad)
+                            for t in [*module.parameters(), *module.buffers()]],
+                           "DDP's module (parameter and buffer shapes, dtypes, requires_grad)")
         with torch.no_grad():                  # every replica starts from rank 0's weights
             for t in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(t.data, src=0)
         self.params = [p for p in module.parameters() if p.requires_grad]   # parameters(): a tied one once
         self.buckets = [Bucket(ps, i) for i, ps in enumerate(make_buckets(self.params, bucket_size_mb))]
+        same_on_every_rank([b.nbytes for b in self.buckets], "DDP's buckets (bucket_size_mb)")
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self.events: list[dict] = []
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]

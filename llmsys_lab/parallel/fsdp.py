@@ -91,6 +91,10 @@ class FSDP(nn.Module):
         self.module, self.traffic = module, traffic
         self.stats = stats if stats is not None else GatherStats()
         world, rank = dist.get_world_size(), dist.get_rank()
+        from .ddp import same_on_every_rank
+        same_on_every_rank([(tuple(t.shape), str(t.dtype), t.requires_grad) for owner in self._own_modules(module)
+                            for t in [*owner._parameters.values(), *owner._buffers.values()] if t is not None],
+                           "FSDP's module (parameter and buffer shapes, dtypes, requires_grad)")
         with torch.no_grad():                              # every rank starts from rank 0's weights
             for owner in self._own_modules(module):
                 for t in [*owner._parameters.values(), *owner._buffers.values()]:

@@ -127,6 +127,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)            # checks, duplicates, defaults
         group = self.param_groups[-1]
+        from .ddp import same_on_every_rank
+        same_on_every_rank([(tuple(p.shape), str(p.dtype), p.requires_grad) for p in group["params"]],
+                           "ShardedOptimizer's parameter group (shapes, dtypes, requires_grad)")
         mine = self._assign(group["params"])
         local = {k: v for k, v in group.items() if k != "params"}
         local["params"] = mine
