@@ -90,3 +90,14 @@ def test_ddp_refuses_bad_arguments():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="needs a torch.distributed process group"):
         DDP(m, bucket_size_mb=25)
+
+
+def test_measurement_helpers_refuse_bad_arguments_before_starting():
+    from llmsys_lab.parallel.overlap import ddp_timeline, time_bucket_sizes
+
+    with pytest.raises(ConfigError, match="bucket_size_mb must be > 0"):
+        ddp_timeline(bucket_size_mb=0)
+    with pytest.raises(ConfigError, match="steps must be an int >= 1"):
+        time_bucket_sizes(steps=0)
+    with pytest.raises(TypeError, match="warmup must be an int"):
+        time_bucket_sizes(warmup=1.5)
