@@ -47,6 +47,14 @@ def test_a_second_backward_before_finishing_fails_clearly(two):
         assert "call it after every loss.backward()" in rank["ddp_errors"]["double_backward"]
 
 
+def test_a_parameter_no_rank_uses_keeps_no_gradient_and_its_bucket_is_still_sent(two):
+    for rank in two:
+        r = rank["ddp_errors"]
+        assert r["unused_buckets"] == 1 and r["unused_pending"] == [4]    # 4 of 6 gradients arrived
+        assert r["unused_grads_none"]
+        assert r["unused_used_err"] < 1e-6
+
+
 def test_buckets_are_sent_while_the_backward_pass_runs(two):
     for rank in two:
         t = rank["ddp_timeline"]

@@ -259,7 +259,41 @@ def check_ddp_errors() -> dict:
         if bucket.handle is not None:
             bucket.handle.wait()
     dist.barrier()
-    return {"double_backward": error}
+    return {"double_backward": error, **check_ddp_unused()}
+
+
+class _PartlyUsed(nn.Module):
+    """Three layers, the middle one unused by forward(): its bucket never completes during the backward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.unused, self.last = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.last(torch.tanh(self.first(x)))
+
+
+def check_ddp_unused(seed: int = 0) -> dict:
+    """A parameter no rank uses shares a bucket with used ones: the bucket is sent by
+    finish_gradient_synchronization(), the used gradients are the mean, the unused keep grad None."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * world, 4, generator=g).to(_device())
+    torch.manual_seed(seed)
+    ref = _PartlyUsed().to(_device())
+    ref(x).square().mean().backward()
+    torch.manual_seed(seed)
+    model = _PartlyUsed().to(_device())
+    ddp = DDP(model, bucket_size_mb=1.0)                    # one bucket: it holds the unused layer too
+    ddp(x.chunk(world)[rank]).square().mean().backward()
+    pending = [len(b.ready) for b in ddp.buckets]
+    ddp.finish_gradient_synchronization()
+    used = [n for n, _ in model.named_parameters() if not n.startswith("unused")]
+    refs = dict(ref.named_parameters())
+    return {"unused_pending": pending, "unused_buckets": len(ddp.buckets),
+            "unused_grads_none": model.unused.weight.grad is None and model.unused.bias.grad is None,
+            "unused_used_err": max((dict(model.named_parameters())[n].grad - refs[n].grad).abs().max().item()
+                                   for n in used)}
 
 
 def _device():
