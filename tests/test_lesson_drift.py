@@ -41,6 +41,7 @@ ALLOWED: dict[str, dict[str, str]] = {
         "50 GB/s": "a 400 Gb/s InfiniBand link, a constant",
         "400 Gb/s": "an InfiniBand link's speed, a constant",
         "10%": "the prediction question's threshold",
+        "25 MB": "PyTorch DDP's default bucket size (bucket_cap_mb), a constant",
     },
     "09_moe": {
         "60%": "a hypothetical router in the prediction question",

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .comm import Traffic, check_same_shape
 from .launcher import device
 from .data_parallel import check_data_parallel
+from .ddp import check_ddp, check_ddp_errors
+from .fsdp_checks import check_fsdp
+from .overlap import ddp_timeline, time_bucket_sizes
 from .pipeline import check_pipeline
 from .ring import ring_all_reduce
 from .sequence_parallel import check_sequence_parallel, ring_attention, ulysses_attention
@@ -65,13 +69,28 @@ def check_bad_input() -> dict:
                       num_layers=world + 1)
     out["tp_heads"] = _error_of(TensorParallelLlamaBlock, LlamaBlock(odd), rank, world)
     out["pp_layers"] = _error_of(Stage, LlamaLM(odd), rank, world)
+    # DDP, FSDP and the sharded optimizer on ranks that disagree: a clear error everywhere, no hang
+    from .ddp import DDP
+    from .fsdp import FSDP
+    from .zero import ShardedOptimizer
+
+    last = rank == world - 1
+    out["ddp_model"] = _error_of(DDP, nn.Linear(4, 5 if last else 4))
+    out["ddp_buckets"] = _error_of(DDP, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)),
+                                   bucket_size_mb=1e-6 if last else 1.0)
+    out["fsdp_model"] = _error_of(FSDP, nn.Linear(4, 5 if last else 4))
+    out["zero_params"] = _error_of(ShardedOptimizer, [nn.Parameter(torch.ones(3 if last else 2))],
+                                   torch.optim.SGD, lr=0.1)
     dist.barrier()
     return out
 
 
 CHECKS = {"ring": check_ring, "data_parallel": check_data_parallel, "zero": check_zero,
           "tensor_parallel": check_tensor_parallel, "pipeline": check_pipeline,
-          "sequence_parallel": check_sequence_parallel, "bad_input": check_bad_input}
+          "sequence_parallel": check_sequence_parallel, "bad_input": check_bad_input,
+          "ddp": check_ddp, "ddp_errors": check_ddp_errors, "ddp_timeline": ddp_timeline,
+          "ddp_buckets": time_bucket_sizes,
+          "fsdp": check_fsdp}
 
 
 def run_checks(names=tuple(CHECKS), options: dict | None = None) -> dict:

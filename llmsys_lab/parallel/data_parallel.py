@@ -6,7 +6,10 @@ optimizer step every replica holds the parameters single-device training would h
 Two ways to average:
 
 * **all-reduce** (``data_parallel_step``): one collective over a flat buffer of all gradients
-  (one bucket, as DDP buckets them); every rank sends 2(N-1)/N x the gradient bytes.
+  (one bucket), every rank sends 2(N-1)/N x the gradient bytes. This is the lesson's first, naive
+  step: nothing is sent until the whole backward pass is done. ``ddp.DDP`` is the real thing
+  (rank 0's weights broadcast at the start, per-parameter hooks that launch asynchronous
+  all-reduces of buckets while the backward pass runs).
 * **parameter server** (``parameter_server_step``): workers send gradients to rank 0, which
   averages, updates and sends the new parameters back. Each worker sends S bytes but the server
   sends (N-1) x S and receives as much: its link is the bottleneck as N grows.
@@ -30,6 +33,20 @@ def tiny_config(**changes) -> ModelConfig:
     base = dict(name="parallel-tiny", hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
                 intermediate_size=64, vocab_size=64, max_position_embeddings=64)
     return ModelConfig(**{**base, **changes})
+
+
+def frozen_tied_model(seed: int = 0, **changes):
+    """The checks' model with what real training has: the LM head tied to the embedding (one
+    parameter used twice), layer 0's up projection frozen and layer 1's input norm frozen at 2.0
+    (requires_grad=False: no gradient, no optimizer step, no weight decay)."""
+    torch.manual_seed(seed)
+    model = LlamaLM(tiny_config(tie_word_embeddings=True, **changes))
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    norm = model.model.layers[1].input_layernorm.weight
+    with torch.no_grad():
+        norm.fill_(2.0)
+    norm.requires_grad_(False)
+    return model
 
 
 def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
@@ -68,6 +85,9 @@ def sgd_update(params, lr: float) -> None:
 def data_parallel_step(model, batch: torch.Tensor, lr: float = 0.1, traffic: Traffic | None = None,
                        reduce: str = "all_reduce") -> float:
     """One SGD step on this rank's slice of `batch` (the full batch, same on every rank); returns the mean loss.
+
+    The naive data-parallel step: backward, then one all-reduce of every gradient (see ``ddp.DDP`` for
+    the overlapped, bucketed version).
 
     reduce: "all_reduce" (the library's collective) or "ring" (``ring.ring_all_reduce``, send/recv only).
     """
