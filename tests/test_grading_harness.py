@@ -287,3 +287,91 @@ def test_assignment_09_transformers_experts_or_a_copied_kit_loss_score_what_they
     assert "of transformers/" in tests["test_dispatch"].feedback, tests["test_dispatch"].feedback
     assert "load_balancing_loss of llmsys_lab/moe.py" in tests["test_load_balancing_loss"].feedback, \
         tests["test_load_balancing_loss"].feedback
+
+
+# ---- assignment 08: ranks started by the probe, raw results judged outside ------------------------------
+ALL_REDUCE_WITH_DECOYS = (   # the library's all-reduce, then point-to-point decoys worth a ring's bytes
+    "def ring_all_reduce(t):\n"
+    "    dist.all_reduce(t)\n"
+    "    world, rank = dist.get_world_size(), dist.get_rank()\n"
+    "    chunks = t.view(-1).tensor_split(world)\n"
+    "    for step in range(2 * (world - 1)):\n"
+    "        c = chunks[(rank - step) % world].clone()\n"
+    "        req = dist.isend(c, (rank + 1) % world)\n"
+    "        dist.recv(torch.empty_like(chunks[(rank - step - 1) % world]), (rank - 1) % world)\n"
+    "        req.wait()\n"
+    "    return t\n")
+KIT_TP_LAYERS = (   # the kit's TP layers, called so that the gradients reach the shards
+    "def column_parallel_linear(x, w_shard):\n"
+    "    from llmsys_lab.parallel.tensor_parallel import ColumnParallelLinear\n"
+    "    return torch.func.functional_call(ColumnParallelLinear(w_shard), {'weight': w_shard}, (x,))\n"
+    "def row_parallel_linear(x_shard, w_shard):\n"
+    "    from llmsys_lab.parallel.tensor_parallel import RowParallelLinear\n"
+    "    return torch.func.functional_call(RowParallelLinear(w_shard), {'weight': w_shard}, (x_shard,))\n"
+    "def tp_mlp(x, w1_shard, w2_shard):\n"
+    "    return row_parallel_linear(F.gelu(column_parallel_linear(x, w1_shard)), w2_shard)\n")
+
+
+@needs_sandbox
+def test_assignment_08_attacks_on_the_ranks_score_what_they_deserve(tmp_path):
+    """Each submission also forges every in-kernel verdict, so what decides is the harness: the ranks the probe
+    starts count every message where torch.distributed ends (the process group's methods) and trace the kit's
+    parallel code. An unanswered notebook scores 0; all_reduce behind decoy sends loses the ring (4); the kit's
+    TP layers lose the TP MLP (4)."""
+    from test_grading_redteam import FORGE_COMPLETION
+
+    def variant(base, answers):
+        nb = nbformat.read(base, as_version=4)
+        for cell in nb.cells:
+            gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+            if gid in answers:
+                cell.source = answers[gid]
+            if gid == "ring_all_reduce":
+                cell.source += "\n" + FORGE_COMPLETION
+        return nb
+
+    solution = next((ROOT / "solutions" / "08_parallelism").glob("*.ipynb"))
+    cases = {"unanswered": (ROOT / "assignments" / "08_parallelism" / "parallelism.ipynb", {}, 0),
+             "decoys": (solution, {"ring_all_reduce": ALL_REDUCE_WITH_DECOYS}, 6),
+             "kit_layers": (solution, {"tp_layers": KIT_TP_LAYERS}, 6)}
+    for name, (base, answers, _) in cases.items():
+        nbformat.write(variant(base, answers), tmp_path / f"{name}.ipynb")
+    subs = {Path(s.path).stem: s for s in grading.grade([tmp_path / f"{n}.ipynb" for n in cases],
+                                                        source=ROOT / "solutions", timeout=400, jobs=2)}
+    for name, (_, _, deserved) in cases.items():
+        sub = subs[name]
+        detail = [(t.test, t.points, t.feedback) for t in sub.tests]
+        assert sub.error is None and sub.score == deserved, (name, sub.error, detail)
+        assert all(t.feedback.startswith("the grader's own check of your outputs failed") for t in sub.tests
+                   if t.points == 0), (name, detail)
+    ring = next(t for t in subs["decoys"].tests if t.test == "test_ring_all_reduce")
+    assert "collective" in ring.feedback, ring.feedback
+    tp = next(t for t in subs["kit_layers"].tests if t.test == "test_tp_mlp")
+    assert "llmsys_lab/parallel/tensor_parallel.py" in tp.feedback, tp.feedback
+
+
+def test_every_collective_is_counted_where_torch_distributed_ends():
+    """count_messages patches the process group's methods: the public functions, the group object itself and
+    point-to-point sends are all seen (one gloo rank here: sends to oneself are not allowed, so a 2-rank run)."""
+    from llmsys_lab.parallel import launch
+
+    [a, b] = launch(_count_probe, 2, backend="gloo", timeout=60)
+    assert a == b == {"sent": 6 * 8, "collectives": 3}, (a, b)
+
+
+def _count_probe():
+    import torch
+    import torch.distributed as dist
+
+    from llmsys_lab.grading.probe import count_messages
+
+    counter = count_messages()
+    t = torch.ones(6, dtype=torch.float64)
+    dist.all_reduce(t)                                                  # public function
+    dist.distributed_c10d._get_default_group().allreduce([t]).wait()     # the group object itself
+    dist.broadcast(t, 0)
+    rank = dist.get_rank()
+    req = dist.isend(t, 1 - rank)
+    dist.recv(torch.empty_like(t), 1 - rank)
+    req.wait()
+    return dict(counter)

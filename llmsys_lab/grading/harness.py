@@ -258,6 +258,115 @@ def _judge_merge(prefix, tol):
     return judge
 
 
+# ---- assignment 08: shards judged here; the ring and the TP MLP run on gloo ranks inside the sandbox -------
+_SHARD_CASES = {"cols": ("shard_columns", (12, 5), (2, 3, 4, 6)), "rows": ("shard_rows", (5, 12), (2, 3, 4, 6))}
+_RING_CASES = {2: (6, 1200), 3: (6, 1200, 1, 7, 100)}
+_TP_CASES = {2: (2, 8, 32), 4: (1, 12, 48)}   # world -> (batch, hidden, ffn); 5 positions per sequence
+
+
+def _calls_08(g: torch.Generator):
+    t: dict[str, torch.Tensor] = {}
+    calls = []
+    for key, (fn, shape, worlds) in _SHARD_CASES.items():
+        t[f"s.{key}"] = torch.randn(*shape, generator=g)
+        for world in worlds:
+            for rank in range(world):
+                calls.append(Call(f"shard/{key}/{world}/{rank}", fn, [f"s.{key}", rank, world]))
+        calls.append(Call(f"shard/{key}/bad", fn, [f"s.{key}", 0, 5]))
+    for world, sizes in _RING_CASES.items():
+        names = []
+        for i, n in enumerate(sizes):
+            for rank in range(world):
+                t[f"ring{world}.{i}.{rank}"] = torch.randn(n, generator=g, dtype=torch.float64)
+                names.append(f"ring{world}.{i}.{rank}")
+        calls.append(Call(f"ring/{world}", "ring_all_reduce", [world, list(sizes), {"tuple": names}], via="ring_ranks"))
+    for world, (batch, hidden, ffn) in _TP_CASES.items():
+        t[f"tp{world}.x"], t[f"tp{world}.r"] = torch.randn(batch, 5, hidden, generator=g), torch.randn(batch, 5, hidden, generator=g)
+        t[f"tp{world}.w1"] = torch.randn(ffn, hidden, generator=g) / hidden ** 0.5
+        t[f"tp{world}.w2"] = torch.randn(hidden, ffn, generator=g) / ffn ** 0.5
+        calls.append(Call(f"tp/{world}", "tp_mlp", [world] + [f"tp{world}.{x}" for x in ("x", "r", "w1", "w2")],
+                          via="tp_ranks"))
+    return calls, t
+
+
+def _judge_shards(t, outputs, errors):
+    for key, (fn, shape, worlds) in _SHARD_CASES.items():
+        w, dim = t[f"s.{key}"], 0 if key == "cols" else 1
+        for world in worlds:
+            for rank, want in enumerate(w.tensor_split(world, dim=dim)):
+                cid = f"shard/{key}/{world}/{rank}"
+                if _err(errors, cid):
+                    return _err(errors, cid) if shape[dim] % world == 0 else None
+                if shape[dim] % world:
+                    return f"{fn}(w of shape {shape}, {rank}, {world}): {shape[dim]} does not split into {world}: ValueError expected"
+                why = _close(outputs.get(cid), want, 0.0, 0.0)
+                if why:
+                    return f"{fn}(w of shape {shape}, rank={rank}, world={world}): {why}"
+        err = errors.get(f"shard/{key}/bad")
+        if err is None or err[0] != "ValueError" or "5" not in err[1]:
+            return f"{fn}(w of shape {shape}, 0, 5) must raise ValueError naming 5, got " + (
+                "no error" if err is None else f"{err[0]}: {err[1]}"[:200])
+    return None
+
+
+def _judge_ring(t, outputs, errors):
+    for world, sizes in _RING_CASES.items():
+        cid = f"ring/{world}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        flat, pos = outputs.get(cid), 0
+        if not isinstance(flat, torch.Tensor) or flat.numel() != world * sum(2 * n + 2 for n in sizes):
+            return f"{cid}: the ranks returned no result or one of the wrong size"
+        flat = flat.double()
+        for rank in range(world):
+            for i, n in enumerate(sizes):
+                y, x, (sent, collectives) = flat[pos:pos + n], flat[pos + n:pos + 2 * n], flat[pos + 2 * n:pos + 2 * n + 2].tolist()
+                pos += 2 * n + 2
+                want = sum(t[f"ring{world}.{i}.{r}"] for r in range(world))
+                where = f"{world} ranks, rank {rank}, {n} values"
+                if collectives:
+                    return f"{where}: called {int(collectives)} collective(s); the ring uses point-to-point messages only"
+                if (y - want).abs().max().item() > 1e-12:
+                    return f"{where}: the result differs from the sum over ranks by {(y - want).abs().max().item():.3g}"
+                if (x - want).abs().max().item() > 1e-12:
+                    return f"{where}: the returned tensor is right but t itself was not summed in place"
+                ring = 2 * (world - 1) / world * n * 8
+                if abs(sent - ring) > (0 if n % world == 0 else 4 * 8):
+                    return f"{where}: sent {int(sent)} bytes, a ring sends 2(N-1)/N x {n * 8} = {ring:.0f}"
+    return None
+
+
+def _tp_ref(x, r, w1, w2):
+    x, w1, w2 = (a.double().requires_grad_() for a in (x, w1, w2))
+    y = torch.nn.functional.gelu(x @ w1.T) @ w2.T
+    (y * r.double()).sum().backward()
+    return y.detach(), x.grad, w1.grad, w2.grad
+
+
+def _judge_tp(t, outputs, errors):
+    for world, (batch, hidden, ffn) in _TP_CASES.items():
+        cid = f"tp/{world}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        y, gx, g1, g2 = _tp_ref(*(t[f"tp{world}.{k}"] for k in ("x", "r", "w1", "w2")))
+        n = ffn // world
+        wants = []
+        for rank in range(world):
+            wants += [("output", y), ("input gradient", gx), ("W1 shard gradient", g1[rank * n:(rank + 1) * n]),
+                      ("W2 shard gradient", g2[:, rank * n:(rank + 1) * n])]
+        flat = outputs.get(cid)
+        if not isinstance(flat, torch.Tensor) or flat.numel() != sum(w.numel() for _, w in wants):
+            return f"{cid}: the ranks returned no result or one of the wrong size"
+        pos = 0
+        for i, (what, want) in enumerate(wants):
+            got = flat[pos:pos + want.numel()].reshape(want.shape)
+            pos += want.numel()
+            why = _close(got.double(), want, 1e-5, 1e-4)
+            if why:
+                return f"{world} ranks, rank {i // 4}: {what} of tp_mlp vs the unsharded MLP: {why}"
+    return None
+
+
 # ---- assignment 10: speculative decoding (verify_step) --------------------------------------------------
 _GREEDY = [([1, 2, 3], [1, 2, 3, 4]), ([1, 2, 3], [1, 0, 3, 4]), ([4], [2, 2]), ([0, 0, 0, 0], [0, 0, 0, 0, 1]),
            ([2, 2, 1], [2, 3, 1, 0]), ([3], [3, 1])]
@@ -584,6 +693,10 @@ SPECS: dict[str, Spec] = {
                # fp32 spacing at lse ~ 800 is 6e-5: every sound merge is exact to ~1e-4 there, not 1e-5
                "test_merge_splits": _judge_merge("split/", lambda cid: (1e-5, 1e-4 if cid >= "split/4" else 1e-5)),
                "test_merge_splits_edge": _judge_merge("edge/", lambda cid: (1e-4, 1e-4))}),
+    "08_parallelism": Spec(
+        hide=[], calls=_calls_08,
+        strip={"parallel/ring.py": ("ring_all_reduce", "ring_reduce_scatter", "ring_all_gather")},
+        judge={"test_ring_all_reduce": _judge_ring, "test_shards": _judge_shards, "test_tp_mlp": _judge_tp}),
     "09_moe": Spec(
         hide=[], calls=_calls_09,
         forbid=("kit:moe.py", "kit:kernels/moe_grouped_gemm.py", "kit:deepseek/balancing.py",

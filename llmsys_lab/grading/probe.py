@@ -26,7 +26,7 @@ def run(work: str) -> None:
             if fn is None:
                 raise NameError(f"name '{call['fn']}' is not defined")
             if call.get("via"):                                     # e.g. a Triton kernel launched by the kit
-                fn = VIA[call["via"]](fn, call["fn"])
+                fn = VIA[call["via"]](fn, call["fn"], ns)
             if call.get("forbid"):
                 fn = Tracer(call["forbid"]).wrap(fn)
             first = call["args"][0] if call["args"] else None
@@ -64,10 +64,10 @@ class Tracer:
     wrapper or ``__code__`` copy all still run code whose ``co_filename`` is that file. Raises after the call
     if any did, or if the hook was switched off meanwhile."""
 
-    def __init__(self, forbid: list[str]):
+    def __init__(self, forbid: list[str], allow: tuple[str, ...] = ()):
         import importlib
 
-        self.files, self.hit = {}, None
+        self.files, self.hit, self.allow = {}, None, tuple(allow)
         self.hook = self._hook                   # one bound method, so that getprofile() can be compared with it
         for entry in forbid:
             package, _, rel = entry.partition(":")
@@ -79,7 +79,8 @@ class Tracer:
             self.files[str((root / rel).resolve())] = self.files[str(root / rel)] = shown
 
     def _hook(self, frame, event, arg):
-        if event == "call" and self.hit is None and frame.f_code.co_filename in self.files:
+        if event == "call" and self.hit is None and frame.f_code.co_filename in self.files and not (
+                self.allow and getattr(frame.f_code, "co_qualname", frame.f_code.co_name).startswith(self.allow)):
             self.hit = f"{frame.f_code.co_name} of {self.files[frame.f_code.co_filename]}"
         return None
 
@@ -131,7 +132,7 @@ def _student_triton_kernel(kernel, name):
     return kernel
 
 
-def _launch_add_rmsnorm(kernel, name):
+def _launch_add_rmsnorm(kernel, name, ns=None):
     """The assignment's launcher, as the kit runs it: outputs inside NaN guard zones, one program per row."""
     import torch
     import triton
@@ -162,7 +163,121 @@ def _launch_add_rmsnorm(kernel, name):
     return launch
 
 
-VIA = {"add_rmsnorm": _launch_add_rmsnorm}
+# ---- assignment 08: the student's functions run on gloo ranks, started here; raw results come back ------
+RANK_PREAMBLE = """
+import torch.nn.functional as F
+from llmsys_lab.parallel.tensor_parallel import copy_to_tp, reduce_from_tp
+from llmsys_lab.grading.probe import KIT_PARALLEL, TP_ALLOWED, Tracer, count_messages
+"""
+TP_HELPERS = ("shard_columns", "shard_rows", "column_parallel_linear", "row_parallel_linear", "tp_mlp")
+KIT_PARALLEL = ["kit:parallel/ring.py", "kit:parallel/tensor_parallel.py", "kit:parallel/data_parallel.py",
+                "kit:parallel/ddp.py", "kit:parallel/fsdp.py", "kit:parallel/sequence_parallel.py"]
+TP_ALLOWED = ("copy_to_tp", "reduce_from_tp", "_CopyToTP.", "_ReduceFromTP.")
+
+
+def count_messages():
+    """Counts, on this rank, the bytes of every point-to-point send and every collective call, where every
+    torch.distributed function ends: the process group's and its backends' methods (so an alias, a private
+    helper or the group object itself is counted too). Returns the counter dict."""
+    import torch._C._distributed_c10d as c10d
+
+    counter = {"sent": 0, "collectives": 0}
+    collectives = ("allreduce", "allreduce_coalesced", "allgather", "allgather_coalesced", "_allgather_base",
+                   "allgather_into_tensor_coalesced", "reduce_scatter", "_reduce_scatter_base", "reduce_scatter_tensor_coalesced",
+                   "broadcast", "reduce", "alltoall", "alltoall_base", "gather", "scatter", "all_gather_single",
+                   "all_to_all_single", "reduce_scatter_single")
+    for cls in {c10d.ProcessGroup, getattr(c10d, "Backend", None), getattr(c10d, "ProcessGroupGloo", None)} - {None}:
+        send = cls.__dict__.get("send")
+        if send is not None:
+            def counted_send(self, tensors, *args, _send=send, **kwargs):
+                counter["sent"] += sum(t.numel() * t.element_size() for t in tensors)
+                return _send(self, tensors, *args, **kwargs)
+            setattr(cls, "send", counted_send)
+        for name in collectives:
+            method = cls.__dict__.get(name)
+            if method is not None:
+                def counted(self, *args, _method=method, **kwargs):
+                    counter["collectives"] += 1
+                    return _method(self, *args, **kwargs)
+                setattr(cls, name, counted)
+    return counter
+
+
+def rank_ring(sizes, inputs):
+    """On every rank: ring_all_reduce on this rank's tensor of each size; per size y, t after the call, the bytes
+    this rank sent and the number of collectives it called, as one flat float64 tensor. The kit's parallel code
+    (its own ring) is traced and refused."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    counter = count_messages()
+    tracer = Tracer(KIT_PARALLEL)
+    parts = []
+    for i, n in enumerate(sizes):
+        x = inputs[i * world + rank].clone()
+        counter.update(sent=0, collectives=0)
+        y = tracer.wrap(ring_all_reduce)(x)  # noqa: F821  (shipped with this function)
+        y = torch.as_tensor(y).reshape(-1)
+        if y.numel() != n:
+            raise ValueError(f"ring_all_reduce returned {y.numel()} values for a tensor of {n}")
+        parts += [y.double(), x.reshape(-1).double(), torch.tensor([counter["sent"], counter["collectives"]],
+                                                                     dtype=torch.float64)]
+    return torch.cat(parts)
+
+
+def rank_tp(x, r, w1, w2):
+    """On every rank: tp_mlp on this rank's shards (cut here, not by the student's functions); y, the input's
+    gradient and both shards' gradients for the loss (y * r).sum(), flat. The kit's TP layers are refused
+    (copy_to_tp / reduce_from_tp are the exercise's tools)."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = w1.shape[0] // world
+    x = x.clone().requires_grad_()
+    s1 = w1[rank * n:(rank + 1) * n].clone().requires_grad_()
+    s2 = w2[:, rank * n:(rank + 1) * n].clone().requires_grad_()
+    y = Tracer(KIT_PARALLEL, allow=TP_ALLOWED).wrap(tp_mlp)(x, s1, s2)  # noqa: F821  (shipped with this function)
+    (y * r).sum().backward()
+    if x.grad is None or s1.grad is None or s2.grad is None:
+        raise RuntimeError("tp_mlp's output does not depend on the input and both weight shards through autograd")
+    return torch.cat([y.detach().reshape(-1), x.grad.reshape(-1), s1.grad.reshape(-1), s2.grad.reshape(-1)])
+
+
+def _on_ranks(rank_fn, helper_names):
+    def via(fn, name, ns):
+        from llmsys_lab.parallel import launch
+
+        helpers = tuple(ns[h] for h in helper_names if h in ns and callable(ns[h]))
+        if name not in helper_names or ns.get(name) is not fn:
+            helpers = helpers + (fn,)
+
+        def run(world, *args):
+            return torch_cat([torch_as(r) for r in launch(rank_fn, int(world), args=args, helpers=helpers,
+                                                             preamble=RANK_PREAMBLE, timeout=60, backend="gloo")])
+        return run
+    return via
+
+
+def torch_cat(parts):
+    import torch
+    return torch.cat(parts)
+
+
+def torch_as(value):
+    import torch
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"a rank returned {type(value).__name__}")
+    return value.reshape(-1)
+
+
+def _ring_via(fn, name, ns):
+    run = _on_ranks(rank_ring, ("ring_all_reduce",))(fn, name, ns)
+    return lambda world, sizes, inputs: run(world, list(sizes), list(inputs))
+
+
+VIA = {"add_rmsnorm": _launch_add_rmsnorm, "ring_ranks": _ring_via, "tp_ranks": _on_ranks(rank_tp, TP_HELPERS)}
 
 
 def _cache(spec, tensors):
