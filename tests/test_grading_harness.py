@@ -375,3 +375,45 @@ def _count_probe():
     dist.recv(torch.empty_like(t), 1 - rank)
     req.wait()
     return dict(counter)
+
+
+# ---- assignment 02: estimators on configurations drawn per submission --------------------------------------
+KIT_ESTIMATORS = (   # every answer handed to the kit's estimators (the reference), through wrappers
+    "def param_count(cfg):\n    return kit.param_count(cfg)\n"
+    "def forward_flops(cfg, batch, seq):\n"
+    "    return kit.total_flops(kit.forward_flops_table(cfg, batch, seq), cfg, matmul_only=True)\n"
+    "def kv_bytes_per_token(cfg, bytes_per_value=2):\n"
+    "    return int(kit.kv_bytes_per_token(cfg, {2: 'fp16', 4: 'fp32'}[bytes_per_value]))\n"
+    "def compute_optimal(flops):\n"
+    "    o = kit.compute_optimal(flops)\n    return o.params, flops / (6 * o.params)\n")
+TABLE_LOOKUP = (    # the visible tests' answers typed in: right for the presets, nothing else
+    "_SEEN = {}\n"
+    "def param_count(cfg):\n    return _SEEN.get(cfg.name, 0)\n")
+
+
+@needs_sandbox
+def test_assignment_02_borrowed_or_unanswered_scores_zero(tmp_path):
+    """Each notebook forges every in-kernel verdict; the harness draws configurations and budgets per submission,
+    computes the answers with the kit's estimators outside, and the probe refuses the kit's estimator code."""
+    from test_grading_redteam import FORGE_COMPLETION
+
+    solution = next((ROOT / "solutions" / "02_estimators").glob("*.ipynb"))
+    stub = next((ROOT / "assignments" / "02_estimators").glob("*.ipynb"))
+    for name, base, answer in (("borrowed", solution, KIT_ESTIMATORS), ("unanswered", stub, None)):
+        nb = nbformat.read(base, as_version=4)
+        first = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "param_count")
+        if answer:
+            for cell in nb.cells:
+                if cell.metadata.get("nbgrader", {}).get("solution"):
+                    cell.source = "pass\n"
+            first.source = answer
+        first.source += "\n" + FORGE_COMPLETION
+        nbformat.write(nb, tmp_path / f"{name}.ipynb")
+    subs = {Path(s.path).stem: s for s in grading.grade([tmp_path / "borrowed.ipynb", tmp_path / "unanswered.ipynb"],
+                                                        source=ROOT / "solutions", timeout=300, jobs=2)}
+    for name, sub in subs.items():
+        detail = [(t.test, t.points, t.feedback) for t in sub.tests]
+        assert sub.error is None and sub.score == 0, (name, detail)
+        assert all(t.feedback.startswith("the grader's own check of your outputs failed") for t in sub.tests), detail
+    assert all("of llmsys_lab/estimators/" in t.feedback for t in subs["borrowed"].tests), \
+        [t.feedback for t in subs["borrowed"].tests]

@@ -151,6 +151,77 @@ def _judge_gqa(inputs, outputs, errors):
     return None
 
 
+# ---- assignment 02: estimators, on configurations drawn per submission --------------------------------------
+_ESTIMATOR_FILES = tuple(f"kit:estimators/{f}" for f in ("__init__.py", "params.py", "flops.py", "memory.py",
+                                                         "scaling.py", "flop_counter.py", "measure.py", "report.py",
+                                                         "roofline.py", "attention_path.py", "moe.py"))
+
+
+def _random_config(g: torch.Generator, i: int) -> dict:
+    def pick(*options):
+        return options[int(torch.randint(len(options), (), generator=g))]
+    kv = pick(1, 2, 4)
+    return {"hidden_size": pick(64, 96, 256, 4096), "num_layers": pick(1, 3, 32), "num_heads": kv * pick(1, 2, 8),
+            "num_kv_heads": kv, "head_dim": pick(16, 24, 128), "intermediate_size": pick(200, 1000, 11008),
+            "vocab_size": pick(1000, 32000, 128256), "tie_word_embeddings": bool(i % 2), "name": f"drawn {i}"}
+
+
+def _config(spec: dict):
+    from ..configs import ModelConfig
+    return ModelConfig(**spec)
+
+
+def _calls_02(g: torch.Generator):
+    configs = [_random_config(g, i) for i in range(4)]
+    calls = []
+    for i, cfg in enumerate(configs):
+        calls.append(Call(f"params/{i}", "param_count", [{"config": cfg}]))
+        batch, seq = int(torch.randint(1, 5, (), generator=g)), int(torch.randint(1, 700, (), generator=g))
+        calls.append(Call(f"flops/{i}", "forward_flops", [{"config": cfg}, batch, seq]))
+        for width in (2, 4):
+            calls.append(Call(f"kv/{i}/{width}", "kv_bytes_per_token", [{"config": cfg}, width]))
+    for i in range(4):
+        flops = float(10 ** (18 + 7 * torch.rand((), generator=g, dtype=torch.float64).item()))
+        calls.append(Call(f"optimal/{i}", "compute_optimal", [flops]))
+    return calls, {"drawn": torch.zeros(1)}
+
+
+def _calls_by_prefix(spec_calls, prefix):
+    return [c for c in spec_calls if c.id.startswith(prefix)]
+
+
+def _judge_02(prefix):
+    def judge(t, outputs, errors):
+        from .. import estimators as kit
+
+        for call in _calls_by_prefix(t["__calls__"], prefix):
+            if _err(errors, call.id):
+                return _err(errors, call.id)
+            got = outputs.get(call.id)
+            if not isinstance(got, torch.Tensor) or got.numel() != (2 if prefix == "optimal" else 1):
+                return f"{call.id}: {call.fn} must return " + ("(N, D)" if prefix == "optimal" else "a number")
+            if prefix == "optimal":
+                flops = call.args[0]
+                n, d = got.double().tolist()
+                want = kit.compute_optimal(flops).params
+                if not (abs(n - want) <= 1e-3 * want and abs(6 * n * d - flops) <= 1e-6 * flops):
+                    return f"compute_optimal({flops:.3g}): N = {n:.4g}, D = {d:.4g}; the optimum has N = {want:.4g}, 6 N D = C"
+                continue
+            cfg = _config(call.args[0]["config"])
+            if prefix == "params":
+                want = kit.param_count(cfg)
+            elif prefix == "flops":
+                want = kit.total_flops(kit.forward_flops_table(cfg, call.args[1], call.args[2]), cfg, matmul_only=True)
+            else:
+                want = kit.kv_bytes_per_token(cfg, {2: "fp16", 4: "fp32"}[call.args[1]])
+            value = got.double().item()
+            if value != want:
+                shown = {k: v for k, v in call.args[0]["config"].items() if k != "name"}
+                return f"{call.fn}({shown}{''.join(f', {a}' for a in call.args[1:])}) = {value:,.0f}, expected {want:,}"
+        return None
+    return judge
+
+
 # ---- assignment 07: the fused add + RMSNorm kernel and the split-KV merge --------------------------------
 def _norm_ref(x, r, w, eps):
     """add_rmsnorm_reference, computed here: the new residual in the inputs' dtype, statistics in fp32."""
@@ -676,6 +747,11 @@ def _judge_lb(t, outputs, errors):
 
 
 SPECS: dict[str, Spec] = {
+    "02_estimators": Spec(
+        hide=[], calls=_calls_02,
+        forbid=_ESTIMATOR_FILES + ("torch:utils/flop_counter.py", "transformers:modeling_utils.py"),
+        judge={"test_param_count": _judge_02("params"), "test_forward_flops": _judge_02("flops"),
+               "test_kv_bytes": _judge_02("kv"), "test_compute_optimal": _judge_02("optimal")}),
     "01_attention": Spec(
         hide=["attention.py"],
         calls=_calls_01,
@@ -762,7 +838,7 @@ def write_inputs(spec: Spec, work: Path) -> dict[str, torch.Tensor]:
         call.forbid = list(spec.forbid)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(work / "probe_in.safetensors"))
     (work / "probe_calls.json").write_text(json.dumps([c.__dict__ for c in calls]))
-    return tensors
+    return {**tensors, "__calls__": calls}          # the judges see the calls too (their JSON arguments)
 
 
 def read_outputs(work: Path, limit: int = 256 << 20) -> tuple[dict, dict] | None:

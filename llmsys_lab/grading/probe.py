@@ -321,6 +321,9 @@ def _args(args, tensors):
             out.append(_Counted(get_ipython().user_ns[a["counted"]]))
         elif isinstance(a, dict) and "ns" in a:
             out.append(get_ipython().user_ns[a["ns"]])
+        elif isinstance(a, dict) and "config" in a:              # a model configuration, built here
+            from llmsys_lab.configs import ModelConfig
+            out.append(ModelConfig(**a["config"]))
         elif isinstance(a, dict) and "tuple" in a:
             out.append(tuple(tensors[name].clone() for name in a["tuple"]))
         elif isinstance(a, dict) and "generator" in a:
@@ -336,6 +339,11 @@ def _tensor(value):
 
     if isinstance(value, torch.Tensor):
         return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):       # a number: exact for ints
+        return torch.tensor([value], dtype=torch.int64 if isinstance(value, int) else torch.float64)
+    if isinstance(value, (tuple, list)) and value and any(isinstance(v, float) for v in value) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return torch.tensor([float(v) for v in value], dtype=torch.float64)
     if isinstance(value, (tuple, list)) and all(isinstance(v, int) or (isinstance(v, torch.Tensor) and v.numel() == 1)
                                                 for v in value):
         return torch.tensor([int(v) for v in value], dtype=torch.int64)
