@@ -87,8 +87,8 @@ async def _one(client, model, prompt, max_tokens, delay, began, tok):
         return {"ok": False, "error": f"{type(e).__name__}: {e}"[:200], "sent": sent}
     end = time.perf_counter()
     n = len(tok("".join(text), add_special_tokens=False).input_ids) if text else 0
-    if not times:
-        return {"ok": False, "error": "no text", "sent": sent}
+    if not times:              # ended at once (EOS first): answered, with no text; its first token is its end
+        return {"ok": True, "sent": sent, "end": end, "ttft": end - sent, "tpot": 0.0, "e2e": end - sent, "tokens": 0}
     ttft = times[0] - sent
     tpot = (times[-1] - times[0]) / (n - 1) if n > 1 else 0.0
     return {"ok": True, "sent": sent, "end": end, "ttft": ttft, "tpot": tpot, "e2e": end - sent, "tokens": n}
@@ -239,12 +239,12 @@ def table(name: str, rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16, 32, 64])
     p.add_argument("--arrivals", nargs="+", default=["poisson", "gamma"], choices=["poisson", "gamma"])
-    p.add_argument("--requests", type=int, default=30, help="requests per rate")
+    p.add_argument("--requests", type=int, default=40, help="requests per rate")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slo-ttft", type=float, default=0.5, help="seconds")
-    p.add_argument("--slo-tpot", type=float, default=0.1, help="seconds")
+    p.add_argument("--slo-ttft", type=float, default=0.25, help="seconds")
+    p.add_argument("--slo-tpot", type=float, default=0.05, help="seconds")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=256)
     p.add_argument("--token-budget", type=int, default=1024)

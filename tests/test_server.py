@@ -183,27 +183,48 @@ def test_bad_chat_requests_and_unknown_routes(server, client):
 
 
 # ---- cancellation, backpressure, metrics -----------------------------------------------------------
-def test_a_client_killed_mid_stream_frees_its_blocks(server):
-    """Open a streaming request on a raw socket, read a few events, close the socket: the request is
-    aborted and every KV block is free again, while other requests are served."""
+@pytest.fixture(scope="module")
+def endless(tiny):
+    """A server whose requests end only at max_tokens (no EOS): a killed client is sure to be mid-request."""
+    model, tok, name = tiny
+    with Server.start(model, tok, name, num_blocks=64, block_size=16, max_batch=4, eos_token_id=None) as srv:
+        yield srv
+
+
+def _raw_request(server, body: dict):
     host, port = server.url.removeprefix("http://").split(":")
-    body = json.dumps({"model": TINY, "prompt": PROMPTS[0], "max_tokens": 400, "stream": True,
-                       "temperature": 1.0, "stop_token_ids": []}).encode()
+    data = json.dumps(body).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return s
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_killed_mid_request_frees_its_blocks(endless, stream):
+    """Open a request on a raw socket (streaming: read a few events; not: wait until it runs), close the
+    socket: the request is aborted and every KV block is free again, and the server still answers."""
+    server = endless
     eng = server.loop.engine
-    aborted = server.loop.stats["aborted"]
-    for _ in range(3):
-        s = socket.create_connection((host, int(port)))
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        got = b""
-        while got.count(b"data:") < 3:
-            got += s.recv(4096)
-        assert eng.blocks.num_free < eng.blocks.num_blocks          # it holds blocks while it streams
+    aborted, finished = server.loop.stats["aborted"], server.loop.stats["finished"]
+    for i in range(3):
+        s = _raw_request(server, {"model": TINY, "prompt": PROMPTS[i], "max_tokens": 450, "stream": stream,
+                                  "temperature": 1.0})
+        if stream:
+            got = b""
+            while got.count(b"data:") < 3:
+                got += s.recv(4096)
+        else:
+            deadline = time.monotonic() + 30
+            while not eng.scheduler.running or any(not r.output for r in eng.scheduler.running):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        assert eng.blocks.num_free < eng.blocks.num_blocks          # it holds blocks while it runs
         s.close()
     assert wait_all_free(server), (eng.blocks.num_free, eng.blocks.num_blocks, server.loop.live)
-    assert server.loop.stats["aborted"] >= aborted + 3
-    r = httpx.get(server.url + "/health")
-    assert r.status_code == 200
+    assert server.loop.stats["aborted"] == aborted + 3 and server.loop.stats["finished"] == finished
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    assert c.completions.create(model=TINY, prompt=PROMPTS[0], max_tokens=3).usage.completion_tokens == 3
 
 
 def test_a_full_queue_answers_429_with_the_reason(tiny):
@@ -242,3 +263,33 @@ def test_serve_command_line_refuses_a_missing_folder(capsys):
 
     assert main(["serve", "--model", "/no/such/folder"]) == 2
     assert "not the bundled" in capsys.readouterr().err
+
+
+def test_serve_command_line_serves(tiny):
+    """`python -m llmsys_lab serve` in its own process: it answers, greedy equals generate, and it stops."""
+    import subprocess
+    import sys
+
+    from llmsys_lab.server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llmsys_lab", "serve", "--port", str(port), "--max-batch", "2",
+                             "--num-blocks", "32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        r = c.completions.create(model=TINY, prompt=PROMPTS[0], max_tokens=12)
+        assert r.choices[0].text == reference_text(tiny, PROMPTS[0], 12)[0]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert proc.returncode == 0

@@ -67,7 +67,10 @@ class Server:
     def start(cls, model=None, tokenizer=None, model_name: str = TINY, host: str = "127.0.0.1", port: int | None = None,
               num_blocks: int = 256, block_size: int = 16, max_batch: int = 8, token_budget: int = 512,
               chunked_prefill: bool = False, max_queue: int = 64, chat_template: str | None = None,
-              default_max_tokens: int = 256, log_level: str = "warning", **engine_kw) -> "Server":
+              default_max_tokens: int = 256, log_level: str = "warning", eos_token_id="tokenizer",
+              **engine_kw) -> "Server":
+        """Start serving; `eos_token_id`: the tokenizer's by default, an id, or None (requests then end
+        only at max_tokens or a stop: what a load test with fixed output lengths wants)."""
         import uvicorn
 
         from ..engine import Engine
@@ -76,7 +79,9 @@ class Server:
 
         if model is None:
             model, tokenizer, model_name = load_model()
-        eos = tokenizer.eos_token_id if tokenizer is not None else None
+        eos = eos_token_id
+        if isinstance(eos, str) and eos == "tokenizer":
+            eos = tokenizer.eos_token_id if tokenizer is not None else None
         engine = Engine(model, num_blocks, block_size, max_batch=max_batch, token_budget=token_budget,
                         chunked_prefill=chunked_prefill, eos_token_id=eos, **engine_kw)
         if engine.cuda_graphs:
@@ -145,6 +150,13 @@ def main(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"serving {name} at {srv.url}/v1 (OpenAI-compatible; Ctrl-C stops)", flush=True)
+
+    def terminate(*_):          # uvicorn runs in a thread, so SIGTERM is handled here: stop cleanly
+        raise KeyboardInterrupt
+
+    import signal
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         while srv._thread.is_alive():
             srv._thread.join(0.5)

@@ -165,7 +165,9 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, chat_template: str 
             raise APIError(503, str(e), type="server_error", code="engine_stopped") from None
 
     async def events(stream: Stream, http: Request | None):
-        """Items of `stream` until it ends; aborts it if the client disconnects (non-streaming: polled)."""
+        """Items of `stream` until it ends. Non-streaming (`http` given): every quarter second, whether
+        tokens flow or not, checks that the client is still there, and aborts the request if not."""
+        checked = time.monotonic()
         while True:
             if http is None:
                 item = await stream.queue.get()
@@ -173,9 +175,13 @@ def create_app(loop: EngineLoop, tokenizer, model_name: str, chat_template: str 
                 try:
                     item = await asyncio.wait_for(stream.queue.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    item = None
+                if time.monotonic() - checked >= 0.25 or item is None:
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         loop.abort(stream)
                         return
+                if item is None:
                     continue
             yield item
             if item[0] != "tokens":
