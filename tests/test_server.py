@@ -293,3 +293,15 @@ def test_serve_command_line_serves(tiny):
         proc.terminate()
         proc.wait(20)
     assert proc.returncode == 0
+
+
+def test_load_model_random_weights_and_a_local_folder():
+    from llmsys_lab.model import TINY_MODEL_PATH
+
+    model, tok, name = load_model(random_preset="llmsys-tiny")
+    bundled, _, folder_name = load_model(str(TINY_MODEL_PATH))
+    assert name == "llmsys-tiny-random" and folder_name == "llmsys-tiny"
+    assert model.config.vocab_size == bundled.config.vocab_size
+    assert not torch.equal(model.lm_head.weight, bundled.lm_head.weight)
+    with pytest.raises(ValueError, match="unknown model preset 'no-such-preset'"):
+        load_model(random_preset="no-such-preset")
