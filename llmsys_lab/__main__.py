@@ -1,4 +1,4 @@
-"""Command line: `python -m llmsys_lab doctor | estimate | grade`."""
+"""Command line: `python -m llmsys_lab doctor | estimate | grade | serve`."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     gr.add_argument("--kernel", default="python3", help="Jupyter kernel to run the notebooks (default python3)")
     gr.add_argument("--json", metavar="FILE", help="also write the results as JSON (- for stdout)")
     gr.add_argument("--csv", metavar="FILE", help="also write one row per test as CSV (- for stdout)")
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server around the kit's engine")
+    from .server import add_arguments as add_server_arguments
+    add_server_arguments(sv)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        from .server import main as serve_main
+
+        return serve_main(args)
     if args.command == "grade":
         from .grading import main_grade
 

@@ -58,6 +58,7 @@ from .forward_batch import PackedPagedBatch
 from .generate import check_token_ids
 from .paged import BlockManager
 from .paged_cache import PagedKVCache
+from .sampling import SamplingBatch, SamplingParams, sample
 from .scheduler import Outcome, Request, Scheduler
 from .validate import check_bool, check_token_id
 
@@ -190,12 +191,38 @@ class Engine:
         self.log: list[dict] = []            # per iteration: requests, tokens, KV used/reserved, seconds, graph
 
     # ---- requests ---------------------------------------------------------------------------
-    def add_request(self, request_id, prompt: list[int], max_new_tokens: int, arrival_step: int = 0) -> Request:
-        """Queue a request; `arrival_step` is the first iteration it may be admitted in."""
+    def add_request(self, request_id, prompt: list[int], max_new_tokens: int, arrival_step: int = 0,
+                    sampling: SamplingParams | None = None) -> Request:
+        """Queue a request; `arrival_step` is the first iteration it may be admitted in. `sampling`:
+        its decoding settings (llmsys_lab.sampling; None = greedy): temperature, top-k, top-p, seed and
+        stop token ids are applied here (max_new_tokens is the limit; stop strings are the server's)."""
         prompt = check_token_ids(prompt, self.cfg.vocab_size, f"request {request_id!r}")
         req = Request(request_id, prompt, max_new_tokens, arrival_step=arrival_step)
+        if sampling is not None:
+            if not isinstance(sampling, SamplingParams):
+                raise TypeError(f"sampling must be a SamplingParams or None, got {type(sampling).__name__}")
+            sampling.check_vocab(self.cfg.vocab_size)
+            req.sampling = sampling.with_seed()          # an unseeded request gets a random seed now
+            req.stop_token_ids = frozenset(sampling.stop_token_ids)
         self.scheduler.add(req)
         return req
+
+    def abort(self, req: Request) -> bool:
+        """Cancel `req` (a client went away, a stop string was seen): it leaves the queue or the batch
+        now, between iterations, and its blocks go back to the pool. False if it had already finished."""
+        sched = self.scheduler
+        if req.finished:
+            return False
+        if req in sched.running:
+            sched.running.remove(req)
+            self.blocks.free(req.id)
+            self._release_row(req)
+        elif req in sched.waiting:
+            sched.waiting.remove(req)
+        else:
+            return False
+        req.finished = req.aborted = True
+        return True
 
     # ---- one iteration ----------------------------------------------------------------------
     @torch.no_grad()
@@ -297,7 +324,7 @@ class Engine:
     def _forward(self, work) -> tuple[list[int], bool]:
         """Next token of every request of `work` (batch order), and whether a CUDA graph produced them."""
         if not self.use_kernel:
-            return self._checked(self._padded_step(work).tolist(), work), False
+            return self._checked(self._sample(self._padded_step(work), work).tolist(), work), False
         # every packed token is a paged-attention row: (token, context length incl. itself, table row)
         chunks = [(r.token_slice(r.prefilled, r.prefilled + n), r.prefilled, self._table_row(r))
                   for r, n in work.prefill]
@@ -308,13 +335,15 @@ class Engine:
         else:
             stage = torch.tensor([tokens, lens, rows], dtype=torch.int64).to(self._tables.device)
             out, graphed = self._step(stage), False
-        out = out.tolist()                              # the iteration's one device-to-host copy
-        return self._checked([out[i] for i in last], work), graphed
+        # sampling runs on the logits of each request's last row, on the device, after the replay
+        logits = out.index_select(0, torch.tensor(last, device=out.device))
+        out = self._sample(logits, work).tolist()       # the iteration's one device-to-host copy
+        return self._checked(out, work), graphed
 
     def _step(self, stage: torch.Tensor) -> torch.Tensor:
         """An iteration from its (3, N) int64 stage on the device: tokens, context lengths, table rows.
         Everything else is computed on the device, with no host sync: CUDA graphs capture this.
-        Returns the greedy next token after each of the N rows (the engine reads each request's last)."""
+        Returns the logits after each of the N rows, (N, vocab) (the engine samples each request's last)."""
         tokens, lens, rows = stage[0], stage[1], stage[2]
         positions = lens - 1                                                   # (N,) each token's
         tables = self._tables.index_select(0, rows)                            # (N, W) int32
@@ -322,11 +351,17 @@ class Engine:
         slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
         batch = PackedPagedBatch(self.cache, positions, slots, block_tables=tables, context_lens=lens.int(),
                                  decode_attention=self._decode_fn(stage.shape[1]))
-        return self._next_tokens(self.model(tokens, kv_cache=batch))           # (N,) greedy next tokens
+        return self.model(tokens, kv_cache=batch)                              # (N, vocab)
 
-    def _next_tokens(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy next tokens; with check_finite, -1 marks a row whose logits hold NaN or inf."""
-        nxt = logits.argmax(-1)
+    def _sample(self, logits: torch.Tensor, work) -> torch.Tensor:
+        """Next tokens from (requests, vocab) logits in batch order, each with its request's settings
+        (greedy: the argmax, exactly); with check_finite, -1 marks a row whose logits hold NaN or inf."""
+        reqs = work.requests
+        if all(r.sampling is None or r.sampling.greedy for r in reqs):
+            nxt = logits.argmax(-1)
+        else:
+            nxt = sample(logits, SamplingBatch.build([r.sampling for r in reqs], [len(r.output) for r in reqs],
+                                                     logits.shape[-1], logits.device))
         if self.check_finite:
             nxt = torch.where(torch.isfinite(logits).all(-1), nxt, -1)
         return nxt
@@ -351,7 +386,7 @@ class Engine:
         batch = PackedPagedBatch(self.cache, pos, write,
                                  logit_rows=torch.tensor([b - 1 for b in bounds[1:]], device=device),
                                  prefill=self._padded_batch(chunks, bounds[:-1], device))
-        return self._next_tokens(self.model(ids, kv_cache=batch))              # (requests,)
+        return self.model(ids, kv_cache=batch)                                 # (requests, vocab)
 
     def _padded_batch(self, chunks, offsets, device):
         """Index tensors that put P chunks side by side, padded to the longest, for one attention call.

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from .kv_cache import KVCache
+from .sampling import SamplingParams, sample_rows
+from .sampling import probs as sampling_probs
 from .validate import ShapeError
 
 
@@ -122,11 +124,13 @@ def _check_prompts(prompts, vocab: int, context: int, max_new_tokens: int) -> li
     return checked
 
 
-def check_sampling(temperature, top_k) -> None:
+def check_sampling(temperature, top_k, top_p=1.0) -> None:
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if not isinstance(temperature, numbers.Real) or not temperature > 0:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
 
 
 def _sync(device) -> None:
@@ -135,30 +139,38 @@ def _sync(device) -> None:
 
 
 def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """(B, vocab) logits of the last position -> (B,) token ids."""
+                generator: torch.Generator | None, top_p: float = 1.0, seed: int | None = None,
+                counter: int = 0) -> torch.Tensor:
+    """(B, vocab) logits of the last position -> (B,) token ids (llmsys_lab.sampling's transform).
+    With a `seed`, the draw is the serving engine's counter-based one (token number `counter` of every
+    row): the same tokens as the engine serving the request with that seed. Else a `generator` drives
+    torch.multinomial on the CPU."""
     if not do_sample:
         return logits.argmax(-1)
-    check_sampling(temperature, top_k)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(int(top_k), logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    check_sampling(temperature, top_k, top_p)
+    if seed is not None:
+        params = SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=top_k, seed=seed)
+        return sample_rows(logits, params, counter)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens: int = 32, use_cache: bool = True, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-             eos_token_id: int | None = 0, pad_token_id: int = 0) -> GenerationOutput:
+             eos_token_id: int | None = 0, pad_token_id: int = 0, top_p: float = 1.0,
+             seed: int | None = None) -> GenerationOutput:
     """Generate up to `max_new_tokens` for each prompt (lists of token ids, or a (B, T) tensor
-    without padding). Sequences stop at `eos_token_id`; generation ends when all have."""
+    without padding). Sequences stop at `eos_token_id`; generation ends when all have.
+    Sampling (do_sample=True): temperature, top_k, top_p; a `seed` makes the draws the serving
+    engine's (llmsys_lab.sampling: every row is a request with that seed), else `generator` drives them."""
     cfg = model.config
     prompts = _check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings, max_new_tokens)
     max_new_tokens = int(max_new_tokens)
     if do_sample:
-        check_sampling(temperature, top_k)
+        check_sampling(temperature, top_k, top_p)
+        if seed is not None:
+            SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=top_k, seed=seed)   # checks seed
     device = model.model.embed_tokens.weight.device
     ids, mask = pad_left(prompts, pad_token_id, device)
     b = len(prompts)
@@ -174,7 +186,7 @@ def generate(model, prompts, max_new_tokens: int = 32, use_cache: bool = True, d
             logits = model(step_input, attention_mask=mask, kv_cache=cache)   # prefill, then one token
         else:
             logits = model(ids, attention_mask=mask)                          # the whole sequence, again
-        tok = next_tokens(logits[:, -1], do_sample, temperature, top_k, generator)
+        tok = next_tokens(logits[:, -1], do_sample, temperature, top_k, generator, top_p, seed, step)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         ids = torch.cat([ids, tok[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)

@@ -60,6 +60,9 @@ class Request:
     first_token_time: float | None = None      # seconds: when its first token was produced
     finished_time: float | None = None         # seconds: when its last token was produced
     token_times: list[float] = field(default_factory=list)   # seconds: when each token was produced
+    sampling: object = None                    # llmsys_lab.sampling.SamplingParams; None = greedy
+    stop_token_ids: frozenset = frozenset()    # tokens that end it besides EOS
+    aborted: bool = False                      # cancelled (Engine.abort) before it finished
 
     # the older names, read-only (lessons written before the fields were named by unit)
     @property
@@ -272,7 +275,7 @@ class Scheduler:
             if r.first_token_time is None:
                 r.first_token_time = time
             out.produced.append(r)
-            if tok == eos or len(r.output) == r.max_new_tokens:
+            if tok == eos or tok in r.stop_token_ids or len(r.output) == r.max_new_tokens:
                 self.complete(r, time)
                 out.finished.append(r)
                 out.left.append(r)

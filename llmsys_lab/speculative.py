@@ -30,16 +30,20 @@ from .generate import _check_prompts, _sync
 from .kv_cache import KVCache
 from .paged import BlockManager
 from .paged_cache import PagedBatch, PagedKVCache
+from .sampling import probs as sampling_probs
 from .validate import ConfigError, check_bool, check_finite_logits, check_int, check_number, check_token_id, is_int
 
 
 # ---- sampling: the same transform for draft and target ----------------------------------------
 @dataclass(frozen=True)
 class Sampling:
-    """How logits become a distribution. do_sample=False is greedy (a one-hot on the argmax)."""
+    """How logits become a distribution. do_sample=False is greedy (a one-hot on the argmax).
+    The transform is llmsys_lab.sampling's (temperature, then top-k, then top-p), shared with
+    ``generate`` and the serving engine."""
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None
+    top_p: float = 1.0
 
     def __post_init__(self):
         check_bool(self.do_sample, "do_sample")
@@ -48,22 +52,16 @@ class Sampling:
             raise ConfigError(f"temperature must be > 0 for sampling, got {self.temperature}")
         if self.top_k is not None:
             check_int(self.top_k, "top_k (None for no limit)", minimum=1)
+        top_p = check_number(self.top_p, "top_p")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., V) logits -> (..., V) float32 probabilities (temperature, then top-k, then softmax)."""
+        """(..., V) logits -> (..., V) float32 probabilities (temperature, then top-k, top-p, softmax)."""
         logits = logits.float()
         if not self.do_sample:
             return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        scaled = logits / self.temperature
-        if self.temperature < 1 and bool((torch.isinf(scaled) & torch.isfinite(logits)).any()):
-            # a tiny temperature overflows finite logits to +-inf (inf - inf = NaN in the softmax):
-            # shift first, which softmax and top-k ignore, so the limit is the argmax, as it should be
-            scaled = (logits - logits.amax(-1, keepdim=True)) / self.temperature
-        logits = scaled
-        if self.top_k is not None:
-            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.softmax(logits, dim=-1)
+        return sampling_probs(logits, self.temperature, self.top_k, self.top_p)
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -227,12 +227,12 @@ def test_padding_rows_of_a_decode_bucket_touch_only_the_scratch_block(ktiny, pro
     tokens, lens = [r.output[-1] for r in reqs], [r.num_tokens for r in reqs]
     rows = [engine._table_row(r) for r in reqs]
     dev = model.lm_head.weight.device
-    plain = engine._step(padded_stage(tokens, lens, rows, 3, [0, 1, 4]).to(dev)).tolist()
+    plain = engine._step(padded_stage(tokens, lens, rows, 3, [0, 1, 4]).to(dev)).argmax(-1).tolist()   # _step gives logits
     k_plain = engine.cache.k.clone()
     assert not k_plain[:, 30].any()                                     # nothing in the scratch block yet
     stage = padded_stage(tokens, lens, rows, 4, [0, 1, 4])
     assert stage[:, 3].tolist() == [0, 1, 4]
-    padded = engine._step(stage.to(dev)).tolist()
+    padded = engine._step(stage.to(dev)).argmax(-1).tolist()
     assert padded[:3] == plain
     torch.testing.assert_close(engine.cache.k[:, :30], k_plain[:, :30], atol=1e-5, rtol=1e-5)
     assert engine.cache.k[:, 30, 0].any() and not engine.cache.k[:, 30, 1:].any()   # slot 0 of the scratch block
