@@ -417,3 +417,25 @@ def test_assignment_02_borrowed_or_unanswered_scores_zero(tmp_path):
         assert all(t.feedback.startswith("the grader's own check of your outputs failed") for t in sub.tests), detail
     assert all("of llmsys_lab/estimators/" in t.feedback for t in subs["borrowed"].tests), \
         [t.feedback for t in subs["borrowed"].tests]
+
+
+HARNESS_REFERENCE = (   # the harness's own float64 reference, imported from inside the sandbox
+    "def attention(q, k, v):\n"
+    "    from llmsys_lab.grading.harness import _sdpa\n"
+    "    return _sdpa(q, k, v).to(q.dtype)\n")
+
+
+@needs_sandbox
+def test_the_harness_itself_is_absent_in_the_sandbox(tmp_path):
+    """The harness's references are complete answers; it is hidden from every submission, so importing one fails
+    (and the forged in-kernel verdict does not help)."""
+    from test_grading_redteam import FORGE_COMPLETION
+
+    nb = nbformat.read(next((ROOT / "solutions" / "01_attention").glob("*.ipynb")), as_version=4)
+    cell = next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "attention")
+    cell.source = HARNESS_REFERENCE + "\n" + FORGE_COMPLETION
+    nbformat.write(nb, tmp_path / "harness_ref.ipynb")
+    [sub] = grading.grade([tmp_path / "harness_ref.ipynb"], source=ROOT / "solutions", timeout=300)
+    attention = next(t for t in sub.tests if t.test == "test_attention")
+    assert attention.points == 0 and "No module named 'llmsys_lab.grading.harness'" in attention.feedback, \
+        attention.feedback

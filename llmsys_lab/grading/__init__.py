@@ -705,7 +705,7 @@ def grade_isolated(path, source="auto", timeout: float = 120, kernel_name: str =
         except Exception as err:  # noqa: BLE001  (the grader's own failure: reported, the batch goes on)
             return Submission(str(path), error=f"the grader could not prepare its checks for this submission: "
                                                f"{type(err).__name__}: {err}")
-        hide = job.deny + _hidden_home() + (harness.hidden_files(spec) if spec is not None else [])
+        hide = job.deny + _hidden_home() + harness.hidden_files(spec)
         private = Path(tempfile.mkdtemp(prefix="llmsys-grade-kit-"))       # outside the (writable) job folder
         replace = harness.stripped_modules(spec, private) if spec is not None else {}
         argv = [sys.executable, "-c", "from llmsys_lab.grading import _sandbox_main; _sandbox_main()"]

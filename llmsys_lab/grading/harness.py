@@ -823,9 +823,12 @@ def spec_for(source_path: str | None) -> Spec | None:
     return None if source_path is None else SPECS.get(Path(source_path).parent.name)
 
 
-def hidden_files(spec: Spec) -> list[str]:
+def hidden_files(spec: Spec | None) -> list[str]:
+    """What the sandbox hides: the kit files the spec forbids, and always this harness itself (its references
+    are complete answers: ``_sdpa`` is assignment 01's attention)."""
     package = Path(__file__).resolve().parents[1]
-    return [str(package / rel) for rel in spec.hide]
+    own = [str(Path(__file__).resolve())]
+    return own + ([str(package / rel) for rel in spec.hide] if spec is not None else [])
 
 
 # ---- the job folder ---------------------------------------------------------------------------------
