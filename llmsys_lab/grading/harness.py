@@ -789,6 +789,26 @@ SPECS: dict[str, Spec] = {
 }
 
 
+def _register_judges() -> None:
+    """More assignments' specs: each module of ``grading/judges/`` defines ``ASSIGNMENT`` (the folder name) and
+    ``SPEC``. Like this file they hold references, so the sandbox hides them; what must run inside the sandbox
+    (a driver the probe calls, ``Call.via = "llmsys_lab.grading.drivers.<module>:<function>"``) lives in
+    ``grading/drivers/``."""
+    import importlib
+    import pkgutil
+
+    from . import judges
+
+    for info in pkgutil.iter_modules(judges.__path__):
+        module = importlib.import_module(f"{judges.__name__}.{info.name}")
+        if module.ASSIGNMENT in SPECS:
+            raise RuntimeError(f"two harness specs for {module.ASSIGNMENT}")
+        SPECS[module.ASSIGNMENT] = module.SPEC
+
+
+_register_judges()
+
+
 def stripped_modules(spec: Spec, folder: Path) -> dict[str, str]:
     """{kit file: a copy written into folder in which the spec's functions only raise}: what the sandbox sees."""
     import ast
@@ -827,7 +847,7 @@ def hidden_files(spec: Spec | None) -> list[str]:
     """What the sandbox hides: the kit files the spec forbids, and always this harness itself (its references
     are complete answers: ``_sdpa`` is assignment 01's attention)."""
     package = Path(__file__).resolve().parents[1]
-    own = [str(Path(__file__).resolve())]
+    own = [str(Path(__file__).resolve()), str(Path(__file__).resolve().parent / "judges")]
     return own + ([str(package / rel) for rel in spec.hide] if spec is not None else [])
 
 

@@ -26,7 +26,7 @@ def run(work: str) -> None:
             if fn is None:
                 raise NameError(f"name '{call['fn']}' is not defined")
             if call.get("via"):                                     # e.g. a Triton kernel launched by the kit
-                fn = VIA[call["via"]](fn, call["fn"], ns)
+                fn = _via(call["via"])(fn, call["fn"], ns)
             if call.get("forbid"):
                 fn = Tracer(call["forbid"]).wrap(fn)
             first = call["args"][0] if call["args"] else None
@@ -104,6 +104,18 @@ class Tracer:
                 raise RuntimeError("the call tracing was switched off while your function ran")
             return value
         return traced
+
+
+def _via(name: str):
+    """A launcher of this module (VIA) or a driver function of ``llmsys_lab.grading.drivers`` ("module:function")."""
+    if ":" not in name:
+        return VIA[name]
+    import importlib
+
+    module, _, function = name.partition(":")
+    if not module.startswith("llmsys_lab.grading.drivers."):
+        raise ValueError(f"unknown probe driver {name!r}")
+    return getattr(importlib.import_module(module), function)
 
 
 def _student_triton_kernel(kernel, name):
