@@ -73,8 +73,13 @@ test-latest: browser-deps
 	$(REQUIRE_BROWSER) $(LATEST_VENV)/bin/python -m pytest
 
 # Re-resolve the lock for every platform of the README's table (needs the package index)
-lock: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/lock.py
+# lock needs only the locked uv, in its own environment: after a dependency is added to pyproject.toml the
+# set-up's `pip check` fails until the lock has it, so `lock` must not depend on `setup`
+LOCK_VENV ?= .venv-lock
+lock:
+	test -x $(LOCK_VENV)/bin/python || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python scripts/lock.py --bootstrap-uv
+	PATH="$(abspath $(LOCK_VENV))/bin:$$PATH" $(LOCK_VENV)/bin/python scripts/lock.py
 
 test-unit: setup
 	$(PY) -m pytest tests --ignore=tests/browser
@@ -156,4 +161,4 @@ wheel: setup
 	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) .pytest_cache $(GPU_CONSTRAINTS) dist
+	rm -rf $(VENV) $(LATEST_VENV) $(LOCK_VENV) .pytest_cache $(GPU_CONSTRAINTS) dist

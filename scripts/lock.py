@@ -58,8 +58,38 @@ def say(msg: str) -> None:
 def uv() -> str:
     exe = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
     if not exe:
-        raise SystemExit("[lock] uv is not installed: run `make setup` first (uv is in the dev extra)")
+        raise SystemExit("[lock] uv is not installed: run `make lock` (it installs the locked uv first)")
     return exe
+
+
+def pinned_block(text: str, name: str) -> str:
+    """The lock's lines for one package: `name==version` with its --hash lines (and marker), as pip reads them."""
+    lines, out = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.split("==")[0].strip().lower() == name and "==" in line and not line.startswith(" "):
+            out.append(line)
+            for more in lines[i + 1:]:
+                if not more.startswith(" "):
+                    break
+                out.append(more)
+            return "\n".join(out) + "\n"
+    raise SystemExit(f"[lock] {LOCK.name} pins no {name}")
+
+
+def bootstrap_uv() -> None:
+    """Install the uv the current lock pins, hash-checked, into this Python. `make lock` runs this in its own
+    environment instead of `make setup`: after a new dependency is added to pyproject.toml, the set-up's
+    `pip check` fails until the lock has it, so the lock must not need a working set-up."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(pinned_block(LOCK.read_text(), "uv"))
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--require-hashes", "--no-deps", "-r", f.name],
+                       check=True)
+    finally:
+        Path(f.name).unlink()
 
 
 def compile_cmd(out: Path, no_emit: list[str]) -> list[str]:
@@ -121,7 +151,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--constraints", action="store_true")
+    ap.add_argument("--bootstrap-uv", action="store_true", help="install the locked uv into this Python and exit")
     args = ap.parse_args()
+    if args.bootstrap_uv:
+        bootstrap_uv()
+        return 0
     if args.constraints:
         print("\n".join(pins(LOCK.read_text())))
         return 0

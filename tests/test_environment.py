@@ -174,7 +174,7 @@ def test_every_install_path_reads_the_lock():
     assert re.search(r"^gpu-env:\n(\t.*\n)*\t.*-c \$\(GPU_CONSTRAINTS\)", make, re.M), "the GPU node must use the lock"
     assert "scripts/lock.py --constraints > $(GPU_CONSTRAINTS)" in make
     assert re.search(r"^test-latest:.*\n\t.*setup_env.py .*--latest", make, re.M)
-    assert re.search(r"^lock:.*\n\t.*scripts/lock.py", make, re.M)
+    assert re.search(r"^lock:.*\n(\t.*\n)*\t.*scripts/lock.py$", make, re.M)
     assert (ROOT / ".ci/run").read_text().rstrip().endswith("make test")
 
 
@@ -193,3 +193,29 @@ def test_a_lock_without_one_plain_torch_line_is_refused(tmp_path, text):
     bad.write_text(text)
     with pytest.raises(SystemExit, match="must pin torch once"):
         setup_env.locked_torch(bad)
+
+
+def test_make_lock_does_not_need_a_working_set_up():
+    """After a dependency is added to pyproject.toml the set-up's `pip check` fails until the lock has it, so
+    `make lock` must not depend on `setup`: it installs the locked uv (hash-checked) into its own environment."""
+    import re
+
+    makefile = (ROOT / "Makefile").read_text()
+    [rule] = re.findall(r"^lock:(.*)$", makefile, flags=re.M)
+    assert "setup" not in rule and "$(STAMP)" not in rule, rule
+    body = makefile.split("\nlock:", 1)[1].split("\n\n", 1)[0]
+    assert "scripts/lock.py --bootstrap-uv" in body and "LOCK_VENV" in body
+
+
+def test_the_uv_block_pip_reads_from_the_lock():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import lock
+    finally:
+        sys.path.pop(0)
+    block = lock.pinned_block((ROOT / "requirements.lock").read_text(), "uv")
+    first, *hashes = block.strip().splitlines()
+    assert re.fullmatch(r"uv==[0-9.]+ \\", first.strip()) or re.match(r"uv==[0-9.]+", first), first
+    assert hashes and all(h.strip().startswith(("--hash=sha256:", "#")) for h in hashes), hashes[:3]
+    with pytest.raises(SystemExit, match="pins no no-such-package"):
+        lock.pinned_block("uv==1 \\\n    --hash=sha256:00\n", "no-such-package")
