@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from .errors import LabError
+
 _INTERPRET = "TRITON_INTERPRET"
 
 # Where to get Triton when it is missing (macOS and native Windows have no Triton wheel).
@@ -17,7 +19,7 @@ TRITON_HOWTO = ("run this on Linux (a laptop, WSL2 on Windows, or Google Colab) 
                 "where `pip install triton` works")
 
 
-class TritonUnavailable(RuntimeError):
+class TritonUnavailable(LabError, RuntimeError):
     """Raised by code that needs Triton on a machine without it (macOS, native Windows).
 
     The grader reports a test that raises it as "not gradable on this machine" (neither
@@ -54,7 +56,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-class TritonImportedTooEarly(RuntimeError):
+class TritonImportedTooEarly(LabError, RuntimeError):
     """`triton.language` was imported in compiled mode on a machine without a GPU."""
 
 

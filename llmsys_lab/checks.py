@@ -11,8 +11,10 @@ import sys
 
 import torch
 
+from .errors import LabError
 
-class CheckFailed(AssertionError):
+
+class CheckFailed(LabError, AssertionError):
     """A self-check found a difference; the message says which."""
 
 

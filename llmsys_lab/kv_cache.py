@@ -13,11 +13,12 @@ from __future__ import annotations
 import torch
 
 from .configs import ModelConfig
+from .errors import LabError
 from .forward_batch import KVLayout
 from .validate import ShapeError, check_tensor
 
 
-class CacheError(ValueError):
+class CacheError(LabError, ValueError):
     """The cache cannot take this update (full, wrong batch, wrong dtype or device)."""
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from .errors import LabError
 
-class BlockError(ValueError):
+
+class BlockError(LabError, ValueError):
     """A block-level operation is invalid (double free, unknown block or sequence, finished sequence)."""
 
 

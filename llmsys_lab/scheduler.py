@@ -33,15 +33,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from .errors import LabError
 from .paged import BlockManager
 from .validate import check_bool
 
 
-class RequestError(ValueError):
+class RequestError(LabError, ValueError):
     """A request cannot be accepted (and is never silently dropped)."""
 
 
-class SchedulerStalled(RuntimeError):
+class SchedulerStalled(LabError, RuntimeError):
     """No request can make progress: raised instead of looping forever."""
 
 

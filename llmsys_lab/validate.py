@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from .errors import LabError
 
-class ShapeError(ValueError):
+
+class ShapeError(LabError, ValueError):
     """A tensor has the wrong number of dimensions or a wrong size."""
 
 
-class ConfigError(ValueError):
+class ConfigError(LabError, ValueError):
     """A configuration field has an invalid value."""
 
 

@@ -89,6 +89,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..checks import check_own_code, kit_references  # noqa: F401  (test cells import them from here)
+from ..errors import LabError
 
 
 def _default_source() -> Path | None:
@@ -97,7 +98,7 @@ def _default_source() -> Path | None:
     return path if path.is_dir() else None
 
 
-class GradingError(ValueError):
+class GradingError(LabError, ValueError):
     """The input cannot be graded (missing file, not a notebook, no graded cells, no source)."""
 
 

@@ -32,6 +32,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import LabError
+
 WORK = "/tmp/job"          # where the job folder appears inside the sandbox
 HOME = "/tmp/home"
 
@@ -53,7 +55,7 @@ class Limits:
                 raise ValueError(f"sandbox limit {name} must be a positive number, got {value!r}")
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(LabError, RuntimeError):
     """bubblewrap is missing or cannot create its namespaces on this machine."""
 
 

@@ -44,10 +44,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..errors import LabError
 from ..validate import ConfigError, check_number
 
 
-class RankError(RuntimeError):
+class RankError(LabError, RuntimeError):
     """A rank raised or died; the message names the rank and carries its traceback."""
 
 

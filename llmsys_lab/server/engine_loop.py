@@ -22,15 +22,16 @@ import traceback
 from dataclasses import dataclass, field
 
 from ..engine import Engine
+from ..errors import LabError
 from ..sampling import SamplingParams
 from ..scheduler import Request
 
 
-class Overloaded(RuntimeError):
+class Overloaded(LabError, RuntimeError):
     """The queue is full: the request is refused (HTTP 429), not queued."""
 
 
-class NotRunning(RuntimeError):
+class NotRunning(LabError, RuntimeError):
     """The engine loop has stopped (HTTP 503)."""
 
 

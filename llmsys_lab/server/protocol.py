@@ -9,12 +9,13 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from ..errors import LabError
 from ..sampling import SamplingError, SamplingParams
 
 Number = Union[StrictInt, StrictFloat]
 
 
-class APIError(Exception):
+class APIError(LabError):
     """An error the server answers with `status` and an OpenAI-style body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
