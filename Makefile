@@ -24,7 +24,7 @@ REQUIRE_BROWSER = LLMSYS_REQUIRE_BROWSER=$$([ -x "$(CHROMIUM)" ] && echo 1 || ec
 # scripts/lock.py); `make test-latest` is the canary against the newest versions pyproject.toml allows.
 LATEST_VENV ?= .venv-latest
 
-.PHONY: wheel help setup lab kernel test test-latest lock test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments colab clean
+.PHONY: wheel help setup lab kernel test test-latest lock test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments colab course-tables clean
 
 help:
 	@echo "make lab              set up .venv and open JupyterLab on notebooks/"
@@ -41,6 +41,7 @@ help:
 	@echo "make tiny-model       retrain the bundled llmsys-tiny model on Shakespeare"
 	@echo "make assignments      regenerate the student notebooks in assignments/ from solutions/"
 	@echo "make colab            Open-in-Colab badges and install cells in every notebook (then make assignments)"
+	@echo "make course-tables    rewrite the README's and lesson 00's tables of lessons from llmsys_lab/course.py"
 	@echo "make wheel            build dist/llmsys_lab-<version>-py3-none-any.whl"
 
 # ---- set-up ---------------------------------------------------------------
@@ -150,6 +151,10 @@ assignments: setup
 colab: setup
 	$(PY) scripts/colab.py $(if $(ALLOW_PLACEHOLDER),--allow-placeholder,)
 	$(PY) scripts/make_assignments.py
+
+# The tables of lessons (README, lesson 00) from the course manifest, llmsys_lab/course.py
+course-tables: setup
+	$(PY) scripts/course_tables.py
 
 # The kit as a wheel (offline: no build isolation), for `pip install dist/llmsys_lab-<version>-py3-none-any.whl`
 wheel: setup

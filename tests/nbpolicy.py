@@ -27,7 +27,10 @@ class Counts:
 
 
 def lesson_notebooks() -> list[Path]:
-    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    """The lessons nbval compares: the course manifest's, less those waiting in notebooks/pending/."""
+    from llmsys_lab import course
+
+    return course.lesson_notebooks(root=ROOT, pending=False)
 
 
 def is_ignored(cell: dict) -> bool:

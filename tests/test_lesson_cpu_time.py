@@ -18,8 +18,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from llmsys_lab import course
+
 ROOT = Path(__file__).resolve().parent.parent
-LESSONS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+LESSONS = course.lesson_notebooks(root=ROOT, pending=False)   # the course manifest's lessons
 CPU_BUDGET_S = 150          # "about two minutes": 120 s, with room for a slower laptop
 PROBE = """import resource
 _self, _kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
