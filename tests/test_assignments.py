@@ -120,6 +120,7 @@ def test_every_assignment_is_in_the_manifest():
             assert sum(lesson.graded_points.values()) == points == 10, (lesson.assignment, lesson.graded, points)
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("name", NAMES)
 def test_solution_scores_full_marks_on_both_paths(graded, name):
     result = graded["cli"]["ref"][name]
@@ -132,6 +133,7 @@ def test_solution_scores_full_marks_on_both_paths(graded, name):
     assert sum(graded["nbgrader"]["ref"][name].values()) == 10, graded["nbgrader"]["ref"][name]
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("name", NAMES)
 def test_solution_runs_cleanly_in_a_plain_kernel(graded, name):
     """nbgrader ran it as JupyterLab would (no TRITON_INTERPRET): no error, nothing on stderr, in any cell."""
@@ -141,6 +143,7 @@ def test_solution_runs_cleanly_in_a_plain_kernel(graded, name):
             assert not (out.output_type == "stream" and out.name == "stderr"), f"{name} cell {i} stderr: {out.text}"
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("name", NAMES)
 def test_untouched_student_notebook_scores_zero_on_both_paths(graded, name):
     result = graded["cli"]["stub"][name]
@@ -154,6 +157,7 @@ def test_untouched_student_notebook_scores_zero_on_both_paths(graded, name):
     assert graded["nbgrader"]["stub"][name] == {t["test"]: 0 for t in result["tests"]}
 
 
+@pytest.mark.notebook
 def test_cli_prints_a_summary_table(graded):
     for name in NAMES:
         assert name.split("/")[-1] in graded["stdout"]

@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from importlib import metadata
 
 import torch
@@ -9,8 +7,8 @@ import importlib
 doctor_mod = importlib.import_module("llmsys_lab.doctor")
 
 
-def test_cli_reports_versions_device_and_triton_mode():
-    out = subprocess.run([sys.executable, "-m", "llmsys_lab", "doctor"], capture_output=True, text=True)
+def test_cli_reports_versions_device_and_triton_mode(cli):
+    out = cli("doctor")                  # in this process; tests/test_packaging.py runs it from the installed wheel
     assert out.returncode == 0, out.stdout + out.stderr
     for name in ("torch", "triton", "transformers", "ipywidgets", "nbval"):
         assert f"  {name}" in out.stdout

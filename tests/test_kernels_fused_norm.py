@@ -136,6 +136,7 @@ def test_bad_dtypes_types_eps_and_devices():
         fused_add_rmsnorm(x, r, meta)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="a CPU tensor on a GPU machine: only a GPU machine compiles Triton")
 def test_cpu_tensors_on_a_gpu_machine_are_refused():
     x = torch.randn(2, 8)
@@ -143,6 +144,7 @@ def test_cpu_tensors_on_a_gpu_machine_are_refused():
         fused_add_rmsnorm(x, x, torch.ones(8))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="LLM-sized rows compiled: too slow for the interpreter")
 @pytest.mark.parametrize("hidden", [1024, 4096, 5120, 8192, 20000])
 def test_llm_sized_rows_on_the_gpu(hidden):

@@ -260,6 +260,7 @@ def test_kernel_started_by_nbclient_inherits_the_blocker(tmp_path, monkeypatch):
 
 # ---- every notebook (slow) --------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", LESSONS + SOLUTIONS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_notebook_runs_without_triton(path, monkeypatch):
     nb = execute_plain(path, True, monkeypatch)

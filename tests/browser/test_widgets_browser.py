@@ -304,6 +304,7 @@ def drive(view, lesson: Lesson, artifacts: Path) -> None:
         view.screenshot(path=str(artifacts / f"{lesson.id}-{n}-{step.name}.png"))
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda lesson: lesson.id)
 def test_widgets_render_and_respond(lesson, browser, jupyter_lab, artifacts, record_property):
     from playwright.sync_api import expect
