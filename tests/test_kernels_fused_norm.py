@@ -12,6 +12,8 @@ from llmsys_lab.kernels.fused_norm import (MAX_BLOCK, bytes_moved, fused_add_rms
                                            fused_add_rmsnorm_reference)
 from llmsys_lab.layers import RMSNorm
 
+pytestmark = pytest.mark.interpreter          # on a CPU these kernels run in the Triton interpreter
+
 GPU = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # tolerance of the normalised output: fp32 1/sqrt and summation order; a half dtype's last bit

@@ -219,6 +219,7 @@ print("same tokens as generate:", same)
 """
 
 
+@pytest.mark.slow
 def test_engine_uses_the_labelled_reference_and_matches_generate():
     """Asked for the paged decode kernel (as on a GPU) without Triton, the engine runs its PyTorch
     reference, records that it did, and still serves exactly what generate() gives."""
@@ -249,6 +250,7 @@ def test_doctor_lists_the_limited_lessons():
     assert "not gradable on this machine" in text
 
 
+@pytest.mark.notebook
 def test_kernel_started_by_nbclient_inherits_the_blocker(tmp_path, monkeypatch):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
         "import os, llmsys_lab\nprint(llmsys_lab.triton_mode(), os.environ.get('TRITON_INTERPRET'))")])

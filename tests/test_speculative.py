@@ -38,9 +38,8 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.double), stat / 2))
 
 
-# These models are tiny: one thread is fastest, and much faster on a busy shared CPU (tests/conftest.py);
-# `tiny` (the bundled model) and `greedy` (memoised references) come from there too.
-pytestmark = pytest.mark.usefixtures("one_thread")
+# These models are tiny: one thread is fastest, and much faster on a busy shared CPU (tests/conftest.py's
+# one_thread, for every test); `tiny` (the bundled model) and `greedy` (memoised references) come from there too.
 
 
 def tiny_random_lm(seed: int, vocab: int = 6, layers: int = 1) -> LlamaLM:
