@@ -155,7 +155,7 @@ def ktiny(tiny):
 
 @pytest.fixture(scope="session")
 def tiny_prompts(tiny):
-    """Token ids of TINY_TEXTS (1 to 7 prompts of 4 to 10 tokens)."""
+    """Token ids of TINY_TEXTS (seven prompts of 5 to 9 tokens)."""
     return [tiny[1](t).input_ids for t in TINY_TEXTS]
 
 
