@@ -24,13 +24,14 @@ REQUIRE_BROWSER = LLMSYS_REQUIRE_BROWSER=$$([ -x "$(CHROMIUM)" ] && echo 1 || ec
 # scripts/lock.py); `make test-latest` is the canary against the newest versions pyproject.toml allows.
 LATEST_VENV ?= .venv-latest
 
-.PHONY: wheel help setup lab kernel test test-latest lock test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments colab clean
+.PHONY: wheel help setup lab kernel test test-fast test-latest lock test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments colab course-tables clean
 
 help:
 	@echo "make lab              set up .venv and open JupyterLab on notebooks/"
 	@echo "make test             set up .venv and run the whole suite on this machine"
 	@echo "make test-latest      the canary: a separate $(LATEST_VENV) with the newest versions pyproject.toml allows, then the suite"
 	@echo "make lock             re-resolve requirements.lock (all platforms) after make test-latest has passed"
+	@echo "make test-fast        the edit loop: unit tests without notebooks, the Triton interpreter, slow or GPU tests"
 	@echo "make test-stress      the property-based tests with a long Hypothesis search (HYPOTHESIS_PROFILE=stress)"
 	@echo "make test-browser     run the lessons in JupyterLab and drive their widgets in headless Chromium"
 	@echo "make browser-deps     install Debian's Chromium for the browser tests (apt-get, as root or with sudo)"
@@ -41,6 +42,7 @@ help:
 	@echo "make tiny-model       retrain the bundled llmsys-tiny model on Shakespeare"
 	@echo "make assignments      regenerate the student notebooks in assignments/ from solutions/"
 	@echo "make colab            Open-in-Colab badges and install cells in every notebook (then make assignments)"
+	@echo "make course-tables    rewrite the README's and lesson 00's tables of lessons from llmsys_lab/course.py"
 	@echo "make wheel            build dist/llmsys_lab-<version>-py3-none-any.whl"
 
 # ---- set-up ---------------------------------------------------------------
@@ -83,6 +85,12 @@ lock:
 
 test-unit: setup
 	$(PY) -m pytest tests --ignore=tests/browser
+
+# The edit loop (a few minutes on 2 cores): unit tests only, without what executes whole notebooks, the Triton
+# interpreter, slow or GPU-only tests (markers in pyproject.toml); `make test` still runs everything.
+FAST_MARKERS := not notebook and not interpreter and not slow and not gpu
+test-fast: setup
+	$(PY) -m pytest -p no:cacheprovider tests --ignore=tests/browser -m "$(FAST_MARKERS)" --durations=15
 
 # The property-based tests (block manager, scheduler, engine) with a much longer search than CI's
 test-stress: setup
@@ -155,6 +163,10 @@ assignments: setup
 colab: setup
 	$(PY) scripts/colab.py $(if $(ALLOW_PLACEHOLDER),--allow-placeholder,)
 	$(PY) scripts/make_assignments.py
+
+# The tables of lessons (README, lesson 00) from the course manifest, llmsys_lab/course.py
+course-tables: setup
+	$(PY) scripts/course_tables.py
 
 # The kit as a wheel (offline: no build isolation), for `pip install dist/llmsys_lab-<version>-py3-none-any.whl`
 wheel: setup

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 
 from ._runtime import TRITON_HOWTO, configure_triton, triton_available, triton_mode
+from .course import without_triton   # what each lesson shows without Triton
 
 # import name -> distribution name, for everything the lessons need
 PACKAGES = {
@@ -30,22 +31,6 @@ GPU_ONLY = {"jupyterlab"}  # optional on a GPU node that only runs tests
 # Triton wheels exist for Linux only; elsewhere its absence is expected, not an installation fault.
 TRITON_PLATFORMS = ("linux",)
 
-# What is limited without Triton, lesson by lesson (the lessons print "Triton unavailable: ..."
-# in the cells concerned and run the PyTorch reference where there is one).
-WITHOUT_TRITON = [
-    ("lesson 00", "the doctor's tiny Triton kernel (softmax) is not run"),
-    ("lesson 04", "the Triton paged decode kernel: its output and timing are not shown; "
-                  "the PyTorch reference (paged_attention_reference) reads the same blocks"),
-    ("lesson 05", "the engine's decode attention uses the PyTorch reference of paged decode attention "
-                  "instead of the Triton kernel (Engine.attention_path says which ran)"),
-    ("lesson 06", "the Triton kernels (softmax, the four FlashAttention steps, the forward/backward "
-                  "kernel) do not run; their source is shown and the PyTorch tiled version runs"),
-    ("lesson 07", "the split-KV paged decode kernel and the fused residual add + RMSNorm kernel are not run; "
-                  "the log-sum-exp merge runs in PyTorch and every GPU measurement is read from stored results"),
-    ("lesson 09", "the Triton grouped-GEMM dispatch is not run; the loop and sorted dispatches are"),
-    ("assignment 06", "the kernel parts are \"not gradable on this machine\" (neither passed nor failed)"),
-    ("assignment 07", "the fused-kernel part is \"not gradable on this machine\"; the split-KV merge is graded"),
-]
 # On GPUs older than Ampere (Colab's T4, compute capability 7.5).
 PRE_AMPERE = ("compute capability below 8.0: kernels take their pre-Hopper paths without tensor-core "
               "bf16; use float16 (llmsys_lab._runtime.half_dtype()); GPU benchmarks in lessons show the "
@@ -122,7 +107,7 @@ def _check_versions(report: Report) -> None:
 
 def _no_triton(report: Report, wanted: str) -> None:
     """Without Triton: a fault on Linux (the install is incomplete), a known limit elsewhere."""
-    report.limited += WITHOUT_TRITON
+    report.limited += without_triton()     # lesson by lesson, from the course manifest
     if sys.platform.startswith(TRITON_PLATFORMS):
         report.problems.append(("triton is not installed (this is Linux: a Triton wheel exists)",
                                 f"pip install 'triton{wanted or FALLBACK_RANGES['triton']}'  or  {FIX_ALL}"))

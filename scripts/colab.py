@@ -76,10 +76,11 @@ def setup_source(repo: str, version: str) -> str:
             f"{SETUP_END}\n")
 
 
-def notebooks(root: Path = ROOT) -> list[Path]:
-    lessons = sorted((root / "notebooks").glob("[0-9]*.ipynb")) + sorted((root / "notebooks" / "pending").glob("[0-9]*.ipynb"))
-    sources = sorted(p for p in (root / "solutions").glob("*/*.ipynb") if ".ipynb_checkpoints" not in p.parts)
-    return lessons + sources
+def notebooks(root: Path = ROOT, lessons=None) -> list[Path]:
+    """Every lesson, then every assignment's source, in the course manifest's order."""
+    from llmsys_lab import course
+
+    return course.lesson_notebooks(lessons, root) + course.solution_notebooks(lessons, root)
 
 
 def _cell(nb, cell_id: str, make):
@@ -135,7 +136,7 @@ class PlaceholderRepository(SystemExit):
     """The Colab links would point at the placeholder repository (they 404 until a fork sets its own)."""
 
 
-def run(root: Path = ROOT, check: bool = False, allow_placeholder: bool = False) -> list[str]:
+def run(root: Path = ROOT, check: bool = False, allow_placeholder: bool = False, lessons=None) -> list[str]:
     """Update (or, with check, only list) what is out of date; returns the paths concerned."""
     repo, version = project(root)
     if repo == PLACEHOLDER and not check and not allow_placeholder:
@@ -144,7 +145,7 @@ def run(root: Path = ROOT, check: bool = False, allow_placeholder: bool = False)
             "404. Set it to your copy's https://github.com/OWNER/NAME, push the tag v" + version +
             ", then run `make colab` again (or `make colab ALLOW_PLACEHOLDER=1` to write the placeholder links anyway).")
     stale = []
-    paths = notebooks(root)
+    paths = notebooks(root, lessons)
     for path in paths:
         rel = path.relative_to(root).as_posix()
         before = path.read_text()

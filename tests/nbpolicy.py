@@ -7,6 +7,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_IGNORED_SHARE = 0.20
+# One execution of a lesson serves two checks: nbval compares its outputs, and tests/conftest.py then reads the
+# kernel's CPU time (CPU_PROBE) before nbval stops it, for tests/test_lesson_cpu_time.py.
+# {resolved notebook path: {"start": perf_counter at its first cell, "failed": a cell failed, "cpu": s, "wall": s}}
+LESSON_RUNS: dict = {}
+CPU_PROBE = """import resource
+_self, _kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+print("CPU_SECONDS", _self.ru_utime + _self.ru_stime + _kids.ru_utime + _kids.ru_stime)"""
 
 
 @dataclass
@@ -27,7 +34,10 @@ class Counts:
 
 
 def lesson_notebooks() -> list[Path]:
-    return sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    """The lessons nbval compares: the course manifest's, less those waiting in notebooks/pending/."""
+    from llmsys_lab import course
+
+    return course.lesson_notebooks(root=ROOT, pending=False)
 
 
 def is_ignored(cell: dict) -> bool:

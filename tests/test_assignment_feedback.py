@@ -60,6 +60,7 @@ RING = "08_parallelism/parallelism.ipynb"
 RING_CELLS = ["ring_all_reduce", "ring_test_fn"]
 
 
+@pytest.mark.slow
 def test_ring_bugs_are_told_apart_by_step_and_chunk():
     assert play(RING, RING_CELLS, ["test_ring_all_reduce"]) is None          # the solution passes
     off_by_one = play(RING, RING_CELLS, ["test_ring_all_reduce"], {"ring_all_reduce": (
@@ -72,6 +73,7 @@ def test_ring_bugs_are_told_apart_by_step_and_chunk():
     assert off_by_one != added
 
 
+@pytest.mark.slow
 def test_a_deadlocked_ring_is_stopped_soon_and_called_a_deadlock():
     import time
 

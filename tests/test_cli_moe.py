@@ -2,8 +2,6 @@
 own models (built on the meta device), FLOPs per token against the 2-FLOPs-per-active-weight rule, weight and
 KV memory from the published shapes, and clear errors for what the MoE report does not estimate."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,9 +25,10 @@ def hf_meta_model(name):
 
 
 @pytest.fixture(scope="module")
-def mixtral_json():
-    return json.loads(subprocess.run([sys.executable, "-m", "llmsys_lab", "estimate", "mixtral-8x7b", "--json"],
-                                     capture_output=True, text=True, check=True).stdout)
+def mixtral_json(cli):
+    out = cli("estimate", "mixtral-8x7b", "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def test_mixtral_params_equal_transformers_model(mixtral_json):

@@ -1,15 +1,17 @@
-"""`python -m llmsys_lab estimate ... --tp/--pp/--dp`: the parallel plan in the table and the JSON."""
+"""`python -m llmsys_lab estimate ... --tp/--pp/--dp`: the parallel plan in the table and the JSON.
+
+The command line runs in this process (tests/conftest.py's `cli`: llmsys_lab.__main__.main with the same argv)."""
 import json
-import subprocess
-import sys
+
+import pytest
 
 
-def _estimate(*args):
-    return subprocess.run([sys.executable, "-m", "llmsys_lab", "estimate", "llama-2-7b", *args],
-                          capture_output=True, text=True)
+@pytest.fixture
+def _estimate(cli):
+    return lambda *args: cli("estimate", "llama-2-7b", *args)
 
 
-def test_parallel_flags_reach_table_and_json():
+def test_parallel_flags_reach_table_and_json(_estimate):
     out = _estimate("--tp", "2", "--pp", "2", "--dp", "2", "--micro-batches", "4", "--batch", "8")
     assert out.returncode == 0, out.stderr
     assert "tp2 pp2 dp2" in out.stdout and "global batch 8 x 4096" in out.stdout
@@ -21,7 +23,7 @@ def test_parallel_flags_reach_table_and_json():
     assert "parallel" not in json.loads(_estimate("--json").stdout)
 
 
-def test_cli_batch_is_never_changed_silently_and_precision_reaches_the_table():
+def test_cli_batch_is_never_changed_silently_and_precision_reaches_the_table(_estimate):
     out = _estimate("--dp", "2", "--micro-batches", "4")            # --batch 1 cannot split into 2 x 4
     assert out.returncode == 2 and "global batch 1 must split into dp = 2 x 4" in out.stderr
     fp32 = _estimate("--dp", "2", "--batch", "2", "--precision", "fp32")
@@ -34,6 +36,6 @@ def test_cli_batch_is_never_changed_silently_and_precision_reaches_the_table():
         "parallel"]["weights"]
 
 
-def test_parallel_plan_that_does_not_divide_is_an_error():
+def test_parallel_plan_that_does_not_divide_is_an_error(_estimate):
     out = _estimate("--tp", "3")
     assert out.returncode == 2 and "error" in out.stderr and "3" in out.stderr

@@ -214,14 +214,7 @@ def test_bias_update_moves_toward_balance():
     torch.testing.assert_close(bias, torch.tensor([-0.1, -0.1, 0.1, 0.1]))
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
+# one_thread: tests/conftest.py (every test runs on one intra-op thread)
 def test_bias_balancing_reduces_imbalance_on_the_tiny_moe(one_thread):
     """The bundled tiny MoE, weights frozen: only the selection bias moves, and the load evens out."""
     g = torch.Generator().manual_seed(0)

@@ -17,25 +17,11 @@ TEXTS = ["ROMEO.\n", "To be, or not", "KING.\nMy lords, I pray you", "HAMLET.\nW
          "FIRST CITIZEN.\nWe are", "PORTIA.\nThe quality of mercy"]
 
 
+# `tiny` and `ktiny` (the bundled model, where the paged kernel runs): tests/conftest.py
 @pytest.fixture(scope="module")
-def tiny():
-    from llmsys_lab.model import load_tiny
-
-    return load_tiny()
-
-
-@pytest.fixture(scope="module")
-def ktiny():
-    """The tiny model where the paged kernel runs: compiled on a GPU, else in the interpreter on a CPU
-    (on a GPU machine Triton compiles for the GPU and cannot read CPU tensors)."""
-    from llmsys_lab.model import load_tiny
-
-    return load_tiny(device="cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny):
-    return [tiny[1](t).input_ids for t in TEXTS]
+def prompts(tiny, tiny_prompts):
+    assert [tiny[1](t).input_ids for t in TEXTS] == tiny_prompts
+    return tiny_prompts
 
 
 # ---- one forward pass -----------------------------------------------------------------------------
@@ -45,7 +31,7 @@ def test_every_layout_implements_the_kv_interface():
     assert PackedPagedBatch.packed and not KVCache.packed and not PagedBatch.packed
 
 
-@pytest.mark.parametrize("use_kernel", [False, True])
+@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=pytest.mark.interpreter)])
 def test_the_engine_runs_the_models_forward_pass_through_its_blocks(ktiny, prompts, use_kernel):
     """Forward hooks on the model, every LlamaBlock and every attention module see each iteration once,
     with the packed (1, N, hidden) row and the engine's PackedPagedBatch as the KV layout; the tokens
@@ -106,6 +92,7 @@ def test_the_models_packed_entry_refuses_a_batch_shaped_input(tiny):
 
 # ---- incremental device-side block tables --------------------------------------------------------
 
+@pytest.mark.interpreter
 def test_device_block_tables_follow_the_block_manager_through_preemption(ktiny, prompts):
     """Rows are uploaded only when a table changed, yet in every iteration each decoding request's
     device row holds the blocks its context was read from (a block added after the forward is sent
@@ -134,6 +121,7 @@ def test_device_block_tables_follow_the_block_manager_through_preemption(ktiny, 
         assert r.output == generate(model, [prompts[i]], limits[i]).new_tokens[0][:len(r.output)]
 
 
+@pytest.mark.interpreter
 def test_one_token_chunks_in_the_middle_of_a_prompt_see_only_their_prefix(ktiny):
     """With chunked prefill and a budget of 2, a request decoding beside a prefilling one leaves the
     latter one token per iteration: one-token rows that are not decode rows. On the kernel path such a
@@ -209,6 +197,7 @@ def test_bad_engine_settings_are_refused_with_a_reason(tiny, kw, msg):
         Engine(model, num_blocks=8, block_size=4, **kw)
 
 
+@pytest.mark.interpreter
 def test_padding_rows_of_a_decode_bucket_touch_only_the_scratch_block(ktiny, prompts):
     """What a graph replays, run eagerly on a CPU (the paged kernel in the interpreter): a decode batch
     of 3 rows padded to a bucket of 4 gives the 3 rows' tokens and K/V of the unpadded batch, and the
@@ -263,6 +252,7 @@ def _serve_workload(model, prompts, **kw):
     return engine, [done[i].output for i in range(8)]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (captures and replays CUDA graphs)")
 @pytest.mark.parametrize("num_splits", [1, None])
 def test_cuda_graph_replay_gives_the_tokens_of_eager_decode(gpu_model, prompts, num_splits):
@@ -291,6 +281,7 @@ def test_cuda_graph_replay_gives_the_tokens_of_eager_decode(gpu_model, prompts, 
         assert out == generate(gpu_model, [prompts[i]], len(out), eos_token_id=None).new_tokens[0]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (captures and replays CUDA graphs)")
 def test_an_iteration_with_a_forward_hook_runs_eagerly(gpu_model, prompts):
     """A replay would skip hooks: with one registered the engine runs the iteration eagerly instead."""
@@ -304,6 +295,7 @@ def test_an_iteration_with_a_forward_hook_runs_eagerly(gpu_model, prompts):
     assert len(calls) == len(engine.log)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (captures and replays CUDA graphs)")
 def test_graphs_captured_up_front_and_an_iteration_past_the_largest_bucket_runs_eagerly(gpu_model, prompts):
     """capture_graphs() captures every bucket before the first request (padding rows only: no block

@@ -20,11 +20,9 @@ TEXTS = ["R", "ROMEO.\n", "To be, or not"]        # prompts of 1, 6 and 5 tokens
 
 
 @pytest.fixture(scope="module")
-def ktiny():
-    """The tiny model where the paged kernel runs (compiled on a GPU, the interpreter on a CPU)."""
-    from llmsys_lab.model import load_tiny
-
-    model, tok = load_tiny(device="cuda" if torch.cuda.is_available() else "cpu")
+def ktiny(ktiny):
+    """The tiny model where the paged kernel runs (tests/conftest.py's `ktiny`) and TEXTS' prompts."""
+    model, tok = ktiny
     return model, [tok(t).input_ids for t in TEXTS]
 
 
@@ -58,6 +56,7 @@ def _serve_and_check(model, prompts, reqs, eos=None, **kw):
     return kernel, made
 
 
+@pytest.mark.interpreter
 def test_preemption_in_the_middle_of_a_chunked_prefill(ktiny, monkeypatch):
     """Token budget 2, chunked prefill, a pool of 6 blocks of 2: request 1 (6-token prompt) is
     preempted when only 2 of its prompt tokens are cached (request 0 needs a block to decode), then
@@ -77,6 +76,7 @@ def test_preemption_in_the_middle_of_a_chunked_prefill(ktiny, monkeypatch):
     assert made[1].preemptions >= 1
 
 
+@pytest.mark.interpreter
 def test_a_recomputation_longer_than_the_token_budget_comes_back_in_chunks(ktiny):
     """Without chunked prefill, a request preempted after generating more tokens than the budget is
     recomputed in budget-sized chunks (the scheduler's exception to whole-prompt admission), rows at
@@ -91,6 +91,7 @@ def test_a_recomputation_longer_than_the_token_budget_comes_back_in_chunks(ktiny
     assert chunks == [1, 2, 2] and victim.preemptions == 1, chunks
 
 
+@pytest.mark.interpreter
 def test_one_at_a_time_with_late_arrivals_one_token_prompts_and_eos_first(ktiny):
     """max_batch 1, static batches, block size 1 (every token starts a block): a 1-token prompt with
     max_new_tokens=1, one whose first token is EOS, and a request arriving long after the others."""
@@ -118,6 +119,7 @@ class EagerReplay:
         return self.engine._step(padded_stage(tokens, lens, rows, size, pad).to(self.engine._tables.device))[:n]
 
 
+@pytest.mark.interpreter
 def test_prefill_and_mixed_iterations_padded_to_their_bucket_give_the_tokens_alone(ktiny):
     """Every iteration, prefill chunks and decodes, padded to a bucket of [1, 2, 5] as a graph replays
     it, with the graphed engine's scratch block and padding table row: the padding rows write only the

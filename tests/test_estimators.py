@@ -267,28 +267,27 @@ def test_presets_round_trip_through_transformers_configs(name):
 
 # ---- command line -----------------------------------------------------------------------------
 
-def run_cli(*args):
-    import subprocess
-    import sys
+@pytest.fixture
+def run_cli(cli):
+    """`python -m llmsys_lab estimate ARGS`, in this process (tests/conftest.py's `cli`)."""
+    return lambda *args: cli("estimate", *args)
 
-    return subprocess.run([sys.executable, "-m", "llmsys_lab", "estimate", *args], capture_output=True, text=True)
 
-
-def test_cli_prints_the_tables():
+def test_cli_prints_the_tables(run_cli):
     out = run_cli("llama-2-7b", "--batch", "1", "--seq", "4096")
     assert out.returncode == 0, out.stderr
     assert "6,738,415,616" in out.stdout
     assert "= 62.99 TFLOPs forward" in out.stdout and "QK^T" in out.stdout and "KV cache per token" in out.stdout
 
 
-def test_cli_json():
+def test_cli_json(run_cli):
     out = run_cli("opt-13b", "--seq", "2048", "--dtype", "fp16", "--json")
     data = json.loads(out.stdout)
     assert data["kv_bytes_per_token"] == 800 * 1024 and data["params"]["total"] == 12_853_473_280
     assert data["bound"] == {"prefill": "compute", "decode": "memory"}
 
 
-def test_cli_bad_input_exits_2_with_a_message():
+def test_cli_bad_input_exits_2_with_a_message(run_cli):
     out = run_cli("llama2-7b")
     assert out.returncode == 2 and "Did you mean 'llama-2-7b'" in out.stderr
     assert "unknown dtype 'fp7'" in run_cli("gpt2", "--dtype", "fp7").stderr
@@ -394,6 +393,7 @@ def test_peak_is_what_is_alive_at_the_peak_moment():
     assert m.peak < rows            # gradients and activations are never alive together in full
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="asks PyTorch's CUDA SDPA selection")
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("n,kv,d", [(16, 16, 64), (16, 4, 64), (16, 1, 64), (8, 8, 128), (4, 4, 80)])
@@ -408,6 +408,7 @@ def test_table_agrees_with_pytorch_selection_on_this_gpu(dtype, n, kv, d, mask):
         query_torch_backend(dtype, n, kv, d, attn_mask=mask)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlopCounterMode on the GPU's fused SDPA kernels")
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_matmul_flops_equal_flop_counter_mode_on_gpu(name):

@@ -8,15 +8,16 @@ from llmsys_lab.configs import ModelConfig
 from llmsys_lab.estimators import kv_bytes_per_token
 from llmsys_lab.generate import generate, pad_left
 from llmsys_lab.kv_cache import CacheError, KVCache
-from llmsys_lab.model import TINY_MODEL_PATH, LlamaLM, load_tiny, model_card
+from llmsys_lab.model import TINY_MODEL_PATH, LlamaLM, model_card
 from llmsys_lab.validate import ShapeError
 
 TEXTS = ["ROMEO.\n", "To be, or not", "KING.\nMy lords, I pray you", "HAMLET.\nWhat"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model, tok = load_tiny()
+def tiny(tiny):
+    """tests/conftest.py's bundled model and tokenizer, with transformers' own load of the same checkpoint."""
+    model, tok = tiny
     hf = AutoModelForCausalLM.from_pretrained(TINY_MODEL_PATH, dtype=torch.float32).eval()
     return model, tok, hf
 

@@ -52,6 +52,7 @@ def load_script():
 
 
 # ---- scoring, crashes, hangs ----------------------------------------------------------------
+@pytest.mark.notebook
 def test_scoring_rules_and_reports(tmp_path, capsys):
     path = write(tmp_path / "sub.ipynb", [
         nbgrader_cell("def double(x):\n    return 2 * x", "answer", "double"),
@@ -83,6 +84,7 @@ def test_scoring_rules_and_reports(tmp_path, capsys):
     assert rows[-1].startswith(f"{path},total,2.5,7,")
 
 
+@pytest.mark.notebook
 def test_hangs_and_crashes_score_zero_and_grading_goes_on(tmp_path):
     """An infinite loop is interrupted after the cell timeout; a loop that ignores the interrupt,
     or a dying kernel, ends that notebook's run; the next submission is graded normally."""
@@ -113,6 +115,7 @@ def test_hangs_and_crashes_score_zero_and_grading_goes_on(tmp_path):
 
 
 # ---- bad input ----------------------------------------------------------------------------
+@pytest.mark.notebook
 def test_bad_input_gets_a_clear_error_and_the_rest_is_graded(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a notebook")
     (tmp_path / "broken.ipynb").write_text('{"cells": [')
@@ -140,6 +143,7 @@ def test_missing_source_is_an_error(tmp_path, capsys):
 
 
 # ---- restoring tests from the source ------------------------------------------------------
+@pytest.mark.notebook
 def test_source_restores_hidden_edited_and_deleted_tests(tmp_path):
     source = write(tmp_path / "source.ipynb", [
         nbgrader_cell("def square(x):\n    ### BEGIN SOLUTION\n    return x * x\n    ### END SOLUTION", "answer", "square"),
@@ -288,6 +292,7 @@ def fill_in(release, source, answer_ids):
     return nb
 
 
+@pytest.mark.notebook
 def test_nbgrader_cycle_and_cli_agree(tmp_path):
     """generate_assignment -> (submissions) -> autograde -> generate_feedback, offline, with nbgrader
     itself; full marks for the solution, zero for the stub, partial for a half-solved notebook."""
@@ -366,6 +371,7 @@ def test_bad_kernel_and_output_paths_are_refused_before_grading(tmp_path, capsys
         assert message in err and "Traceback" not in err and out == ""
 
 
+@pytest.mark.notebook
 def test_output_is_capped_per_cell_and_results_are_written_as_they_come(tmp_path):
     loud = write(tmp_path / "loud.ipynb", [
         nbgrader_cell("for i in range(200_000):\n    print('spam spam spam spam', i)", "answer", "spam"),
@@ -379,6 +385,7 @@ def test_output_is_capped_per_cell_and_results_are_written_as_they_come(tmp_path
     assert len(text) < 12_000 and "output truncated by the grader: more than 10,000 characters" in text
 
 
+@pytest.mark.notebook
 def test_no_source_is_an_error_and_no_source_flag_is_a_labelled_self_check(tmp_path, capsys):
     lone = write(tmp_path / "lone.ipynb", [nbgrader_cell("pass", "test", "not_in_any_source", 5)])
     source = write(tmp_path / "src" / "s.ipynb", [nbgrader_cell("assert False", "test", "other", 1)]) \
@@ -396,6 +403,7 @@ def test_no_source_is_an_error_and_no_source_flag_is_a_labelled_self_check(tmp_p
 NO_TRITON_SITE = Path(__file__).resolve().parent / "no_triton_site"
 
 
+@pytest.mark.notebook
 def test_triton_parts_are_not_gradable_without_triton(tmp_path):
     """Assignment 6 on a machine where `import triton` fails: parts 1-2 pass, the kernel's three tests
     are 'not gradable on this machine' (excluded from score and maximum), the rest runs with notes."""
@@ -419,6 +427,7 @@ def test_triton_parts_are_not_gradable_without_triton(tmp_path):
     assert not any(m.startswith("your code") for m in result["messages"]), result["messages"]
 
 
+@pytest.mark.notebook
 def test_importing_triton_before_the_kit_without_a_gpu_is_refused():
     code = ("import os, torch\nassert not torch.cuda.is_available()\nimport triton.language\n"
             "try:\n    import llmsys_lab\nexcept RuntimeError as err:\n    print('refused:', err)\n")

@@ -14,6 +14,8 @@ from llmsys_lab import grading
 from llmsys_lab.grading import harness, sandbox
 from test_grading_sandbox import needs_sandbox   # skipped only where bwrap is missing (make test requires it where present)
 
+pytestmark = pytest.mark.notebook          # grades notebooks with the trusted harness
+
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT = next((ROOT / "assignments" / "10_speculative_decoding").glob("*.ipynb"))
 

@@ -22,6 +22,8 @@ from llmsys_lab import grading
 from llmsys_lab.grading import sandbox
 from test_grading_sandbox import needs_sandbox   # skipped only where bwrap is missing (make test requires it where present)
 
+pytestmark = pytest.mark.notebook          # grades a sequence of notebooks
+
 ROOT = Path(__file__).resolve().parent.parent
 STUDENT = ROOT / "assignments" / "01_attention" / "attention.ipynb"
 MARK = uuid.uuid4().hex[:12]

@@ -189,6 +189,7 @@ def _one_test_notebook(path: Path) -> Path:
     return path
 
 
+@pytest.mark.notebook
 def test_without_the_sandbox_the_grader_refuses_unless_unsafe_and_then_labels_every_result(tmp_path, monkeypatch,
                                                                                           capsys):
     import json

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from llmsys_lab.kernels.flash_attention import (KernelConfig, attention_flops, flash_attention, flash_forward,
                                                 reference_attention)
 
+pytestmark = pytest.mark.interpreter          # on a CPU these kernels run in the Triton interpreter
+
 GPU = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if GPU else [])
 FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}

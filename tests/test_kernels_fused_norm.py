@@ -12,6 +12,8 @@ from llmsys_lab.kernels.fused_norm import (MAX_BLOCK, bytes_moved, fused_add_rms
                                            fused_add_rmsnorm_reference)
 from llmsys_lab.layers import RMSNorm
 
+pytestmark = pytest.mark.interpreter          # on a CPU these kernels run in the Triton interpreter
+
 GPU = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # tolerance of the normalised output: fp32 1/sqrt and summation order; a half dtype's last bit
@@ -136,6 +138,7 @@ def test_bad_dtypes_types_eps_and_devices():
         fused_add_rmsnorm(x, r, meta)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="a CPU tensor on a GPU machine: only a GPU machine compiles Triton")
 def test_cpu_tensors_on_a_gpu_machine_are_refused():
     x = torch.randn(2, 8)
@@ -143,6 +146,7 @@ def test_cpu_tensors_on_a_gpu_machine_are_refused():
         fused_add_rmsnorm(x, x, torch.ones(8))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not GPU, reason="LLM-sized rows compiled: too slow for the interpreter")
 @pytest.mark.parametrize("hidden", [1024, 4096, 5120, 8192, 20000])
 def test_llm_sized_rows_on_the_gpu(hidden):

@@ -5,6 +5,8 @@ import torch.nn.functional as F
 
 from llmsys_lab.kernels.paged_attention import paged_attention_decode, paged_attention_reference
 
+pytestmark = pytest.mark.interpreter          # on a CPU these kernels run in the Triton interpreter
+
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 

@@ -17,7 +17,8 @@ from test_kernels_flash_attention import assert_within_rule, make
 from test_kernels_paged_attention import TOL
 from test_kernels_paged_attention import make as make_paged
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs the compiled kernels)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (runs the compiled kernels)")]
 
 
 @pytest.fixture(params=["sm75", "sm80"])

@@ -7,7 +7,11 @@ not grow when other jobs share the machine, and on a 2-core laptop a lesson whos
 budget finishes in about that long or less. The test prints one line per lesson (run with -s to see them,
 or read the assertion message).
 
-Executing every lesson takes minutes: the test is marked `slow` (`make test` runs it).
+One execution serves two checks: when nbval has just run the lesson in the same session (`make test`), the
+kernel's CPU time was read there, after its last cell (tests/conftest.py), and this test uses that number
+(nbval's kernel starts the same way: plain environment, no TRITON_INTERPRET); it runs after nbval's items.
+Run alone (or after a failed nbval run, or with LLMSYS_FULL_SWEEPS set) it executes the lesson itself.
+Executing every lesson takes minutes: the test is marked `slow` and `notebook` (`make test` runs it).
 """
 from __future__ import annotations
 
@@ -18,12 +22,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from llmsys_lab import course
+from nbpolicy import CPU_PROBE, LESSON_RUNS
+
 ROOT = Path(__file__).resolve().parent.parent
-LESSONS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+LESSONS = course.lesson_notebooks(root=ROOT, pending=False)   # the course manifest's lessons
 CPU_BUDGET_S = 150          # "about two minutes": 120 s, with room for a slower laptop
-PROBE = """import resource
-_self, _kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-print("CPU_SECONDS", _self.ru_utime + _self.ru_stime + _kids.ru_utime + _kids.ru_stime)"""
+PROBE = CPU_PROBE
 
 
 def execute_and_time(path: Path, monkeypatch) -> tuple[float, float, list[str]]:
@@ -45,11 +50,24 @@ def execute_and_time(path: Path, monkeypatch) -> tuple[float, float, list[str]]:
     return cpu, wall, errors
 
 
+def nbval_run(path: Path) -> tuple[float, float] | None:
+    """(CPU, wall seconds) of nbval's run of the lesson in this session, if it ran cleanly, else None."""
+    run = LESSON_RUNS.get(path.resolve())
+    if not run or run.get("failed") or run.get("cpu") is None or os.environ.get("LLMSYS_FULL_SWEEPS"):
+        return None
+    return run["cpu"], run["wall"]
+
+
 @pytest.mark.slow
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
 def test_lesson_cpu_time(path, monkeypatch, capsys):
-    cpu, wall, errors = execute_and_time(path, monkeypatch)
-    line = f"{path.stem}: {cpu:.0f} s of CPU in the kernel, {wall:.0f} s wall, {os.cpu_count()} cores"
+    measured = nbval_run(path)
+    if measured:
+        (cpu, wall), errors, how = measured, [], "nbval's run"
+    else:
+        (cpu, wall, errors), how = execute_and_time(path, monkeypatch), "its own run"
+    line = f"{path.stem}: {cpu:.0f} s of CPU in the kernel, {wall:.0f} s wall, {os.cpu_count()} cores ({how})"
     with capsys.disabled():
         print("\n" + line)
     assert not errors, f"{line}; errors: {errors}"

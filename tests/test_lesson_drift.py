@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from llmsys_lab import course
+
 ROOT = Path(__file__).resolve().parent.parent
-LESSONS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+LESSONS = course.lesson_notebooks(root=ROOT, pending=False)       # those with stored GPU outputs
 
 UNITS = r"(?:ms|µs|us|ns|s|GB/s|TB/s|MB/s|Gb/s|GiB|GB|MiB|MB|KB|TFLOP/s|TFLOPs|tokens/s|tok/s|rps)"
 # a number with a unit after a space or attached; a ratio written "7.2x" / "7×"; a percentage "61%"

@@ -156,8 +156,11 @@ HINTS = ROOT / "notebooks" / "exercise_hints"
 
 
 def test_every_lesson_has_its_exercise_hints_outside_solutions():
-    lessons = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    assert lessons and all((HINTS / f"{stem}.md").is_file() for stem in lessons), lessons
+    """One hints file per lesson of the course manifest (pending lessons too), and no other."""
+    from llmsys_lab import course
+
+    hints = sorted(ROOT / x.hints for x in course.LESSONS)
+    assert hints and sorted(p for p in HINTS.glob("*.md") if p.name != "README.md") == hints
     assert not (ROOT / "solutions" / "lesson_exercises").exists()     # the folder graders keep from students
     text_files = [p for p in ROOT.rglob("*") if p.suffix in (".md", ".py", ".toml", ".cfg") and ".git" not in p.parts
                   and "site-packages" not in str(p) and p.is_file()]
@@ -169,8 +172,9 @@ def test_every_lesson_has_its_exercise_hints_outside_solutions():
 def test_lesson_links_to_exercise_hints_resolve():
     import re
 
-    lessons = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")) + sorted(
-        (ROOT / "notebooks" / "pending").glob("[0-9][0-9]_*.ipynb"))
+    from llmsys_lab import course
+
+    lessons = course.lesson_notebooks(root=ROOT)
     linked = 0
     for nb in lessons:
         for link in re.findall(r"`([\w/.-]*exercise\w*/[\w.-]+\.md)`", nb.read_text()):

@@ -28,11 +28,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from llmsys_lab import course
+
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKER = Path(__file__).resolve().parent / "no_triton_site"
-LESSONS = (sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))           # 00 .. 10 and on: every lesson
-           + sorted((ROOT / "notebooks" / "pending").glob("[0-9][0-9]_*.ipynb")))  # and those awaiting a GPU run
-SOLUTIONS = sorted((ROOT / "solutions").glob("*/*.ipynb"))
+LESSONS = course.lesson_notebooks(root=ROOT)       # every lesson of the manifest, those awaiting a GPU run too
+SOLUTIONS = course.solution_notebooks(root=ROOT)
 UNAVAILABLE = "Triton unavailable:"
 # Names a notebook imports from llmsys_lab.kernels that work without Triton (PyTorch references,
 # reading a kernel's source, constants, byte and FLOP counts): calling them is not using Triton.
@@ -144,7 +145,7 @@ def problems(nb, expect_notes: bool) -> list[str]:
 # ---- fast checks ------------------------------------------------------------------------------
 def test_every_lesson_is_run_without_triton():
     """The lesson list is every notebooks/NN_*.ipynb, then every notebooks/pending/NN_*.ipynb (a "0*" pattern
-    once left lesson 10 out)."""
+    once left lesson 10 out): the course manifest's list is the files on disk."""
     names = [p.relative_to(ROOT / "notebooks").as_posix() for p in LESSONS]
     everything = [f"{folder}{p.name}" for folder, where in (("", ROOT / "notebooks"),
                                                            ("pending/", ROOT / "notebooks" / "pending"))
@@ -218,6 +219,7 @@ print("same tokens as generate:", same)
 """
 
 
+@pytest.mark.slow
 def test_engine_uses_the_labelled_reference_and_matches_generate():
     """Asked for the paged decode kernel (as on a GPU) without Triton, the engine runs its PyTorch
     reference, records that it did, and still serves exactly what generate() gives."""
@@ -248,6 +250,7 @@ def test_doctor_lists_the_limited_lessons():
     assert "not gradable on this machine" in text
 
 
+@pytest.mark.notebook
 def test_kernel_started_by_nbclient_inherits_the_blocker(tmp_path, monkeypatch):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
         "import os, llmsys_lab\nprint(llmsys_lab.triton_mode(), os.environ.get('TRITON_INTERPRET'))")])
@@ -259,6 +262,7 @@ def test_kernel_started_by_nbclient_inherits_the_blocker(tmp_path, monkeypatch):
 
 # ---- every notebook (slow) --------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", LESSONS + SOLUTIONS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_notebook_runs_without_triton(path, monkeypatch):
     nb = execute_plain(path, True, monkeypatch)

@@ -70,3 +70,31 @@ def test_ignored_counting_sees_markers_and_tags(tmp_path):
     p.write_text(json.dumps(nb))
     c = output_counts(p)
     assert (c.output_cells, c.ignored, c.compared, c.unexecuted) == (4, 2, 2, 1)   # nbval compares the cell whose marker line has extra text
+
+
+@pytest.mark.notebook
+def test_nbval_hooks_reach_the_lessons_outside_tests(tmp_path):
+    """tests/conftest.py's hooks on nbval's cells (NotebookRuns) apply to notebooks outside tests/, as the lessons
+    in notebooks/ are: the kernel starts without this process's TRITON_INTERPRET (as JupyterLab starts it), and
+    the CPU-time test reads that run (a conftest's own per-test hooks would only see tests under tests/)."""
+    import subprocess
+    import sys
+
+    import nbformat
+
+    from nbpolicy import ROOT
+
+    cell = nbformat.v4.new_code_cell("import os\nprint(os.environ.get('TRITON_INTERPRET'))", execution_count=1)
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="None\n")]
+    probe = tmp_path / "probe.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), probe)
+    check = tmp_path / "test_after.py"
+    check.write_text("from pathlib import Path\nfrom nbpolicy import LESSON_RUNS\n\n\ndef test_after():\n"
+                     f"    run = LESSON_RUNS[Path({str(probe)!r}).resolve()]\n"
+                     "    assert run['cpu'] > 0 and not run['failed'], run\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-c", str(ROOT / "pyproject.toml"),
+                           "--rootdir", str(ROOT), str(ROOT / "tests" / "test_checks.py"), str(probe), str(check)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "passed" in done.stdout and "failed" not in done.stdout

@@ -66,6 +66,7 @@ def run(installed, *args) -> subprocess.CompletedProcess:
     return subprocess.run([str(py), *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_wheel_holds_every_package_the_model_and_the_results(installed):
     _, wheel, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -102,6 +103,7 @@ print(len(names), "modules", "estimators" in " ".join(names), "kernels.flash_att
 """
 
 
+@pytest.mark.slow
 def test_every_module_imports_from_the_installed_wheel(installed):
     out = run(installed, "-c", IMPORT_ALL, str(ROOT))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -109,6 +111,7 @@ def test_every_module_imports_from_the_installed_wheel(installed):
     assert int(count) >= 40 and estimators == kernels == results == "True", out.stdout
 
 
+@pytest.mark.slow
 def test_doctor_and_estimate_run_from_the_wheel(installed):
     doctor = run(installed, "-m", "llmsys_lab", "doctor")
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr

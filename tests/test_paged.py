@@ -127,13 +127,7 @@ def test_append_to_finished_sequence_and_running_out():
 
 # ---- K/V in blocks: generation -----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny():
-    from llmsys_lab.model import load_tiny
-
-    return load_tiny()
-
-
+# `tiny` (the bundled model, loaded once per session): tests/conftest.py
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_paged_generation_equals_contiguous_cache_and_hf(tiny, block_size):
     from transformers import AutoModelForCausalLM

@@ -216,20 +216,26 @@ def test_every_request_finishes_once_with_its_tokens_or_is_rejected(workload):
 
 # ---- the engine on the real model -------------------------------------------------------------------
 
+ALONE_TEXTS = ["ROMEO.\n", "To be, or not", "KING.\nMy lords", "HAMLET.\nWhat"]
+
+
 def _alone(device):
     from llmsys_lab.generate import generate
     from llmsys_lab.model import load_tiny
 
     model, tok = load_tiny(device)
-    prompts = [tok(t).input_ids for t in ["ROMEO.\n", "To be, or not", "KING.\nMy lords", "HAMLET.\nWhat"]]
+    prompts = [tok(t).input_ids for t in ALONE_TEXTS]
     alone = [generate(model, [p], 12).new_tokens[0] for p in prompts]
     return model, prompts, alone
 
 
 @pytest.fixture(scope="module")
-def tiny_alone():
-    """The bundled model, a few prompts and what each generates alone (the reference)."""
-    return _alone("cpu")
+def tiny_alone(tiny, greedy):
+    """The bundled model, a few prompts and what each generates alone (the reference; tests/conftest.py's
+    session model and memoised greedy runs)."""
+    model, tok = tiny
+    prompts = [tok(t).input_ids for t in ALONE_TEXTS]
+    return model, prompts, [greedy(model, p, 12) for p in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -275,6 +281,7 @@ def test_engine_on_tiny_pools_gives_every_request_its_tokens_alone(tiny_alone, w
     _every_request_gets_its_tokens_alone(*tiny_alone, workload, spare)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks CUDA-graph replay of every "
                     "iteration under random workloads (the kernel path without graphs runs on the CPU on fixed cases "
                     "in tests/test_engine_graphs.py and tests/test_engine_paged_rows.py)")

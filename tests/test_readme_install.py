@@ -112,6 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MAKE is None, reason="make is not installed")
 def test_make_lab_opens_jupyterlab_on_the_lessons(tmp_path):
     (lab,) = [c for c in commands(block_naming("test_make_lab_opens_jupyterlab_on_the_lessons")) if c == "make lab"]
@@ -158,6 +159,7 @@ def _imports_from_venv(py: Path, where: Path) -> str:
     return out.stdout.strip()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MAKE is None, reason="make is not installed")
 def test_wheel_lines_build_and_install_the_kit(tmp_path):
     make_line, pip_line = commands(block_naming("test_wheel_lines_build_and_install_the_kit"))
@@ -178,6 +180,7 @@ def test_wheel_lines_build_and_install_the_kit(tmp_path):
     assert str(tmp_path / "venv") in _imports_from_venv(py, where)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_git_line_installs_the_kit_at_a_tag(tmp_path):
     (line,) = commands(block_naming("test_git_line_installs_the_kit_at_a_tag"))
@@ -230,6 +233,7 @@ def test_make_colab_refuses_the_placeholder_and_writes_a_forks_links(tmp_path):
     assert "git+https://github.com/a-teacher/llmsys-fork@v" in first
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MAKE is None, reason="make is not installed")
 def test_wheelhouse_line_downloads_the_locked_versions(tmp_path):
     (line,) = [c for c in commands(block_naming("test_wheelhouse_line_downloads_the_locked_versions"))

@@ -235,8 +235,7 @@ def test_bundled_tokens_are_llmsys_tiny_ids():
     assert text.count(" ") > 20 and "<|endoftext|>" in text                # English speeches, one per document
 
 
-def test_more_tokens_and_a_wider_model_give_a_lower_loss():
-    torch.set_num_threads(1)
+def test_more_tokens_and_a_wider_model_give_a_lower_loss():                # one thread: tests/conftest.py
     data = family.bundled_tokens()
     recipe = family.Recipe(val_windows=64)
     short = family.train_run("transformer", 16, 1, 2_048, recipe, data)

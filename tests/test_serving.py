@@ -83,22 +83,15 @@ def test_duplicate_ids_are_rejected():
 
 # ---- the engine on the real model --------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny():
-    from llmsys_lab.model import load_tiny
-
-    return load_tiny()
-
-
+# `tiny` (the bundled model), `tiny_prompts` (of TINY_TEXTS) and `greedy` (memoised references): tests/conftest.py
 TEXTS = ["ROMEO.\n", "To be, or not", "KING.\nMy lords, I pray you", "HAMLET.\nWhat", "JULIET.\nO Romeo",
          "FIRST CITIZEN.\nWe are", "PORTIA.\nThe quality of mercy"]
 
 
 @pytest.fixture(scope="module")
-def reference(tiny):
-    model, tok = tiny
-    prompts = [tok(t).input_ids for t in TEXTS]
-    return prompts, [generate(model, [p], 40).new_tokens[0] for p in prompts]
+def reference(tiny, tiny_prompts, greedy):
+    assert [tiny[1](t).input_ids for t in TEXTS] == tiny_prompts
+    return tiny_prompts, [greedy(tiny[0], p, 40) for p in tiny_prompts]
 
 
 @pytest.mark.parametrize("kw", [
@@ -181,6 +174,7 @@ def test_disaggregation_arithmetic():
     assert disaggregated_goodput(5.6, 10, 2, 1) == pytest.approx(10 / 3)
 
 
+@pytest.mark.interpreter
 def test_engine_decode_through_the_triton_kernel(device):
     """The GPU path (decode rows read K/V with llmsys_lab/kernels/paged_attention.py): compiled on a GPU, through
     the interpreter on a CPU. Compared with generation on the same device."""

@@ -146,5 +146,7 @@ def test_the_registered_kernel_is_found_and_runs_this_python(tmp_path):
     spec = manager.get_kernel_spec("llmsys-lab")
     assert Path(spec.argv[0]).resolve() == Path(sys.executable).resolve()
     # every lesson names this kernel (assignments name python3, which ipykernel always provides)
-    for nb in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+    from llmsys_lab import course
+
+    for nb in course.lesson_notebooks():
         assert json.loads(nb.read_text())["metadata"]["kernelspec"]["name"] == setup_env.KERNEL_NAME, nb.name

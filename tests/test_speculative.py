@@ -13,7 +13,7 @@ from llmsys_lab.configs import ModelConfig
 from llmsys_lab.drafters import ModelDrafter, PromptLookupDrafter, load_draft, truncated_model
 from llmsys_lab.generate import generate
 from llmsys_lab.kv_cache import CacheError, KVCache
-from llmsys_lab.model import LlamaLM, load_tiny
+from llmsys_lab.model import LlamaLM
 from llmsys_lab.paged import BlockError, BlockManager
 from llmsys_lab.speculative import (ContiguousRunner, PagedRunner, Sampling, expected_speedup,
                                     expected_tokens_per_step, speculative_generate, verify)
@@ -38,19 +38,8 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.double), stat / 2))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and much faster on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = load_tiny()
-    return model, tok
+# These models are tiny: one thread is fastest, and much faster on a busy shared CPU (tests/conftest.py's
+# one_thread, for every test); `tiny` (the bundled model) and `greedy` (memoised references) come from there too.
 
 
 def tiny_random_lm(seed: int, vocab: int = 6, layers: int = 1) -> LlamaLM:
@@ -199,11 +188,10 @@ PROMPTS = ["ROMEO.\n", "To be, or not", "KING.\nMy lords,", "HAMLET.\nWhat is", 
 
 
 @pytest.fixture(scope="module")
-def greedy_refs(tiny):
+def greedy_refs(tiny, greedy):
     model, tok = tiny
     prompts = [tok(p).input_ids for p in PROMPTS]
-    refs = [generate(model, [p], max_new_tokens=24, eos_token_id=None).new_tokens[0] for p in prompts]
-    return prompts, refs
+    return prompts, [greedy(model, p, 24, eos_token_id=None) for p in prompts]
 
 
 @pytest.mark.parametrize("cache", ["contiguous", "paged"])

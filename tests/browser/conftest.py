@@ -100,7 +100,9 @@ class LabServer:
 def _kernel_names() -> dict[str, str]:
     """kernelspec name -> display name, as the lessons' metadata give them."""
     names = {}
-    for nb in sorted(NOTEBOOKS.glob("[0-9]*.ipynb")):
+    from llmsys_lab import course
+
+    for nb in course.lesson_notebooks(root=NOTEBOOKS.parent):
         spec = json.loads(nb.read_text()).get("metadata", {}).get("kernelspec", {})
         if spec.get("name"):
             names[spec["name"]] = spec.get("display_name", spec["name"])

@@ -15,9 +15,11 @@ Screenshots of every widget before and after each interaction are saved in
 ``test-artifacts/browser/`` (``<lesson>-0-initial.png``, ``<lesson>-1-<step>.png``, ...), with a
 full-page screenshot when a lesson fails, and the JupyterLab log.
 
-Adding a lesson is one entry in ``LESSONS``, e.g. lesson 06's tiling step-through::
+The lessons come from the course manifest (``llmsys_lab/course.py``): every lesson whose entry lists
+``widgets`` is driven here, pending ones included, and needs one entry in ``LESSONS`` saying how, e.g.
+lesson 06's tiling step-through::
 
-    Lesson("06_flash_attention.ipynb", widget="llmsys-tiling-view", state=".llmsys-tiling-text",
+    Lesson("06_flash_attention", widget="llmsys-tiling-view", state=".llmsys-tiling-text",
            initial=r"^step 16 of 16: ",
            steps=(Step("prev", click("◀ prev"), expect=r"^step 15 of 16: "),)),
 
@@ -27,8 +29,8 @@ it whose text is the view's state (default ``pre.llmsys-state``, the HTML form o
 the actions ``click(label)``, ``choose(label, option)``, ``tick(label)``, ``toggle(option)`` and
 ``drag_slider(label, dx)`` cover ipywidgets' buttons, dropdowns, checkboxes, toggle buttons and
 sliders.
-``test_every_widget_lesson_has_an_entry`` fails until a lesson that imports ``llmsys_lab.viz``
-has an entry here.
+``test_every_widget_lesson_has_an_entry`` fails until every lesson the manifest lists with widgets has
+an entry here (``tests/test_course.py`` checks the manifest's widgets against the notebooks' imports).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+
+from llmsys_lab import course
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 900          # one whole lesson on a CPU, kernel start included
@@ -100,7 +104,7 @@ class Step:
 
 @dataclass(frozen=True)
 class Lesson:
-    notebook: str               # file in notebooks/
+    slug: str                   # the course manifest's lesson ("01_attention"): its notebook
     widget: str                 # CSS class of the view's root box
     initial: str                # regex the state text matches after the notebook ran
     steps: tuple = field(default_factory=tuple)
@@ -108,58 +112,63 @@ class Lesson:
     index: int = 0              # which of the notebook's views of this class (in page order)
 
     @property
+    def notebook(self) -> str:
+        """The notebook's path under notebooks/ (pending/NN_x.ipynb for a lesson awaiting its GPU run)."""
+        return next(x for x in course.LESSONS if x.slug == self.slug).notebook.removeprefix("notebooks/")
+
+    @property
     def id(self) -> str:
-        return Path(self.notebook).stem
+        return self.slug
 
 
 ESTIMATES = ("forward FLOPs", "training memory", "max batch on", "arithmetic intensity")   # depend on seq
 LESSONS = [
     # Each lesson's state after the whole notebook ran (later cells change the view from code).
-    Lesson("01_attention.ipynb", widget="llmsys-attention-view", initial=r"^head 0 of 4, causal=False",
+    Lesson("01_attention", widget="llmsys-attention-view", initial=r"^head 0 of 4, causal=False",
            steps=(Step("head-3", choose("head", "3"), expect=r"^head 3 of 4, causal=False"),
                   Step("causal-on", tick("causal mask"), expect=r"^head 3 of 4, causal=True"))),
-    Lesson("02_estimators.ipynb", widget="llmsys-estimator-view", initial=r"^llama-2-70b: batch 16, seq 2048, bf16, H200",
+    Lesson("02_estimators", widget="llmsys-estimator-view", initial=r"^llama-2-70b: batch 16, seq 2048, bf16, H200",
            steps=(Step("sequence-longer", drag_slider("sequence", 60),
                        expect=r"^llama-2-70b: batch 16, seq (4096|8192|16384|32768),", lines_change=ESTIMATES),
                   Step("sequence-shorter", drag_slider("sequence", -140),
                        expect=r"^llama-2-70b: batch 16, seq (128|256|512|1024),", lines_change=ESTIMATES))),
-    Lesson("04_paged_attention.ipynb", widget="llmsys-block-table-view", state=".llmsys-block-view",
+    Lesson("04_paged_attention", widget="llmsys-block-table-view", state=".llmsys-block-view",
            initial=r"^step 9 of 13: request C arrives",
            steps=(Step("next", click("next ▶"), expect=r"^step 10 of 13: request C generates 'Whether'", image_changes=False),
                   Step("prev", click("◀ prev"), expect=r"^step 9 of 13:", image_changes=False),
                   Step("prev-again", click("◀ prev"), expect=r"^step 8 of 13: request A finishes", image_changes=False))),
-    Lesson("05_continuous_batching.ipynb", widget="llmsys-timeline-view",
+    Lesson("05_continuous_batching", widget="llmsys-timeline-view",
            initial=r"^continuous batching, max batch 4: iteration 8 of 10",
            steps=(Step("iteration-earlier", drag_slider("iteration", -60), expect=r"^continuous batching, max batch 4: iteration [1-7] of 10"),
                   Step("static", toggle("static"), expect=r"^static batching, max batch 4: iteration"))),
-    Lesson("06_flash_attention.ipynb", widget="llmsys-tiling-view", state=".llmsys-tiling-text",
+    Lesson("06_flash_attention", widget="llmsys-tiling-view", state=".llmsys-tiling-text",
            initial=r"^step 16 of 16: query block 3 \(rows 6\.\.7\) x key block 3",
            steps=(Step("prev", click("◀ prev"), expect=r"^step 15 of 16: query block 3 \(rows 6\.\.7\) x key block 2"),
                   Step("prev-again", click("◀ prev"), expect=r"^step 14 of 16: query block 3 .* x key block 1"),
                   Step("next", click("next ▶"), expect=r"^step 15 of 16: "))),
-    Lesson("07_performance.ipynb", widget="llmsys-splitkv-view",
+    Lesson("07_performance", widget="llmsys-splitkv-view",
            initial=r"^batch 1 x 8 KV heads x 16 splits = 128 programs on 132 SMs",
            steps=(Step("batch-16", choose("batch", "16"), expect=r"^batch 16 x 8 KV heads x 16 splits = 2048 programs"),
                   Step("fewer-splits", drag_slider("splits", -300),
                        expect=r"^batch 16 x 8 KV heads x ([1-9]|1[0-5]) splits? = "))),
-    Lesson("08_parallelism.ipynb", widget="llmsys-pipeline-view",
+    Lesson("08_parallelism", widget="llmsys-pipeline-view",
            initial=r"^1F1B, 4 stages, 8 micro-batches: time 33 of 33",
            steps=(Step("gpipe", toggle("gpipe"), expect=r"^GPipe, 4 stages, 8 micro-batches: time 33 of 33"),
                   Step("more-micro-batches", drag_slider("micro-batches", 60),
                        expect=r"^GPipe, 4 stages, (9|1[0-6]) micro-batches"),
                   Step("earlier", drag_slider("time", -120), expect=r"^GPipe, 4 stages, \d+ micro-batches: time \d+ of"))),
-    Lesson("09_moe.ipynb", widget="llmsys-routing-view",
+    Lesson("09_moe", widget="llmsys-routing-view",
            initial=r"^layer 0 of 4, top-2, capacity factor 1\.00: capacity \d+ assignments per expert",
            steps=(Step("top-1", toggle("1"), expect=r"^layer 0 of 4, top-1, capacity factor 1\.00"),
                   Step("more-capacity", drag_slider("capacity", 80),
                        expect=r"^layer 0 of 4, top-1, capacity factor (1\.[2-9]\d|[2-8]\.\d\d):"))),
-    Lesson("10_speculative_decoding.ipynb", widget="llmsys-speculative-view", state=".llmsys-speculative-text",
+    Lesson("10_speculative_decoding", widget="llmsys-speculative-view", state=".llmsys-speculative-text",
            initial=r"^round 3 of \d+, phase rollback",
            steps=(Step("next", click("next ▶"), expect=r"^round 4 of \d+, phase draft", image_changes=False),
                   Step("prev", click("◀ prev"), expect=r"^round 3 of \d+, phase rollback", image_changes=False),
                   Step("prev-again", click("◀ prev"), expect=r"^round 3 of \d+, phase accept", image_changes=False))),
-    # a lesson waiting for its GPU reference run (notebooks/pending/) is driven too
-    Lesson("pending/11_scaling_laws.ipynb", widget="llmsys-scaling-view",
+    # a lesson waiting for its GPU reference run (notebooks/pending/) is driven too: 11_scaling_laws
+    Lesson("11_scaling_laws", widget="llmsys-scaling-view",
            initial=r"^budget C = 5\.76e\+23 FLOPs",
            steps=(Step("smaller-budget", drag_slider("budget C", -200), expect=r"^budget C = \d\.\d\de\+(09|1\d|2[0-2]) FLOPs"),)),
 ]
@@ -239,14 +248,23 @@ def state_of(view, lesson: Lesson) -> tuple[str, str | None]:
 
 
 def test_every_widget_lesson_has_an_entry():
-    """A lesson that shows a widget (imports llmsys_lab.viz) is driven in the browser too."""
-    covered = {lesson.notebook for lesson in LESSONS}
-    with_widgets = {p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb")
-                    if "llmsys_lab.viz" in "".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"])}
-    missing = sorted(with_widgets - covered)
+    """Every lesson the course manifest lists with widgets (pending ones too) is driven in the browser, and
+    each entry's CSS class is named in its view's module."""
+    import importlib
+    import inspect
+
+    covered = [lesson.slug for lesson in LESSONS]
+    with_widgets = [x.slug for x in course.LESSONS if x.widgets]
+    missing = sorted(set(with_widgets) - set(covered))
     assert not missing, f"lessons with widgets but no entry in LESSONS of {Path(__file__).name}: {missing}"
-    stale = sorted(n for n in covered if not (ROOT / "notebooks" / n).exists())
-    assert not stale, f"LESSONS names notebooks that do not exist: {stale}"
+    stale = sorted(set(covered) - set(with_widgets))
+    assert not stale, f"LESSONS names lessons the course manifest lists without widgets: {stale}"
+    assert covered == with_widgets, "keep LESSONS in the manifest's order"
+    for lesson in LESSONS:
+        views = next(x for x in course.LESSONS if x.slug == lesson.slug).widgets
+        sources = [inspect.getsource(importlib.import_module(f"llmsys_lab.viz.{v.split('.')[0]}")) for v in views]
+        assert any(f'"{lesson.widget}"' in src for src in sources), (lesson.slug, lesson.widget, views)
+        assert (ROOT / "notebooks" / lesson.notebook).is_file(), lesson.notebook
 
 
 def open_notebook(page, server, lesson: Lesson) -> None:
@@ -286,6 +304,7 @@ def drive(view, lesson: Lesson, artifacts: Path) -> None:
         view.screenshot(path=str(artifacts / f"{lesson.id}-{n}-{step.name}.png"))
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("lesson", LESSONS, ids=lambda lesson: lesson.id)
 def test_widgets_render_and_respond(lesson, browser, jupyter_lab, artifacts, record_property):
     from playwright.sync_api import expect
