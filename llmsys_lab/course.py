@@ -184,7 +184,7 @@ LESSONS: tuple[Lesson, ...] = (
         widgets=("timeline_view.TimelineView",),
         without_triton="the engine's decode attention uses the PyTorch reference of paged decode attention "
                        "instead of the Triton kernel (Engine.attention_path says which ran)",
-        results=("serving",),
+        results=("online_serving", "serving",),
     ),
     Lesson(
         number=6, slug="06_flash_attention", title="FlashAttention",
