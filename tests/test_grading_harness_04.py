@@ -241,3 +241,10 @@ def test_gather_and_attention_judges_refuse_wrong_outputs():
     last = [c.id for c in calls if c.fn == "paged_decode_attention"][-1]
     outputs[last] = outputs[last] * 1.001
     assert "max abs error" in SPEC.judge["test_paged_attention"](inputs, outputs, {})
+
+
+def test_every_graded_test_of_assignment_04_has_a_judge():
+    nb = nbformat.read(next((ROOT / "solutions" / "04_paged_kv").glob("*.ipynb")), as_version=4)
+    graded_ids = {c.metadata["nbgrader"]["grade_id"] for c in nb.cells
+                  if c.metadata.get("nbgrader", {}).get("grade") and c.metadata["nbgrader"].get("points")}
+    assert graded_ids and graded_ids == set(harness.SPECS["04_paged_kv"].judge)

@@ -217,3 +217,10 @@ def test_the_judges_accept_a_correct_batcher_and_catch_each_broken_rule():
         assert old in ALTERNATIVE, name
         verdicts = _verdicts(ALTERNATIVE.replace(old, new))
         assert verdicts[test] is not None, (name, verdicts)
+
+
+def test_every_graded_test_of_assignment_05_has_a_judge():
+    nb = nbformat.read(next((ROOT / "solutions" / "05_continuous_batching").glob("*.ipynb")), as_version=4)
+    graded_ids = {c.metadata["nbgrader"]["grade_id"] for c in nb.cells
+                  if c.metadata.get("nbgrader", {}).get("grade") and c.metadata["nbgrader"].get("points")}
+    assert graded_ids and graded_ids == set(harness.SPECS["05_continuous_batching"].judge)

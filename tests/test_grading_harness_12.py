@@ -164,3 +164,10 @@ def test_the_absorbed_judge_refuses_wrong_numbers_and_the_materialised_method():
     assert spec.judge["test_absorbed"](inputs, outputs(0), {}) is None
     assert "max abs error" in spec.judge["test_absorbed"](inputs, outputs(0, 1.001), {})
     assert "never builds them" in spec.judge["test_absorbed"](inputs, outputs(10 ** 6), {})
+
+
+def test_every_graded_test_of_assignment_12_has_a_judge():
+    nb = nbformat.read(next((ROOT / "solutions" / "12_deepseek_v3").glob("*.ipynb")), as_version=4)
+    graded_ids = {c.metadata["nbgrader"]["grade_id"] for c in nb.cells
+                  if c.metadata.get("nbgrader", {}).get("grade") and c.metadata["nbgrader"].get("points")}
+    assert graded_ids and graded_ids == set(harness.SPECS["12_deepseek_v3"].judge)
