@@ -441,3 +441,25 @@ def test_the_harness_itself_is_absent_in_the_sandbox(tmp_path):
     attention = next(t for t in sub.tests if t.test == "test_attention")
     assert attention.points == 0 and "No module named 'llmsys_lab.grading.harness'" in attention.feedback, \
         attention.feedback
+
+
+SEQ_LEN_ROLLBACK = (   # the notebook's text says cache.seq_len is lengths[-1]: reading it is not borrowing the kit
+    "def rollback(cache, num_tokens):\n"
+    "    held = cache.seq_len\n"
+    "    if not 0 <= num_tokens <= held:\n"
+    "        raise ValueError(f'cannot keep {num_tokens} of {held} tokens')\n"
+    "    cache.k[:, :, :, num_tokens:] = 0\n"
+    "    cache.v[:, :, :, num_tokens:] = 0\n"
+    "    cache.lengths = [num_tokens] * len(cache.lengths)\n")
+
+
+def test_a_rollback_that_reads_the_cache_size_scores_full_marks(tmp_path):
+    """Following the text (`cache.seq_len`) must not cost points: the own-code rule forbids the kit's truncate,
+    not reading the cache's size."""
+    nb = nbformat.read(next((ROOT / "solutions" / "10_speculative_decoding").glob("*.ipynb")), as_version=4)
+    next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "rollback").source = SEQ_LEN_ROLLBACK
+    nbformat.write(nb, tmp_path / "seq_len.ipynb")
+    [sub] = grading.grade([tmp_path / "seq_len.ipynb"], source=ROOT / "solutions", timeout=300,
+                          unsafe=not sandbox.available()[0])
+    rollback = next(t for t in sub.tests if t.test == "test_rollback")
+    assert (rollback.points, rollback.max_points) == (2, 2), rollback.feedback
