@@ -463,3 +463,32 @@ def test_a_rollback_that_reads_the_cache_size_scores_full_marks(tmp_path):
                           unsafe=not sandbox.available()[0])
     rollback = next(t for t in sub.tests if t.test == "test_rollback")
     assert (rollback.points, rollback.max_points) == (2, 2), rollback.feedback
+
+
+DISARM_PROBE = (   # switch the probe's tracer off in the module the notebook can reach, and plant a probe of its own
+    "import sys, types\n"
+    "import llmsys_lab.grading.probe as _probe\n"
+    "_probe.Tracer.wrap = lambda self, fn: fn\n"
+    "_fake = types.ModuleType('llmsys_lab.grading.probe')\n"
+    "_fake.__dict__.update(_probe.__dict__)\n"
+    "sys.modules['llmsys_lab.grading.probe'] = _fake\n")
+
+
+@needs_sandbox
+def test_a_notebook_cannot_disarm_the_probe_it_imports(tmp_path):
+    """The probe runs as a fresh copy of its source, whatever the notebook did to the module it imported."""
+    from test_grading_redteam import FORGE_COMPLETION
+
+    nb = nbformat.read(next((ROOT / "solutions" / "09_moe").glob("*.ipynb")), as_version=4)
+    for cell in nb.cells:
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if gid == "load_balancing_loss":
+            cell.source = KIT_LB_COPY + "\n" + DISARM_PROBE
+        elif gid == "router":
+            cell.source += "\n" + FORGE_COMPLETION
+    nbformat.write(nb, tmp_path / "disarm.ipynb")
+    [sub] = grading.grade([tmp_path / "disarm.ipynb"], source=ROOT / "solutions", timeout=300)
+    tests = {t.test: t for t in sub.tests}
+    assert sub.score == 8, [(t.test, t.points, t.feedback) for t in sub.tests]
+    assert "load_balancing_loss of llmsys_lab/moe.py" in tests["test_load_balancing_loss"].feedback, \
+        tests["test_load_balancing_loss"].feedback

@@ -628,6 +628,23 @@ def finish(job: _Job, nb, problems: dict[int, str]) -> Submission:
     return sub
 
 
+def _probe_cell(work: Path) -> str:
+    """The cell that runs the probe after the notebook: the probe's source itself, read here (outside the kernel)
+    and executed as a fresh module that replaces whatever ``llmsys_lab.grading.probe`` the notebook imported,
+    planted or patched. (Code in the kernel can still patch Python itself; what it cannot change is that the
+    outputs are judged outside.)"""
+    from . import probe
+
+    path = str(Path(probe.__file__).resolve())
+    source = Path(path).read_text()
+    return (f"import sys as _llmsys_sys, types as _llmsys_types\n"
+            f"_llmsys_probe = _llmsys_types.ModuleType('llmsys_lab.grading.probe')\n"
+            f"_llmsys_probe.__file__ = {path!r}\n"
+            f"exec(compile({source!r}, {path!r}, 'exec'), _llmsys_probe.__dict__)\n"
+            f"_llmsys_sys.modules['llmsys_lab.grading.probe'] = _llmsys_probe\n"
+            f"_llmsys_probe.run({str(work)!r})")
+
+
 def _sandbox_main() -> None:
     """Inside the sandbox: run the restored notebook in a kernel; write the executed notebook and the
     cells that did not run normally (JSON) into the job folder. No verdict is decided here."""
@@ -638,8 +655,7 @@ def _sandbox_main() -> None:
     nb = nbformat.read(work / "restored.ipynb", as_version=4)
     run_dir = work / "run"
     tokens = {int(k): v for k, v in job["tokens"].items()}
-    after = (f"import llmsys_lab.grading.probe as _llmsys_probe; _llmsys_probe.run({str(work)!r})"
-             if (work / "probe_calls.json").exists() else None)
+    after = _probe_cell(work) if (work / "probe_calls.json").exists() else None
     problems = execute(nb, run_dir, job["timeout"], job["kernel"],
                        {"deny": job["deny"], "protect": [os.getpid(), os.getppid()], "tokens": tokens},
                        job["max_output"], after=after)

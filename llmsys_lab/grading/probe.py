@@ -110,12 +110,17 @@ def _via(name: str):
     """A launcher of this module (VIA) or a driver function of ``llmsys_lab.grading.drivers`` ("module:function")."""
     if ":" not in name:
         return VIA[name]
-    import importlib
+    import importlib.util
 
     module, _, function = name.partition(":")
-    if not module.startswith("llmsys_lab.grading.drivers."):
+    if not module.startswith("llmsys_lab.grading.drivers.") or not module.rpartition(".")[2].isidentifier():
         raise ValueError(f"unknown probe driver {name!r}")
-    return getattr(importlib.import_module(module), function)
+    # a fresh copy from the (read-only) file, not the module the notebook may have imported and patched
+    path = Path(__file__).resolve().parent / "drivers" / f"{module.rpartition('.')[2]}.py"
+    spec = importlib.util.spec_from_file_location(module, path)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    return getattr(fresh, function)
 
 
 def _student_triton_kernel(kernel, name):
