@@ -90,8 +90,7 @@ def calls(g: torch.Generator):
 
 
 def _judge_merge(t, outputs, errors):
-    for cid, split in (("merge/0", None), ("merge/1", None), ("merge/2", None), ("merge/empty_first", None),
-                       ("merge/empty_second", None)):
+    for cid in ("merge/0", "merge/1", "merge/2", "merge/empty_first", "merge/empty_second"):
         if _err(errors, cid):
             return _err(errors, cid)
         base = "merge/0" if cid.startswith("merge/empty") else cid
@@ -107,9 +106,8 @@ def _judge_merge(t, outputs, errors):
             why = _close(gm.reshape(m.shape).float(), m.float(), 1e-4, 1e-5) or _close(
                 ratio, (o / l[..., None]).float(), 1e-5, 1e-4)
         else:
-            why = None
-            for what, a, b in (("m", gm, m), ("l", gl, l), ("o", go, o)):
-                why = why or (lambda w: w and f"{what}: {w}")(_close(a.reshape(b.shape).float(), b.float(), 1e-5, 1e-5))
+            why = next((f"{what}: {w}" for what, a, b in (("m", gm, m), ("l", gl, l), ("o", go, o))
+                        if (w := _close(a.reshape(b.shape).float(), b.float(), 1e-5, 1e-5))), None)
         if why:
             return f"{cid}: {why}"
     return None
