@@ -119,7 +119,7 @@ def _judge_online(t, outputs, errors):
             return _err(errors, call.id)
         q, k, v = (t[name] for name in call.args[:3])
         ref, _ = _attention(q, k, v)
-        tol = 1e-4 if call.id == "online/large" else 1e-5
+        tol = 5e-4 if call.id == "online/large" else 1e-5   # scores ~1e3: fp32 rounds them by ~1e-4
         why = _close(outputs.get(call.id), ref.float(), tol, tol)
         if why:
             return f"{call.id} (block_n={call.args[3]}, S={k.shape[2]}): {why}"
