@@ -492,3 +492,15 @@ def test_a_notebook_cannot_disarm_the_probe_it_imports(tmp_path):
     assert sub.score == 8, [(t.test, t.points, t.feedback) for t in sub.tests]
     assert "load_balancing_loss of llmsys_lab/moe.py" in tests["test_load_balancing_loss"].feedback, \
         tests["test_load_balancing_loss"].feedback
+
+
+def test_every_assignment_is_judged_by_the_harness_test_by_test():
+    """Each assignment folder has a harness spec, and every graded test of its source notebook has a judge: no
+    graded test is decided by the in-kernel cell alone."""
+    for folder in sorted(p for p in (ROOT / "solutions").iterdir() if p.is_dir()):
+        spec = harness.SPECS.get(folder.name)
+        assert spec is not None, f"{folder.name} has no harness spec"
+        nb = nbformat.read(next(folder.glob("*.ipynb")), as_version=4)
+        graded = {c.metadata["nbgrader"]["grade_id"] for c in nb.cells
+                  if c.metadata.get("nbgrader", {}).get("points")}
+        assert graded and set(spec.judge) == graded, (folder.name, sorted(graded), sorted(spec.judge))

@@ -62,10 +62,9 @@ notebook in its own OS sandbox (``sandbox.py``: bubblewrap, read-only environmen
 and wall-time limits): a submission cannot read the solutions, change the environment, leave processes
 behind or reach another submission's grading. Restoring the cells (before) and scoring (after) happen
 in the grader's process, which only reads the returned notebook (JSON). For the assignments in
-``harness.SPECS`` (01, 02, 07, 08, 09, 10) a trusted harness decides those tests outside the sandbox from the outputs the
+``harness.SPECS`` (every assignment) a trusted harness decides those tests outside the sandbox from the outputs the
 student's functions gave for fresh inputs (safetensors/JSON), and the kit modules the assignment
-forbids are absent from the sandbox; elsewhere the in-kernel test cells still decide, so a submission
-can forge its own result there (not another's). Without a working sandbox ``grade`` refuses unless
+forbids are absent from the sandbox (a test scores only if its in-kernel cell passed too). Without a working sandbox ``grade`` refuses unless
 ``unsafe`` is given, and then labels every result UNSAFE. ``grade_notebook`` runs without the sandbox
 (tests and self-checks only). ``nbgrader autograde`` has none of these defences (it restores locked
 cells and hidden tests, and ignores metadata it did not generate, but runs the notebook in the course
