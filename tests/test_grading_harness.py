@@ -504,3 +504,32 @@ def test_every_assignment_is_judged_by_the_harness_test_by_test():
         graded = {c.metadata["nbgrader"]["grade_id"] for c in nb.cells
                   if c.metadata.get("nbgrader", {}).get("points")}
         assert graded and set(spec.judge) == graded, (folder.name, sorted(graded), sorted(spec.judge))
+
+
+PER_TOKEN_MV_LOOP = (   # right outputs, the method the text rules out: a loop over tokens with 1-D products
+    "def dispatch_combine(x, weights, experts, gate_w, up_w, down_w):\n"
+    "    y = torch.zeros_like(x)\n"
+    "    for n in range(x.shape[0]):\n"
+    "        for j in range(experts.shape[1]):\n"
+    "            e = int(experts[n, j])\n"
+    "            h = F.silu(gate_w[e] @ x[n]) * (up_w[e] @ x[n])\n"
+    "            y[n] = y[n] + weights[n, j].to(x.dtype) * (down_w[e] @ h)\n"
+    "    return y\n")
+RING_BY_ALL_REDUCE = "def ring_all_reduce(t):\n    dist.all_reduce(t)\n    return t\n"
+
+
+def test_student_methods_the_text_rules_out_are_named(tmp_path):
+    """A per-token loop of matrix-vector products is counted like any matrix product (the dispatch rule), and a
+    ring that calls a collective is named before its ranks start."""
+    for folder, gid, answer in (("09_moe", "dispatch_combine", PER_TOKEN_MV_LOOP),
+                                ("08_parallelism", "ring_all_reduce", RING_BY_ALL_REDUCE)):
+        nb = nbformat.read(next((ROOT / "solutions" / folder).glob("*.ipynb")), as_version=4)
+        next(c for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == gid).source = answer
+        nbformat.write(nb, tmp_path / f"{folder}.ipynb")
+    subs = {Path(s.path).stem: s for s in grading.grade([tmp_path / "09_moe.ipynb", tmp_path / "08_parallelism.ipynb"],
+                                                        source=ROOT / "solutions", timeout=400, jobs=2,
+                                                        unsafe=not sandbox.available()[0])}
+    dispatch = next(t for t in subs["09_moe"].tests if t.test == "test_dispatch")
+    assert dispatch.points == 0 and "matrix products for" in dispatch.feedback, dispatch.feedback
+    ring = next(t for t in subs["08_parallelism"].tests if t.test == "test_ring_all_reduce")
+    assert ring.points == 0 and "ring_all_reduce calls all_reduce" in ring.feedback, ring.feedback
