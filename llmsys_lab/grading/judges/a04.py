@@ -8,6 +8,7 @@ from collections import deque
 
 import torch
 
+from ...errors import LabError
 from ..harness import Call, Spec, _close, _err
 
 ASSIGNMENT = "04_paged_kv"
@@ -38,7 +39,7 @@ class _Pool:
         self.free.append(block)
 
 
-class _Refused(Exception):
+class _Refused(LabError):
     def __init__(self, code):
         super().__init__(code)
         self.code = code
