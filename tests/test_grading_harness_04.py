@@ -8,9 +8,8 @@ import nbformat
 import pytest
 import torch
 
-from llmsys_lab import grading
 from llmsys_lab.grading import harness
-from test_grading_redteam import FORGE_COMPLETION
+from harness_cases import grade_variants, variant
 from test_grading_sandbox import needs_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,30 +104,19 @@ KIT_ATTENTION = (
     "from llmsys_lab.kernels.paged_attention import paged_attention_reference as paged_decode_attention\n")
 
 
-def _variant(base, answers, forge=False):
-    nb = nbformat.read(base, as_version=4)
-    for cell in nb.cells:
-        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if gid in answers:
-            cell.source = answers[gid]
-        if forge and gid == "allocator":
-            cell.source += "\n" + FORGE_COMPLETION
-    return nb
-
-
 def _gather_solution():
     nb = nbformat.read(SOLUTION, as_version=4)
     return next(c.source for c in nb.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "gather")
 
 
 CASES = {   # name -> (notebook, score it deserves)
-    "solution": (lambda: _variant(SOLUTION, {}), 10),
-    "stub": (lambda: _variant(STUB, {}), 0),
-    "forged": (lambda: _variant(STUB, {}, forge=True), 0),
-    "borrowed": (lambda: _variant(SOLUTION, {"allocator": KIT_ALLOCATOR, "block_tables": KIT_TABLES,
+    "solution": (lambda: variant(SOLUTION, {}), 10),
+    "stub": (lambda: variant(STUB, {}), 0),
+    "forged": (lambda: variant(STUB, {}, forge=True), 0),
+    "borrowed": (lambda: variant(SOLUTION, {"allocator": KIT_ALLOCATOR, "block_tables": KIT_TABLES,
                                              "gather": _gather_solution().split("def paged_decode_attention")[0]
                                              + KIT_ATTENTION}, forge=True), 2),
-    "alternative": (lambda: _variant(SOLUTION, {"allocator": ALT_ALLOCATOR, "block_tables": ALT_TABLES,
+    "alternative": (lambda: variant(SOLUTION, {"allocator": ALT_ALLOCATOR, "block_tables": ALT_TABLES,
                                                 "gather": ALT_GATHER}), 10),
 }
 
@@ -136,10 +124,7 @@ CASES = {   # name -> (notebook, score it deserves)
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("harness04")
-    for name, (make, _) in CASES.items():
-        nbformat.write(make(), folder / f"{name}.ipynb")
-    subs = grading.grade([folder / f"{n}.ipynb" for n in CASES], source=ROOT / "solutions", timeout=300, jobs=2)
-    return {Path(s.path).stem: s for s in subs}
+    return grade_variants(folder, {name: make() for name, (make, _) in CASES.items()})
 
 
 @needs_sandbox

@@ -9,10 +9,9 @@ import nbformat
 import pytest
 import torch
 
-from llmsys_lab import grading
 from llmsys_lab.grading import harness
 from llmsys_lab.grading.judges.a05 import simulate
-from test_grading_redteam import FORGE_COMPLETION
+from harness_cases import grade_variants, variant
 from test_grading_sandbox import needs_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,14 +94,7 @@ KIT_SIMULATOR = (   # the kit's simulator computes the timeline; step replays it
 
 
 def _variant(base, answer=None, forge=False):
-    nb = nbformat.read(base, as_version=4)
-    for cell in nb.cells:
-        if cell.metadata.get("nbgrader", {}).get("grade_id") == "batcher":
-            if answer is not None:
-                cell.source = answer
-            if forge:
-                cell.source += "\n" + FORGE_COMPLETION
-    return nb
+    return variant(base, None if answer is None else {"batcher": answer}, forge)
 
 
 CASES = {   # name -> (notebook, score it deserves)
@@ -117,10 +109,7 @@ CASES = {   # name -> (notebook, score it deserves)
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("harness05")
-    for name, (make, _) in CASES.items():
-        nbformat.write(make(), folder / f"{name}.ipynb")
-    subs = grading.grade([folder / f"{n}.ipynb" for n in CASES], source=ROOT / "solutions", timeout=300, jobs=2)
-    return {Path(s.path).stem: s for s in subs}
+    return grade_variants(folder, {name: make() for name, (make, _) in CASES.items()})
 
 
 @needs_sandbox

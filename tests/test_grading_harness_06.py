@@ -3,13 +3,12 @@ drawn per submission, judged outside the sandbox against float64 attention; the 
 copy of the assignment's launcher and must be a @triton.jit function written in the notebook."""
 from pathlib import Path
 
-import nbformat
 import pytest
 import torch
 
-from llmsys_lab import grading
 from llmsys_lab.grading import harness
-from test_grading_redteam import FORGE_COMPLETION
+from harness_cases import (assert_full_marks_and_zero, assert_the_harness_took_every_point, grade_variants,
+                           scores, variant)
 from test_grading_sandbox import needs_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,50 +35,23 @@ ALTERNATIVE = {   # a correct merge written another way: weights from the log-su
 }
 
 
-def notebook(path, answers=None, forge=False):
-    nb = nbformat.read(path, as_version=4)
-    first = True
-    for cell in nb.cells:
-        meta = cell.metadata.get("nbgrader", {})
-        if meta.get("grade_id") in (answers or {}):
-            cell.source = answers[meta["grade_id"]]
-        if forge and first and meta.get("solution"):
-            cell.source += "\n" + FORGE_COMPLETION
-            first = False
-    return nb
-
-
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("harness06")
-    books = {"solution": notebook(SOLUTION), "stub": notebook(STUDENT), "forged": notebook(STUDENT, forge=True),
-             "borrowed": notebook(SOLUTION, BORROWED, forge=True), "full_scores": notebook(SOLUTION, FULL_SCORES),
-             "alternative": notebook(SOLUTION, ALTERNATIVE)}
-    for name, nb in books.items():
-        nbformat.write(nb, folder / f"{name}.ipynb")
-    subs = grading.grade([folder / f"{n}.ipynb" for n in books], source=ROOT / "solutions", timeout=300, jobs=2)
-    return {Path(s.path).stem: s for s in subs}
-
-
-def scores(sub):
-    return {t.test: (t.points, t.feedback) for t in sub.tests}
+    books = {"solution": variant(SOLUTION), "stub": variant(STUDENT), "forged": variant(STUDENT, forge=True),
+             "borrowed": variant(SOLUTION, BORROWED, forge=True), "full_scores": variant(SOLUTION, FULL_SCORES),
+             "alternative": variant(SOLUTION, ALTERNATIVE)}
+    return grade_variants(folder, books)
 
 
 @needs_sandbox
 def test_the_solution_scores_full_marks_and_the_stub_zero(graded):
-    for name, want in (("solution", 10), ("stub", 0), ("alternative", 10)):
-        sub = graded[name]
-        assert sub.error is None, sub.error
-        assert (sub.score, sub.max_score) == (want, 10), (name, scores(sub))
-    assert set(scores(graded["solution"])) == set(SPEC.judge)
+    assert_full_marks_and_zero(graded, SPEC)
 
 
 @needs_sandbox
 def test_an_unanswered_notebook_that_forges_every_in_kernel_verdict_scores_zero(graded):
-    sub = graded["forged"]
-    assert sub.error is None, sub.error
-    assert (sub.score, sub.max_score) == (0, 10), scores(sub)
-    assert all(t.feedback.startswith("the grader's own check of your outputs failed") for t in sub.tests), scores(sub)
+    assert_the_harness_took_every_point(graded["forged"])
 
 
 @needs_sandbox

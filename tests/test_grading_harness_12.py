@@ -8,9 +8,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from llmsys_lab import grading
 from llmsys_lab.grading import harness
-from test_grading_redteam import FORGE_COMPLETION
+from harness_cases import grade_variants, variant
 from test_grading_sandbox import needs_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,25 +71,14 @@ KIT_STEP = (   # the kit's forward, captured before the test cell refuses it
     "    return _forward(mla, x, cache, layer)\n")
 
 
-def _variant(base, answers, forge=False):
-    nb = nbformat.read(base, as_version=4)
-    for cell in nb.cells:
-        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
-        if gid in answers:
-            cell.source = answers[gid]
-        if forge and gid == "latent_cache":
-            cell.source += "\n" + FORGE_COMPLETION
-    return nb
-
-
 CASES = {   # name -> (notebook, score it deserves)
-    "solution": (lambda: _variant(SOLUTION, {}), 10),
-    "stub": (lambda: _variant(STUB, {}), 0),
-    "forged": (lambda: _variant(STUB, {}, forge=True), 0),
-    "borrowed": (lambda: _variant(SOLUTION, {"latent_cache": KIT_CACHE, "absorbed": KIT_ABSORBED,
+    "solution": (lambda: variant(SOLUTION, {}), 10),
+    "stub": (lambda: variant(STUB, {}), 0),
+    "forged": (lambda: variant(STUB, {}, forge=True), 0),
+    "borrowed": (lambda: variant(SOLUTION, {"latent_cache": KIT_CACHE, "absorbed": KIT_ABSORBED,
                                              "mla_step": KIT_STEP}, forge=True), 0),
-    "materialised": (lambda: _variant(SOLUTION, {"absorbed": MATERIALISED}), 6),
-    "alternative": (lambda: _variant(SOLUTION, {"latent_cache": ALT_CACHE, "absorbed": ALT_ABSORBED,
+    "materialised": (lambda: variant(SOLUTION, {"absorbed": MATERIALISED}), 6),
+    "alternative": (lambda: variant(SOLUTION, {"latent_cache": ALT_CACHE, "absorbed": ALT_ABSORBED,
                                                 "mla_step": ALT_STEP}), 10),
 }
 
@@ -98,10 +86,7 @@ CASES = {   # name -> (notebook, score it deserves)
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     folder = tmp_path_factory.mktemp("harness12")
-    for name, (make, _) in CASES.items():
-        nbformat.write(make(), folder / f"{name}.ipynb")
-    subs = grading.grade([folder / f"{n}.ipynb" for n in CASES], source=ROOT / "solutions", timeout=300, jobs=2)
-    return {Path(s.path).stem: s for s in subs}
+    return grade_variants(folder, {name: make() for name, (make, _) in CASES.items()})
 
 
 @needs_sandbox
