@@ -32,6 +32,23 @@ def test_weights_are_whole_one_unit_at_a_time_and_freed(fp32):
         assert r["largest_layer_bytes"] < r["peak_gathered"] <= r["root_bytes"] + r["largest_layer_bytes"]
 
 
+def test_settling_waits_for_released_buffers_but_keeps_counting_a_kept_one():
+    import threading
+    import weakref
+
+    from llmsys_lab.parallel.fsdp import GatherStats
+
+    stats = GatherStats()
+    kept, released = torch.zeros(8), [torch.zeros(4)]
+    for t in (kept, released[0]):
+        stats.add(t.numel() * 4)
+        weakref.finalize(t, stats.remove, t.numel() * 4)
+    del t
+    threading.Timer(0.05, released.clear).start()      # another thread lets go of its buffer a moment later
+    assert stats.settled(timeout=0.5) == 32            # only the kept buffer (8 floats) stays counted
+    assert stats.peak == 48
+
+
 def test_bytes_per_rank_are_the_zero_3_tables(fp32):
     for r in fp32:
         est, got = r["estimate"], r["measured"]

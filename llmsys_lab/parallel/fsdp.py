@@ -21,6 +21,7 @@ master weights) stay fp32: mixed precision.
 """
 from __future__ import annotations
 
+import time
 import weakref
 
 import torch
@@ -43,6 +44,18 @@ class GatherStats:
 
     def remove(self, n: int) -> None:
         self.live -= n
+
+    def settled(self, timeout: float = 5.0) -> int:
+        """Bytes alive once the collectives' worker threads have let go of their buffers.
+
+        A synchronous all-gather returns as soon as its output is complete, but the backend's worker
+        thread (gloo runs collectives on its own threads) drops its reference to the output tensor a
+        moment later; on a busy machine that moment can come after the next line of Python. Wait up to
+        ``timeout`` seconds for the count to reach zero: a buffer something really keeps stays counted."""
+        deadline = time.monotonic() + timeout
+        while self.live and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return self.live
 
 
 def _reduce_scatter(out: torch.Tensor, inp: torch.Tensor) -> None:

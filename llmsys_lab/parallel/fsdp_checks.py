@@ -46,9 +46,9 @@ def check_fsdp(batch_size: int = 4, seq: int = 9, steps: int = 3, seed: int = 0,
     for b in batches:
         opt.zero_grad()
         loss = lm_loss(root, shard_batch(b, rank, world))
-        after_forward = root.stats.live
+        after_forward = root.stats.settled()
         loss.backward()
-        live.append((after_forward, root.stats.live))
+        live.append((after_forward, root.stats.settled()))
         opt.step()
         mean = loss.detach().float().clone()
         dist.all_reduce(mean)
