@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One decode iteration, five ways: how far the kit's engine is from the hardware, and why.
+"""One decode iteration, six ways: how far the kit's engine is from the hardware, and why.
 
 For llama-300m (random weights, bf16; benchmarks/serving.py's model) at batch 1, 16 and 64 with
 512 and 2048 tokens of context, one run measures the time of one decode iteration (every sequence
@@ -12,7 +12,10 @@ of the batch gets one new token) as
 3. **plain eager**: the same model's decode step written directly in PyTorch over a static,
    contiguous KV cache (``PlainDecode``): no scheduler, no paging, fixed shapes, no host sync;
 4. **plain + CUDA graph**: that step captured once with ``torch.cuda.CUDAGraph`` and replayed;
-5. **roofline**: the bytes a decode step must read at least (every weight once, every cached K/V
+5. **plain compiled + CUDA graph**: the same step through ``torch.compile`` (Inductor, one graph: the
+   element-wise and normalisation work between the matmuls fused into a few Triton kernels), captured
+   and replayed the same way (GPU only: the compile time is reported, not timed);
+6. **roofline**: the bytes a decode step must read at least (every weight once, every cached K/V
    once) divided by the copy bandwidth measured in the same run.
 
 Ratios are against the plain CUDA-graphed step of the same run (and the plain eager step, which a
@@ -50,7 +53,8 @@ from llmsys_lab.plain_decode import PlainDecode, check_plain_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 16
-RUNGS = ("engine eager", "engine + CUDA graphs", "plain eager", "plain + CUDA graph", "roofline")
+RUNGS = ("engine eager", "engine + CUDA graphs", "plain eager", "plain + CUDA graph", "plain compiled + CUDA graph",
+         "roofline")
 BASELINE = "plain + CUDA graph"
 TARGET_RATIO, TARGET_BATCH = 1.5, 64
 
@@ -172,28 +176,33 @@ def time_engine(model, batch: int, context: int, plan: Plan, cuda_graphs: bool |
     return out
 
 
-def time_plain(model, batch: int, context: int, plan: Plan, graph: bool) -> dict:
+def time_plain(model, batch: int, context: int, plan: Plan, graph: bool, compile: bool = False) -> dict:
     device = model.lm_head.weight.device
     # room for the next token; a multiple of 16 positions, so SDPA's memory-efficient kernel takes the
     # mask as it is (it pads a ragged last dimension with a copy on every call)
-    plain = PlainDecode(model, batch, -(-(context + 1) // 16) * 16)
+    plain = PlainDecode(model, batch, -(-(context + 1) // 16) * 16, compile=compile)
     plain.fill_random(context, torch.Generator(device=device).manual_seed(0))
     fn = plain.step
+    out = {}
     if graph:
+        start = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):                     # warm-up off the default stream, as capture wants
-            for _ in range(3):
+            for _ in range(3):                              # (the first call compiles)
                 plain.step()
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             plain.step()
         fn = g.replay
+        torch.cuda.synchronize()
+        if compile:
+            out["compile_and_capture_s"] = time.perf_counter() - start
     for _ in range(plan.warmup):
         fn()
     seconds = time_per_iter(fn, plan.iters, plan.repeats, device)
-    return {"ms": seconds * 1e3}
+    return {"ms": seconds * 1e3, **out}
 
 
 def roofline(model, batch: int, context: int, bandwidth: float) -> dict:
@@ -247,6 +256,9 @@ def measure(model, plan: Plan, tiny: bool) -> dict:
             rungs["plain eager"] = run_rung(lambda: time_plain(model, batch, context, plan, False))
             rungs["plain + CUDA graph"] = (run_rung(lambda: time_plain(
                 model, batch, context, plan, True)) if on_gpu else {"not_available": no_graphs})
+            rungs["plain compiled + CUDA graph"] = (run_rung(lambda: time_plain(
+                model, batch, context, plan, True, compile=True)) if on_gpu else
+                {"not_available": "GPU only (Inductor's CPU code needs a C++ compiler, and no CUDA graphs)"})
             rungs["roofline"] = roofline(model, batch, context, bw)
             base, eager = rungs[BASELINE].get("ms"), rungs["plain eager"].get("ms")
             for x in rungs.values():

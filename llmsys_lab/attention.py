@@ -157,10 +157,11 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = True, positions: torch.Tensor | None = None,
                 return_weights: bool = False, mask: torch.Tensor | None = None, kv_cache=None,
-                layer_idx: int = 0):
+                layer_idx: int = 0, rotary: tuple | None = None):
         """x: (B, T, hidden). positions: (T,) or (B, T) for RoPE. mask: bool, broadcastable to
         (B, H, T, S), True where a query may attend (e.g. key padding). kv_cache: keys and values
-        of earlier tokens; this call appends the new ones and attends to all of them."""
+        of earlier tokens; this call appends the new ones and attends to all of them. rotary: RoPE's
+        (cos, sin) for these positions, when the caller computed them once for every layer."""
         check_tensor(x, "x", "B T hidden")
         check_size(x, "x", 2, "hidden", self.hidden_size)
         if x.dtype != self.q_proj.weight.dtype:
@@ -169,10 +170,13 @@ class MultiHeadAttention(nn.Module):
         k = self.split_heads(self.k_proj(x), self.num_kv_heads)
         v = self.split_heads(self.v_proj(x), self.num_kv_heads)
         if self.rope is not None:
-            if positions is None:
-                start = kv_cache.seq_len if kv_cache is not None else 0
-                positions = torch.arange(start, start + x.shape[1], device=x.device)
-            cos, sin = self.rope.cos_sin(positions)          # one rotation for q and k
+            if rotary is not None:
+                cos, sin = rotary
+            else:
+                if positions is None:
+                    start = kv_cache.seq_len if kv_cache is not None else 0
+                    positions = torch.arange(start, start + x.shape[1], device=x.device)
+                cos, sin = self.rope.cos_sin(positions)      # one rotation for q and k
             q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)
         weights = None
         if kv_cache is None:

@@ -7,11 +7,13 @@ the new tokens' projected and rotated q, k, v and gets the attention output back
 
     o = kv_cache.attend(layer_idx, q, k, v, causal=..., mask=...)
 
-Three layouts implement it:
+Four layouts implement it:
 
 * ``KVCache`` (lesson 03): one contiguous (B, H_kv, max_len, D) slab per layer; append, then attend.
 * ``PagedBatch`` (lesson 04): the same padded (B, T) batch, its K/V stored in the blocks of a
   ``PagedKVCache``; write through the block tables, gather back, attend.
+* ``StaticKVCache`` (kv_cache.py, compiled decoding): the contiguous slab with shapes that never change,
+  every step attending over all its columns under a mask kept on the device (capturable, compilable).
 * ``PackedPagedBatch`` (this module, the engine's): the tokens of every scheduled request packed
   into one row of N tokens (selective batching: matmuls see (N, hidden), never padding). It carries
   the batch layout vLLM-style engines build each iteration: the positions of the N tokens, the slot
@@ -44,6 +46,7 @@ class KVLayout:
     interface existed, so outputs are unchanged)."""
 
     packed = False                      # input_ids is a (B, T) batch
+    own_checks = False                  # True: the layout checks the input and supplies positions and masks
     positions: torch.Tensor | None = None     # None: the model derives positions from seq_len / the mask
     logit_rows: torch.Tensor | None = None    # None: logits for every token
 

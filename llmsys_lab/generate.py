@@ -33,6 +33,7 @@ class GenerationStats:
     generated_tokens: int = 0
     ttft: float = 0.0                         # seconds until every sequence has its first new token
     step_times: list[float] = field(default_factory=list)   # seconds of each later step
+    compile_seconds: float = 0.0              # static path: compiling and capturing the step (in step 1's time)
 
     @property
     def tpot(self) -> float:
@@ -159,11 +160,17 @@ def next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 def generate(model, prompts, max_new_tokens: int = 32, use_cache: bool = True, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
              eos_token_id: int | None = 0, pad_token_id: int = 0, top_p: float = 1.0,
-             seed: int | None = None) -> GenerationOutput:
+             seed: int | None = None, static_cache: bool = False, compile: bool = False,
+             cuda_graph: bool | None = None) -> GenerationOutput:
     """Generate up to `max_new_tokens` for each prompt (lists of token ids, or a (B, T) tensor
     without padding). Sequences stop at `eos_token_id`; generation ends when all have.
     Sampling (do_sample=True): temperature, top_k, top_p; a `seed` makes the draws the serving
-    engine's (llmsys_lab.sampling: every row is a request with that seed), else `generator` drives them."""
+    engine's (llmsys_lab.sampling: every row is a request with that seed), else `generator` drives them.
+
+    static_cache=True decodes over a StaticKVCache (llmsys_lab.static_decode: fixed shapes, no host
+    sync in the step); compile=True also compiles the step with torch.compile (implies static_cache);
+    cuda_graph (default: on for a CUDA model on the static path) replays the step from a CUDA graph.
+    All paths give the same tokens (tests); ``stats.compile_seconds`` is the compile and capture time."""
     cfg = model.config
     prompts = _check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings, max_new_tokens)
     max_new_tokens = int(max_new_tokens)
@@ -175,18 +182,33 @@ def generate(model, prompts, max_new_tokens: int = 32, use_cache: bool = True, d
     ids, mask = pad_left(prompts, pad_token_id, device)
     b = len(prompts)
     stats = GenerationStats(prompt_tokens=sum(map(len, prompts)))
-    cache = KVCache.for_model(cfg, b, ids.shape[1] + max_new_tokens, model.lm_head.weight.dtype, device) if use_cache else None
+    static = bool(static_cache or compile)
+    if static and not use_cache:
+        raise ValueError("static_cache / compile decode over a KV cache: they need use_cache=True")
+    decoder = None
+    if static:
+        from .static_decode import StaticDecoder
+
+        decoder = StaticDecoder(model, b, ids.shape[1] + max_new_tokens, compile=compile,
+                                cuda_graph=cuda_graph if cuda_graph is not None else device.type == "cuda")
+        cache = decoder.cache
+    elif use_cache:
+        cache = KVCache.for_model(cfg, b, ids.shape[1] + max_new_tokens, model.lm_head.weight.dtype, device)
+    else:
+        cache = None
     done = torch.zeros(b, dtype=torch.bool, device=device)
     new = [[] for _ in range(b)]
     step_input = ids
     for step in range(max_new_tokens):
         _sync(device)
         start = time.perf_counter()
-        if use_cache:
-            logits = model(step_input, attention_mask=mask, kv_cache=cache)   # prefill, then one token
+        if decoder is not None:                                               # prefill, then one token
+            last = decoder.prefill(ids, mask) if step == 0 else decoder.decode(step_input[:, 0])
+        elif use_cache:
+            last = model(step_input, attention_mask=mask, kv_cache=cache)[:, -1]   # prefill, then one token
         else:
-            logits = model(ids, attention_mask=mask)                          # the whole sequence, again
-        tok = next_tokens(logits[:, -1], do_sample, temperature, top_k, generator, top_p, seed, step)
+            last = model(ids, attention_mask=mask)[:, -1]                     # the whole sequence, again
+        tok = next_tokens(last, do_sample, temperature, top_k, generator, top_p, seed, step)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         ids = torch.cat([ids, tok[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], dim=1)
@@ -197,6 +219,8 @@ def generate(model, prompts, max_new_tokens: int = 32, use_cache: bool = True, d
             done |= tok == eos_token_id
         _sync(device)
         elapsed = time.perf_counter() - start
+        if decoder is not None and step == 1:
+            elapsed = max(0.0, elapsed - decoder.compile_seconds)     # compiling is reported apart
         if step == 0:
             stats.ttft = elapsed
         else:
@@ -204,4 +228,6 @@ def generate(model, prompts, max_new_tokens: int = 32, use_cache: bool = True, d
         if bool(done.all()):
             break
     stats.generated_tokens = sum(map(len, new))
+    if decoder is not None:
+        stats.compile_seconds = decoder.compile_seconds
     return GenerationOutput(ids, new, stats, cache)

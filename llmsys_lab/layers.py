@@ -115,10 +115,10 @@ class LlamaBlock(nn.Module):
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                kv_cache=None, layer_idx: int = 0) -> torch.Tensor:
+                kv_cache=None, layer_idx: int = 0, rotary: tuple | None = None) -> torch.Tensor:
         check_tensor(x, "x", "B T hidden")
         h = x + self.self_attn(self.input_layernorm(x), causal=True, positions=positions, mask=mask,
-                               kv_cache=kv_cache, layer_idx=layer_idx)
+                               kv_cache=kv_cache, layer_idx=layer_idx, rotary=rotary)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

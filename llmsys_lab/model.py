@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .configs import ModelConfig
-from .layers import LlamaBlock, RMSNorm
+from .layers import LlamaBlock, RMSNorm, RotaryEmbedding
 from .validate import ConfigError, ShapeError
 
 TINY_MODEL_PATH = Path(__file__).resolve().parent / "models" / "llmsys-tiny"
@@ -29,6 +29,9 @@ class LlamaLM(nn.Module):
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.model.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # RoPE's cos/sin depend on the positions only: computed once per forward here (as transformers'
+        # model.rotary_emb), not once per layer; no weights (inv_freq is not in the state dict)
+        self.model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -89,17 +92,22 @@ class LlamaLM(nn.Module):
         KV interface (llmsys_lab/forward_batch.py): it holds `past` tokens, and every attention
         layer hands it the new tokens' q, k, v (``kv_cache.attend(layer_idx, q, k, v)``).
 
+        A layout with ``own_checks`` (the static cache of compiled decoding, kv_cache.StaticKVCache)
+        supplies the positions and the masks itself and checks shapes only (no host sync in the step).
         With a packed layout (``kv_cache.packed``, the serving engine's PackedPagedBatch) the same
         layers run on the packed (N,) token ids as one (1, N, hidden) row: positions come from the
         layout, and the result is (R, vocab), the logits of the layout's ``logit_rows``.
         """
         packed = getattr(kv_cache, "packed", False)
         key_mask = None
-        if packed:
+        if packed or getattr(kv_cache, "own_checks", False):
+            # a layout that carries its own positions and masks (the engine's packed batch, the static
+            # cache of compiled decoding): it checks shapes only, without reading device values
             if attention_mask is not None:
-                raise ValueError("a packed batch carries its own layout: pass no attention_mask")
+                raise ValueError(f"a {type(kv_cache).__name__} carries its own positions and masks: "
+                                 "pass no attention_mask")
             kv_cache.check_input(input_ids)
-            positions = kv_cache.positions                                                  # (N,)
+            positions = kv_cache.positions                                 # (N,) packed; (B, T) static
         else:
             self.check_input(input_ids, kv_cache)
             b, t = input_ids.shape
@@ -116,8 +124,9 @@ class LlamaLM(nn.Module):
         x = self.model.embed_tokens(input_ids)              # (B, T, hidden); packed: (N, hidden)
         if packed:
             x = x[None]                                     # one row of N tokens: (1, N, hidden)
+        rotary = self.model.rotary_emb.cos_sin(positions)                # (cos, sin), shared by every layer
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions=positions, mask=key_mask, kv_cache=kv_cache, layer_idx=i)
+            x = layer(x, positions=positions, mask=key_mask, kv_cache=kv_cache, layer_idx=i, rotary=rotary)
         if packed:
             rows = kv_cache.logit_rows
             x = x[0] if rows is None else x[0, rows]        # (R, hidden): only the rows that predict

@@ -119,3 +119,22 @@ def test_kernel_names_are_shortened_for_tables(benchmarks_on_path):
     assert dp.short("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>(float*)") == \
         "at::native::cunn_SoftMaxForward"
     assert dp.short("_paged_decode_kernel") == "_paged_decode_kernel"
+
+
+def test_decode_latency_tiny_runs_every_rung_and_checks_tokens(benchmarks_on_path, tmp_path):
+    import decode_latency as dl
+
+    out = tmp_path / "decode_latency.json"
+    assert dl.main(["--tiny", "--new-tokens", "6", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["rungs"] == list(dl.RUNGS) and r["new_tokens"] == 6 and r["tiny"]
+    rungs = r["rows"][0]["rungs"]
+    assert set(rungs) == set(dl.RUNGS)
+    for name in ("kit eager", "kit static + CUDA graph", "roofline"):
+        assert rungs[name]["ms"] > 0 and 0 < rungs[name]["bandwidth_fraction"] <= 1.0 + 1e-9, (name, rungs[name])
+    assert rungs["kit static + CUDA graph"]["same_tokens_as_kit_eager"] is True
+    assert rungs["kit static + CUDA graph"]["cuda_graph"] is False
+    for name in ("kit compiled + CUDA graph", "kit compiled step", "transformers static + compile"):
+        assert "not_available" in rungs[name]
+    with pytest.raises(SystemExit, match="--new-tokens must be >= 2"):
+        dl.main(["--tiny", "--new-tokens", "1", "--out", str(out)])

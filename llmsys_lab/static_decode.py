@@ -1,0 +1,183 @@
+"""Decoding over a static KV cache: the model's own forward, compiled by Inductor and replayed from a CUDA graph.
+
+A decode step of a small or medium model is launch-bound: per layer a dozen PyTorch operations, each
+a kernel of a few microseconds, issued one by one from Python. Two tools remove that overhead, and
+both need the step to have **fixed shapes and no host sync**:
+
+* ``torch.compile`` (TorchDynamo traces the step into one graph, Inductor generates fused Triton
+  kernels for the element-wise and normalisation work between the matmuls): fewer, larger kernels;
+* a **CUDA graph** records the launches of one step once and replays them with a single call.
+
+``KVCache`` cannot give fixed shapes (it returns the filled prefix, one column longer every step).
+``StaticKVCache`` (kv_cache.py) can: every step attends over all ``max_len`` columns, and which
+columns are visible is data on the device. ``StaticDecoder`` owns such a cache and runs the model's
+one forward pass (``LlamaLM.forward``: no copy of the layer loop here) through it:
+
+* ``prefill(ids, mask)``: the left-padded prompts, once, eagerly (a prompt's length changes from call
+  to call; prefill is one large forward, not launch-bound);
+* ``decode(tokens)``: one token per sequence. The step writes the token into a static input buffer,
+  marks its column valid, runs the forward and advances the column and the positions *on the
+  device*, so consecutive steps replay the same graph with no host work but the copy of the tokens.
+
+``compile=True`` wraps the step in ``torch.compile(fullgraph=True)``: a graph break (an operation
+Dynamo cannot trace, or a host sync) is an error, not a silent fallback. ``cuda_graph=True`` captures
+the (compiled or eager) step once and replays it. Both default to on for a CUDA model and off on the
+CPU, where neither helps (Inductor's CPU code needs a C++ compiler; CUDA graphs need CUDA).
+``compile_seconds`` records the first step's time (tracing, Inductor, autotuning, capture), which the
+next process pays again unless Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``) is warm.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .kv_cache import CacheError, StaticKVCache
+from .validate import ShapeError
+
+
+def _positive_int(name: str, v) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def compiled_step(fn, compile: bool | str):
+    """fn, or fn under torch.compile(fullgraph=True) with Inductor (True) or the named backend."""
+    if compile is False or compile is None:
+        return fn
+    if not isinstance(compile, (bool, str)):
+        raise TypeError(f"compile must be a bool or a TorchDynamo backend name, got {compile!r}")
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend="inductor" if compile is True else compile)
+
+
+class StaticDecoder:
+    """Prefill and decode a fixed batch of ``batch`` sequences of at most ``max_len`` tokens each."""
+
+    def __init__(self, model, batch: int, max_len: int, compile: bool | str | None = None,
+                 cuda_graph: bool | None = None):
+        _positive_int("batch", batch)
+        _positive_int("max_len", max_len)
+        cfg, w = model.config, model.lm_head.weight
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_len = {max_len} exceeds the model's context of "
+                             f"{cfg.max_position_embeddings} tokens")
+        on_cuda = w.device.type == "cuda"
+        self.compile = on_cuda if compile is None else compile
+        self.cuda_graph = on_cuda if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and not on_cuda:
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {w.device}")
+        self.model, self.batch, self.max_len = model, batch, max_len
+        self.cache = StaticKVCache.for_model(cfg, batch, max_len, w.dtype, w.device)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=w.device)     # the step's static input
+        self._decode_cols = self.cache.cols                                          # (1,) the next column
+        self._decode_positions = self.cache.positions                                # (B, 1) the next position
+        self._step = compiled_step(self._eager_step, self.compile)
+        self._graph = self._graph_logits = None
+        self.compile_seconds = 0.0
+        self.next_col = 0            # host copy of the next column: the only state the host needs
+
+    # ---- the step ---------------------------------------------------------------------------------
+    def _eager_step(self) -> torch.Tensor:
+        """One token per row from ``tokens``: mark its column valid, run the model, advance."""
+        cache = self.cache
+        cache.key_valid.index_fill_(1, cache.cols, True)
+        logits = self.model(self.tokens, kv_cache=cache)[:, -1]            # (B, vocab)
+        cache.cols.add_(1)
+        cache.positions.add_(1)
+        return logits
+
+    # ---- public -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the (left-padded) prompts (B, T0) once; return the last column's logits (B, vocab).
+
+        attention_mask (B, T0): True for real tokens, False for left padding (None: no padding). Token ids
+        are checked here, once: the decode steps do not look at values on the host."""
+        model = self.model
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        model.check_input(input_ids)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ShapeError(f"attention_mask must have the prompts' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        b, t = input_ids.shape
+        if b != self.batch:
+            raise CacheError(f"this decoder holds {self.batch} sequences but got a batch of {b}")
+        if t >= self.max_len:
+            raise CacheError(f"a prompt of {t} tokens leaves no column of max_len = {self.max_len} to decode into")
+        mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        cache = self.cache
+        cache.k.zero_()
+        cache.v.zero_()
+        cache.key_valid.zero_()
+        cache.key_valid[:, :t] = mask
+        cache.cols = torch.arange(t, device=input_ids.device)
+        cache.positions = (mask.long().cumsum(-1) - 1).clamp(min=0)                 # real tokens only, as transformers
+        try:
+            logits = model(input_ids, kv_cache=cache)[:, -1]
+        finally:
+            cache.cols, cache.positions = self._decode_cols, self._decode_positions
+        self._decode_cols.fill_(t)
+        self._decode_positions.copy_(mask.long().sum(-1, keepdim=True))
+        self.next_col = t
+        return logits
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (B,) and return the logits of the next (B, vocab).
+
+        The returned tensor is the graph's output buffer when a CUDA graph replays: read it (argmax,
+        sample) before the next call, which overwrites it."""
+        if self.next_col == 0:
+            raise CacheError("decode() before prefill(): the cache holds no prompt")
+        if self.next_col >= self.max_len:
+            raise CacheError(f"the static cache is full: {self.max_len} columns used (make the decoder with a "
+                             "larger max_len)")
+        if not isinstance(tokens, torch.Tensor) or tuple(tokens.shape) != (self.batch,):
+            raise ShapeError(f"decode takes one token id per sequence, shape ({self.batch},), got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        self.tokens.copy_(tokens[:, None])
+        if self._graph is not None:
+            self._graph.replay()
+            logits = self._graph_logits
+        elif self.cuda_graph:
+            logits = self._capture()
+        elif self.compile is not False and self.compile_seconds == 0.0:
+            start = time.perf_counter()
+            logits = self._step()
+            self.compile_seconds = time.perf_counter() - start
+        else:
+            logits = self._step()
+        self.next_col += 1
+        return logits
+
+    # ---- CUDA graph -------------------------------------------------------------------------------
+    def _capture(self) -> torch.Tensor:
+        """First decode call with cuda_graph: warm up (compile) on a side stream, capture, then replay
+        for this step. The warm-up steps advance the cache, so the columns are restored around them:
+        their K/V writes land in the same column the real step writes again."""
+        start = time.perf_counter()
+        cache = self.cache
+        col, positions, valid = cache.cols.clone(), cache.positions.clone(), cache.key_valid.clone()
+
+        def rewind():
+            cache.cols.copy_(col)
+            cache.positions.copy_(positions)
+            cache.key_valid.copy_(valid)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+                rewind()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._graph_logits = self._step()
+        rewind()                                   # capture records the step; it does not run it
+        self._graph.replay()
+        torch.cuda.synchronize()
+        self.compile_seconds = time.perf_counter() - start
+        return self._graph_logits
