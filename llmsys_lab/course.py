@@ -253,8 +253,9 @@ LESSONS: tuple[Lesson, ...] = (
               "outputs from one H200 (NCCL multi-GPU figures need a 2-GPU machine)",
         assignment="08_parallelism/parallelism.ipynb",
         implements="a ring all-reduce from point-to-point send/recv, weight sharding, a column- then "
-                   "row-parallel MLP (one all-reduce), graded on real gloo ranks",
-        graded="ring all-reduce 4, shards 2, tensor-parallel MLP 4",
+                   "row-parallel MLP (one all-reduce), data-parallel gradients all-reduced in buckets from "
+                   "backward hooks (a tied and a frozen weight), graded on real gloo ranks",
+        graded="ring all-reduce 3, shards 2, tensor-parallel MLP 3, DDP buckets 2",
         widgets=("pipeline_view.PipelineView",),
     ),
     Lesson(

@@ -138,6 +138,7 @@ def truncated_model(target: LlamaLM, num_layers: int) -> LlamaLM:
     draft.model.embed_tokens = target.model.embed_tokens
     draft.model.layers = nn.ModuleList(target.model.layers[:num_layers])
     draft.model.norm = target.model.norm
+    draft.model.rotary_emb = target.model.rotary_emb
     draft.lm_head = target.lm_head
     return draft.eval()
 

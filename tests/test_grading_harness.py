@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from llmsys_lab import grading
 from llmsys_lab.grading import harness, sandbox
@@ -313,6 +314,28 @@ KIT_TP_LAYERS = (   # the kit's TP layers, called so that the gradients reach th
     "def tp_mlp(x, w1_shard, w2_shard):\n"
     "    return row_parallel_linear(F.gelu(column_parallel_linear(x, w1_shard)), w2_shard)\n")
 
+KIT_DDP_HOOKS = (   # the kit's bucketing (llmsys_lab.parallel.ddp), the student's own hooks around it
+    "def register_ddp_hooks(params, bucket_bytes):\n"
+    "    from llmsys_lab.parallel.ddp import make_buckets\n"
+    "    trainable = list(dict.fromkeys(p for p in params if p.requires_grad))\n"
+    "    buckets = [list(b) for b in make_buckets(trainable, bucket_bytes / 2 ** 20)]\n"
+    "    for bucket in buckets:\n"
+    "        ready = {'n': 0}\n"
+    "        def hook(p, bucket=bucket, ready=ready):\n"
+    "            ready['n'] += 1\n"
+    "            if ready['n'] == len(bucket):\n"
+    "                ready['n'] = 0\n"
+    "                flat = torch.cat([q.grad.reshape(-1) for q in bucket])\n"
+    "                dist.all_reduce(flat)\n"
+    "                flat /= dist.get_world_size()\n"
+    "                i = 0\n"
+    "                for q in bucket:\n"
+    "                    q.grad.copy_(flat[i:i + q.numel()].view_as(q))\n"
+    "                    i += q.numel()\n"
+    "        for p in bucket:\n"
+    "            p.register_post_accumulate_grad_hook(hook)\n"
+    "    return buckets\n")
+
 
 @needs_sandbox
 def test_assignment_08_attacks_on_the_ranks_score_what_they_deserve(tmp_path):
@@ -334,8 +357,9 @@ def test_assignment_08_attacks_on_the_ranks_score_what_they_deserve(tmp_path):
 
     solution = next((ROOT / "solutions" / "08_parallelism").glob("*.ipynb"))
     cases = {"unanswered": (ROOT / "assignments" / "08_parallelism" / "parallelism.ipynb", {}, 0),
-             "decoys": (solution, {"ring_all_reduce": ALL_REDUCE_WITH_DECOYS}, 6),
-             "kit_layers": (solution, {"tp_layers": KIT_TP_LAYERS}, 6)}
+             "decoys": (solution, {"ring_all_reduce": ALL_REDUCE_WITH_DECOYS}, 7),
+             "kit_layers": (solution, {"tp_layers": KIT_TP_LAYERS}, 7),
+             "kit_ddp": (solution, {"ddp_hooks": KIT_DDP_HOOKS}, 8)}
     for name, (base, answers, _) in cases.items():
         nbformat.write(variant(base, answers), tmp_path / f"{name}.ipynb")
     subs = {Path(s.path).stem: s for s in grading.grade([tmp_path / f"{n}.ipynb" for n in cases],
@@ -350,6 +374,36 @@ def test_assignment_08_attacks_on_the_ranks_score_what_they_deserve(tmp_path):
     assert "collective" in ring.feedback, ring.feedback
     tp = next(t for t in subs["kit_layers"].tests if t.test == "test_tp_mlp")
     assert "llmsys_lab/parallel/tensor_parallel.py" in tp.feedback, tp.feedback
+    ddp = next(t for t in subs["kit_ddp"].tests if t.test == "test_ddp_buckets")
+    assert "llmsys_lab/parallel/ddp.py" in ddp.feedback, ddp.feedback
+
+
+def test_ddp_judge_wants_the_one_process_gradients_and_one_all_reduce_per_bucket():
+    """The DDP judge on hand-made rank outputs: the reference gradients with the right collective count pass;
+    one all-reduce per parameter (no buckets), an undivided sum and a gradient on the frozen weight each fail."""
+    from llmsys_lab.grading import harness
+    from llmsys_lab.grading.probe import DDPNet
+
+    g = torch.Generator().manual_seed(0)
+    calls, t = harness._calls_08(g)
+    assert {c.id for c in calls if c.id.startswith("ddp/")} == {f"ddp/{k}" for k in harness._DDP_CASES}
+
+    def outputs(scale=1.0, frozen=0.0, extra_collectives=0):
+        out = {}
+        for case, (world, bucket_bytes) in harness._DDP_CASES.items():
+            ref = DDPNet(*(t[f"ddp.{n}"] for n in harness._DDP_SHAPES))
+            ref.loss(t[f"ddp{case}.ids"]).backward()
+            row = torch.cat([ref.emb.grad.reshape(-1), ref.down.grad.reshape(-1), ref.gain.grad.reshape(-1)]) * scale
+            tail = torch.tensor([frozen, harness._ddp_buckets(bucket_bytes) + extra_collectives], dtype=torch.float64)
+            out[f"ddp/{case}"] = torch.cat([row, tail] * world)
+        return out
+
+    assert [harness._ddp_buckets(b) for _, b in harness._DDP_CASES.values()] == [3, 1, 2]
+    assert harness._judge_ddp(t, outputs(), {}) is None
+    assert "exactly 3 all-reduce" in harness._judge_ddp(t, outputs(extra_collectives=1), {})
+    assert "not the one-process gradient" in harness._judge_ddp(t, outputs(scale=2.0), {})
+    assert "frozen weight" in harness._judge_ddp(t, outputs(frozen=1.0), {})
+    assert "raised RuntimeError" in harness._judge_ddp(t, outputs(), {"ddp/2/each": ["RuntimeError", "x"]})
 
 
 def test_every_collective_is_counted_where_torch_distributed_ends():

@@ -335,9 +335,32 @@ _RING_CASES = {2: (6, 1200), 3: (6, 1200, 1, 7, 100)}
 _TP_CASES = {2: (2, 8, 32), 4: (1, 12, 48)}   # world -> (batch, hidden, ffn); 5 positions per sequence
 
 
+_DDP_CASES = {"2/each": (2, 1), "2/one": (2, 1 << 30), "3/two": (3, 900)}   # case -> (world, bucket bytes)
+_DDP_SHAPES = {"emb": (16, 8), "up": (12, 8), "down": (8, 12), "gain": (8,)}  # float64: 1024, 768 frozen, 768, 64 bytes
+
+
+def _ddp_buckets(bucket_bytes: int) -> int:
+    """How many buckets the trainable parameters (gain, down, emb, in reverse order) make at this size."""
+    buckets, size = 0, None
+    for name in ("gain", "down", "emb"):
+        n = math.prod(_DDP_SHAPES[name]) * 8
+        if size is None or size + n > bucket_bytes:
+            buckets, size = buckets + 1, n
+        else:
+            size += n
+    return buckets
+
+
 def _calls_08(g: torch.Generator):
     t: dict[str, torch.Tensor] = {}
     calls = []
+    for name, shape in _DDP_SHAPES.items():
+        t[f"ddp.{name}"] = torch.randn(*shape, generator=g, dtype=torch.float64) * (0.5 if name != "gain" else 0.1) + (
+            1.0 if name == "gain" else 0.0)
+    for case, (world, bucket_bytes) in _DDP_CASES.items():
+        t[f"ddp{case}.ids"] = torch.randint(0, _DDP_SHAPES["emb"][0], (2 * world, 7), generator=g)
+        calls.append(Call(f"ddp/{case}", "register_ddp_hooks",
+                          [world, bucket_bytes, f"ddp{case}.ids"] + [f"ddp.{n}" for n in _DDP_SHAPES], via="ddp_ranks"))
     for key, (fn, shape, worlds) in _SHARD_CASES.items():
         t[f"s.{key}"] = torch.randn(*shape, generator=g)
         for world in worlds:
@@ -435,6 +458,39 @@ def _judge_tp(t, outputs, errors):
             why = _close(got.double(), want, 1e-5, 1e-4)
             if why:
                 return f"{world} ranks, rank {i // 4}: {what} of tp_mlp vs the unsharded MLP: {why}"
+    return None
+
+
+def _judge_ddp(t, outputs, errors):
+    from .probe import DDPNet
+
+    for case, (world, bucket_bytes) in _DDP_CASES.items():
+        cid = f"ddp/{case}"
+        if _err(errors, cid):
+            return _err(errors, cid)
+        ref = DDPNet(*(t[f"ddp.{n}"] for n in _DDP_SHAPES))
+        ref.loss(t[f"ddp{case}.ids"]).backward()                   # one process, the whole batch
+        wants = [("emb (tied to the LM head)", ref.emb.grad), ("down", ref.down.grad), ("gain", ref.gain.grad)]
+        per_rank = sum(w.numel() for _, w in wants) + 2
+        flat = outputs.get(cid)
+        if not isinstance(flat, torch.Tensor) or flat.numel() != world * per_rank:
+            return f"{cid}: the ranks returned no result or one of the wrong size"
+        buckets = _ddp_buckets(bucket_bytes)
+        where = f"{world} ranks, bucket_bytes={bucket_bytes}"
+        for rank in range(world):
+            part, pos = flat[rank * per_rank:(rank + 1) * per_rank].double(), 0
+            for what, want in wants:
+                why = _close(part[pos:pos + want.numel()].reshape(want.shape), want.double(), 1e-9, 1e-7)
+                pos += want.numel()
+                if why:
+                    return f"{where}, rank {rank}: the gradient of {what} is not the one-process gradient of the " \
+                           f"whole batch: {why}"
+            frozen, collectives = part[pos:].tolist()
+            if frozen:
+                return f"{where}: the frozen weight (requires_grad=False) got a gradient"
+            if collectives != buckets:
+                return (f"{where}, rank {rank}: {int(collectives)} collective call(s) during the backward pass; "
+                        f"{buckets} bucket(s) of trainable parameters need exactly {buckets} all-reduce(s)")
     return None
 
 
@@ -772,7 +828,8 @@ SPECS: dict[str, Spec] = {
     "08_parallelism": Spec(
         hide=[], calls=_calls_08,
         strip={"parallel/ring.py": ("ring_all_reduce", "ring_reduce_scatter", "ring_all_gather")},
-        judge={"test_ring_all_reduce": _judge_ring, "test_shards": _judge_shards, "test_tp_mlp": _judge_tp}),
+        judge={"test_ring_all_reduce": _judge_ring, "test_shards": _judge_shards, "test_tp_mlp": _judge_tp,
+               "test_ddp_buckets": _judge_ddp}),
     "09_moe": Spec(
         hide=[], calls=_calls_09,
         forbid=("kit:moe.py", "kit:kernels/moe_grouped_gemm.py", "kit:deepseek/balancing.py",

@@ -184,12 +184,46 @@ def _launch_add_rmsnorm(kernel, name, ns=None):
 RANK_PREAMBLE = """
 import torch.nn.functional as F
 from llmsys_lab.parallel.tensor_parallel import copy_to_tp, reduce_from_tp
-from llmsys_lab.grading.probe import KIT_PARALLEL, TP_ALLOWED, Tracer, count_messages
+from llmsys_lab.grading.probe import DDP_FORBIDDEN, KIT_PARALLEL, TP_ALLOWED, DDPNet, Tracer, count_messages
 """
 TP_HELPERS = ("shard_columns", "shard_rows", "column_parallel_linear", "row_parallel_linear", "tp_mlp")
 KIT_PARALLEL = ["kit:parallel/ring.py", "kit:parallel/tensor_parallel.py", "kit:parallel/data_parallel.py",
                 "kit:parallel/ddp.py", "kit:parallel/fsdp.py", "kit:parallel/sequence_parallel.py"]
 TP_ALLOWED = ("copy_to_tp", "reduce_from_tp", "_CopyToTP.", "_ReduceFromTP.")
+DDP_FORBIDDEN = KIT_PARALLEL + ["kit:parallel/overlap.py", "kit:parallel/zero.py", "torch:nn/parallel/distributed.py"]
+
+
+def _ddp_net_class():
+    import torch
+    from torch import nn
+
+    class DDPNet(nn.Module):
+        """Assignment 08's data-parallel model: an embedding tied to the LM head (one parameter used twice), a
+        frozen up projection, a trainable down projection and a norm gain; parameters() order: emb, up, down, gain.
+        Built from given float64 weights, so every rank and the harness hold the same model."""
+
+        def __init__(self, emb, up, down, gain):
+            super().__init__()
+            self.emb = nn.Parameter(emb.clone())
+            self.up = nn.Parameter(up.clone(), requires_grad=False)
+            self.down = nn.Parameter(down.clone())
+            self.gain = nn.Parameter(gain.clone())
+
+        def forward(self, ids):
+            x = self.emb[ids]                                                    # (B, T, H)
+            h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gain
+            x = x + torch.nn.functional.gelu(h @ self.up.T) @ self.down.T
+            return x @ self.emb.T                                                # the tied LM head
+
+        def loss(self, ids):
+            logits = self(ids[:, :-1])
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    return DDPNet
+
+
+def DDPNet(*weights):  # noqa: N802  (a class, built on first use)
+    return _ddp_net_class()(*weights)
 
 
 def count_messages():
@@ -262,6 +296,33 @@ def rank_tp(x, r, w1, w2):
     return torch.cat([y.detach().reshape(-1), x.grad.reshape(-1), s1.grad.reshape(-1), s2.grad.reshape(-1)])
 
 
+def rank_ddp(bucket_bytes, ids, emb, up, down, gain):
+    """On every rank: the student's register_ddp_hooks on DDPNet's parameters (the tied one listed twice), then one
+    forward and backward pass on this rank's slice of the batch, all traced (the kit's DDP and torch's are
+    refused). Returns, flat: the gradients of emb, down and gain, 1.0 if the frozen weight got a gradient, and
+    the number of collectives called while the hooks ran."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = DDPNet(emb, up, down, gain)
+    counter = count_messages()
+    mine = ids.chunk(world)[rank]
+
+    def step():
+        register_ddp_hooks([*model.parameters(), model.emb], bucket_bytes)  # noqa: F821  (shipped with this function)
+        counter.update(sent=0, collectives=0)
+        model.loss(mine).backward()
+
+    Tracer(DDP_FORBIDDEN).wrap(step)()
+    grads = [p.grad for p in (model.emb, model.down, model.gain)]
+    if any(g is None for g in grads):
+        raise RuntimeError("after the backward pass a trainable parameter has no gradient")
+    return torch.cat([g.reshape(-1).double() for g in grads]
+                     + [torch.tensor([float(model.up.grad is not None), float(counter["collectives"])],
+                                     dtype=torch.float64)])
+
+
 def _on_ranks(rank_fn, helper_names):
     def via(fn, name, ns):
         from llmsys_lab.parallel import launch
@@ -294,7 +355,8 @@ def _ring_via(fn, name, ns):
     return lambda world, sizes, inputs: run(world, list(sizes), list(inputs))
 
 
-VIA = {"add_rmsnorm": _launch_add_rmsnorm, "ring_ranks": _ring_via, "tp_ranks": _on_ranks(rank_tp, TP_HELPERS)}
+VIA = {"add_rmsnorm": _launch_add_rmsnorm, "ring_ranks": _ring_via, "tp_ranks": _on_ranks(rank_tp, TP_HELPERS),
+       "ddp_ranks": _on_ranks(rank_ddp, ("register_ddp_hooks",))}
 
 
 def _cache(spec, tensors):
