@@ -125,7 +125,7 @@ class Engine:
                  max_batch: int = 8, token_budget: int = 2048, chunked_prefill: bool = False,
                  eos_token_id: int | None = 0, use_kernel: bool | None = None, cuda_graphs: bool | None = None,
                  num_splits: int | None = None, max_graph_tokens: int = MAX_GRAPH_TOKENS,
-                 check_finite: bool = False):
+                 check_finite: bool = False, compile: bool | str = False):
         self.model, self.cfg = model, model.config
         self.eos = check_token_id(eos_token_id, "eos_token_id", self.cfg.vocab_size)
         # NaN/inf logits raise FloatingPointError naming the iteration and requests (computed on the
@@ -181,9 +181,18 @@ class Engine:
         self._free_rows = list(range(max_batch - 1, -1, -1))
         self._row: dict[Request, int] = {}                 # running request -> its row of _tables
         self._uploaded: dict[Request, tuple] = {}          # request -> (table, blocks, last block) on the device
-        self._decode_fns: dict[int, object] = {}           # bucket -> decode attention function
+        self._decode_fns: dict[int, object] = {}           # split count -> decode attention function
+        self._bucket_splits: dict[int, int] = {}           # bucket -> split count
         self._modules = list(model.modules())
-        self.graphs = (IterationGraphs(self._step, self.buckets, pad=[0, 1, max_batch], device=device)
+        # compile=True: every iteration's forward (the packed batch's positions, slots and tables derived on
+        # the device, the model, the paged kernel as the opaque operator llmsys_lab::paged_decode) through
+        # torch.compile(fullgraph=True): a graph break is an error. One compilation per split count (a Python
+        # constant of the step), sizes dynamic otherwise. A string names another TorchDynamo backend.
+        from .static_decode import compiled_step
+
+        self.compile = compile
+        self._run_step = compiled_step(self._step, compile, dynamic=None)
+        self.graphs = (IterationGraphs(self._run, self.buckets, pad=[0, 1, max_batch], device=device)
                        if cuda_graphs else None)
         self.capture_seconds = 0.0             # time capture_graphs() took (0: graphs captured at first use)
         self.iteration = 0
@@ -295,12 +304,13 @@ class Engine:
         self.capture_seconds = time.perf_counter() - began
         return self.capture_seconds
 
-    def _decode_fn(self, rows: int):
-        """Paged attention for an iteration of `rows` packed rows: the split count is the bucket's (an
-        iteration larger than every bucket, which runs eagerly, is its own bucket)."""
+    def _splits_for(self, rows: int) -> int:
+        """The paged kernel's split count for an iteration of `rows` packed rows: the bucket's (an iteration
+        larger than every bucket, which runs eagerly, is its own bucket). Chosen outside the step, so that
+        a compiled step sees it as a number (one compilation per split count)."""
         bucket = bucket_for(self.buckets, rows) if rows <= self.buckets[-1] else rows
-        fn = self._decode_fns.get(bucket)
-        if fn is None:
+        splits = self._bucket_splits.get(bucket)
+        if splits is None:
             splits = self.num_splits
             if splits is None and self.attention_path == KERNEL_PATH:
                 from .kernels.paged_attention import choose_num_splits
@@ -309,8 +319,18 @@ class Engine:
                 sms = torch.cuda.get_device_properties(w.device).multi_processor_count if w.is_cuda else None
                 splits = choose_num_splits(bucket, self.cfg.num_kv_heads,
                                            self.max_blocks_per_seq * self.blocks.block_size, sms)
-            fn = self._decode_fns[bucket] = decode_attention(self.attention_path, splits or 1)
+            splits = self._bucket_splits[bucket] = splits or 1
+        return splits
+
+    def _decode_fn(self, splits: int):
+        fn = self._decode_fns.get(splits)
+        if fn is None:
+            fn = self._decode_fns[splits] = decode_attention(self.attention_path, splits)
         return fn
+
+    def _run(self, stage: torch.Tensor) -> torch.Tensor:
+        """The (compiled) step for this stage's size."""
+        return self._run_step(stage, self._splits_for(stage.shape[1]))
 
     def _hooked(self) -> bool:
         """A forward hook on any module (or a global one) would be skipped by a graph replay: run eagerly then."""
@@ -334,13 +354,13 @@ class Engine:
             out, graphed = self.graphs.run(tokens, lens, rows), True
         else:
             stage = torch.tensor([tokens, lens, rows], dtype=torch.int64).to(self._tables.device)
-            out, graphed = self._step(stage), False
+            out, graphed = self._run(stage), False
         # sampling runs on the logits of each request's last row, on the device, after the replay
         logits = out.index_select(0, torch.tensor(last, device=out.device))
         out = self._sample(logits, work).tolist()       # the iteration's one device-to-host copy
         return self._checked(out, work), graphed
 
-    def _step(self, stage: torch.Tensor) -> torch.Tensor:
+    def _step(self, stage: torch.Tensor, splits: int = 1) -> torch.Tensor:
         """An iteration from its (3, N) int64 stage on the device: tokens, context lengths, table rows.
         Everything else is computed on the device, with no host sync: CUDA graphs capture this.
         Returns the logits after each of the N rows, (N, vocab) (the engine samples each request's last)."""
@@ -350,7 +370,7 @@ class Engine:
         bs = self.blocks.block_size
         slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
         batch = PackedPagedBatch(self.cache, positions, slots, block_tables=tables, context_lens=lens.int(),
-                                 decode_attention=self._decode_fn(stage.shape[1]))
+                                 decode_attention=self._decode_fn(splits))
         return self.model(tokens, kv_cache=batch)                              # (N, vocab)
 
     def _sample(self, logits: torch.Tensor, work) -> torch.Tensor:

@@ -42,13 +42,15 @@ def _positive_int(name: str, v) -> int:
     return v
 
 
-def compiled_step(fn, compile: bool | str):
-    """fn, or fn under torch.compile(fullgraph=True) with Inductor (True) or the named backend."""
+def compiled_step(fn, compile: bool | str, dynamic: bool | None = False):
+    """fn, or fn under torch.compile(fullgraph=True) with Inductor (True) or the named backend.
+    dynamic=False compiles for the shapes of the first call (a fixed-shape step); None lets TorchDynamo
+    make a size symbolic when it changes (the engine's iterations of several sizes)."""
     if compile is False or compile is None:
         return fn
     if not isinstance(compile, (bool, str)):
         raise TypeError(f"compile must be a bool or a TorchDynamo backend name, got {compile!r}")
-    return torch.compile(fn, fullgraph=True, dynamic=False, backend="inductor" if compile is True else compile)
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, backend="inductor" if compile is True else compile)
 
 
 class StaticDecoder:

@@ -319,3 +319,60 @@ def test_graphs_captured_up_front_and_an_iteration_past_the_largest_bucket_runs_
     assert [x["graph"] for x in graphed.log] == [x["tokens"] <= 8 for x in graphed.log]
     assert not graphed.log[0]["graph"] and graphed.log[0]["tokens"] > 8
     assert g_out == e_out
+
+
+# ---- compiled iterations ------------------------------------------------------------------------------------
+
+@pytest.mark.interpreter
+def test_the_paged_kernel_is_an_operator_compile_can_keep(ktiny):
+    """llmsys_lab::paged_decode passes torch.library.opcheck (schema, fake implementation, no aliasing), and a
+    compiled function around it (fullgraph: it would raise on a graph break) gives the reference attention."""
+    from llmsys_lab.kernels.paged_attention import (_paged_decode_op, paged_attention_decode,
+                                                    paged_attention_reference)
+
+    dev = ktiny[0].lm_head.weight.device
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*s, generator=g).to(dev) for s in ((2, 4, 16), (6, 16, 2, 16), (6, 16, 2, 16)))
+    tables = torch.tensor([[0, 1, 2], [3, 4, 5]], dtype=torch.int32, device=dev)
+    lens = torch.tensor([40, 7], dtype=torch.int32, device=dev)
+    torch.library.opcheck(_paged_decode_op, (q, k, v, tables, lens, 0.25, 2, 64, 4, 3),
+                          test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda *a: paged_attention_decode(*a, check=False, num_splits=2) * 2,
+                             backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, tables, lens), 2 * paged_attention_reference(q, k, v, tables, lens),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_a_compiled_engine_iteration_is_one_graph_with_the_eager_tokens(ktiny, prompts):
+    """compile='aot_eager' traces every iteration with fullgraph=True (a graph break raises): the packed batch's
+    positions, slots and tables derived on the device, the model, the kernel as an opaque operator. The tokens
+    equal the eager engine's; iterations of several sizes share few graphs (one per split count, then sizes
+    symbolic)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def serve_two(**kw):
+        engine = Engine(ktiny[0], num_blocks=16, block_size=16, max_batch=2, eos_token_id=None, use_kernel=True, **kw)
+        engine.add_request(0, prompts[2], 3)
+        engine.add_request(1, prompts[0], 3, arrival_step=1)
+        return engine, {r.id: r.output for r in engine.run()}
+
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    compiled, got = serve_two(compile="aot_eager")
+    graphs = counters["stats"]["unique_graphs"] - before
+    _, want = serve_two()
+    assert got == want and len(got) == 2
+    assert len({x["tokens"] for x in compiled.log}) >= 2 and 1 <= graphs <= 3, (compiled.log, graphs)
+    with pytest.raises(TypeError, match="compile must be a bool or a TorchDynamo backend name"):
+        Engine(ktiny[0], num_blocks=8, block_size=16, compile=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Inductor's Triton code, CUDA graphs)")
+def test_compiled_and_graphed_engine_gives_the_tokens_of_eager_decode(gpu_model, prompts):
+    """Inductor around the paged kernel, every iteration replayed from a CUDA graph: the eager tokens."""
+    compiled, c_out = _serve_workload(gpu_model, prompts, cuda_graphs=True, compile=True)
+    _, e_out = _serve_workload(gpu_model, prompts, cuda_graphs=False)
+    assert c_out == e_out and all(x["graph"] for x in compiled.log)

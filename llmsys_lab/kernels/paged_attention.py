@@ -241,21 +241,34 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"{sorted(map(str, devices))}")
     if check:
         check_block_tables(block_tables, context_lens, k_cache.shape[0], block_size)
-    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
-    block_tables = block_tables.contiguous()
-    out = torch.empty_like(q)
-    group = h // h_kv
     if num_splits is None:
         # the longest context the tables allow: an upper bound known without a device-to-host sync
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else None
         num_splits = choose_num_splits(b, h_kv, block_tables.shape[1] * block_size, sms, block_n)
+    return _paged_decode_op(q, k_cache, v_cache, block_tables, context_lens, float(scale or 1.0 / math.sqrt(d)),
+                            num_splits, block_n, num_warps, num_stages)
+
+
+def _paged_decode_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor, scale: float, num_splits: int, block_n: int, num_warps: int,
+                         num_stages: int) -> torch.Tensor:
+    """The kernel launches, arguments checked by paged_attention_decode. Registered below as the custom
+    operator ``llmsys_lab::paged_decode``, so that ``torch.compile`` sees one opaque operator with a known
+    output (its fake implementation) instead of tracing into Triton's launcher: a compiled step keeps the
+    kernel and fuses what is around it."""
+    b, h, d = q.shape
+    _, block_size, h_kv, _ = k_cache.shape
+    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    block_tables = block_tables.contiguous()
+    out = torch.empty_like(q)
+    group = h // h_kv
     if num_splits > 1:
         part = torch.empty(b, h, num_splits, d, dtype=torch.float32, device=q.device)    # (B, H, S, D)
         lse = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)        # (B, H, S)
     else:
         part = lse = out                                  # not read: the kernel writes `out` directly
     _paged_decode_kernel[(b, h_kv, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part, lse, scale or 1.0 / math.sqrt(d), h,
+        q, k_cache, v_cache, block_tables, context_lens, out, part, lse, scale, h,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, BLOCK_SIZE=block_size,
@@ -265,6 +278,18 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _merge_splits_kernel[(b, h)](part, lse, out, h, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
                                      SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=d)
     return out
+
+
+def _paged_decode_fake(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, block_n, num_warps,
+                       num_stages):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)      # what the launch returns: (B, H, D)
+
+
+if hasattr(torch.ops.llmsys_lab, "paged_decode"):       # this file executed again in one process: keep the op
+    _paged_decode_op = torch.ops.llmsys_lab.paged_decode
+else:
+    _paged_decode_op = torch.library.custom_op("llmsys_lab::paged_decode", _paged_decode_launch, mutates_args=())
+    _paged_decode_op.register_fake(_paged_decode_fake)
 
 
 def merge_splits_reference(part: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
