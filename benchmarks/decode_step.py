@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One decode iteration, six ways: how far the kit's engine is from the hardware, and why.
+"""One decode iteration, seven ways: how far the kit's engine is from the hardware, and why.
 
 For llama-300m (random weights, bf16; benchmarks/serving.py's model) at batch 1, 16 and 64 with
 512 and 2048 tokens of context, one run measures the time of one decode iteration (every sequence
@@ -9,6 +9,8 @@ of the batch gets one new token) as
    packed batch, paged KV cache, the Triton paged-attention kernel, one host sync per iteration;
 2. **engine + CUDA graphs**: the same engine replaying its captured decode graph
    (``cuda_graphs=True``); reported as not available where the engine has no such flag;
+   **engine compiled + CUDA graphs**: the same with ``compile=True`` (every iteration through
+   ``torch.compile``, the paged kernel kept as the operator ``llmsys_lab::paged_decode``; GPU only);
 3. **plain eager**: the same model's decode step written directly in PyTorch over a static,
    contiguous KV cache (``PlainDecode``): no scheduler, no paging, fixed shapes, no host sync;
 4. **plain + CUDA graph**: that step captured once with ``torch.cuda.CUDAGraph`` and replayed;
@@ -53,8 +55,8 @@ from llmsys_lab.plain_decode import PlainDecode, check_plain_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK = 16
-RUNGS = ("engine eager", "engine + CUDA graphs", "plain eager", "plain + CUDA graph", "plain compiled + CUDA graph",
-         "roofline")
+RUNGS = ("engine eager", "engine + CUDA graphs", "engine compiled + CUDA graphs", "plain eager", "plain + CUDA graph",
+         "plain compiled + CUDA graph", "roofline")
 BASELINE = "plain + CUDA graph"
 TARGET_RATIO, TARGET_BATCH = 1.5, 64
 
@@ -126,12 +128,14 @@ def engine_has_graph_flag() -> bool:
 
 
 def decoding_engine(model, batch: int, context: int, max_new: int, cuda_graphs: bool | None,
-                    seed: int = 0) -> Engine:
+                    seed: int = 0, compile: bool = False) -> Engine:
     """An engine with `batch` requests of `context`-token prompts, stepped until every one of them is in
     decode (the last logged iteration decoded the whole batch). `cuda_graphs` None: the engine's default
     (an engine without the flag)."""
     num_blocks = batch * math.ceil((context + max_new + 1) / BLOCK) + 4
     kw = {} if cuda_graphs is None else {"cuda_graphs": cuda_graphs}
+    if compile:
+        kw["compile"] = True
     engine = Engine(model, num_blocks, block_size=BLOCK, max_batch=batch, token_budget=max(4096, context),
                     eos_token_id=None, **kw)
     gen = torch.Generator().manual_seed(seed)
@@ -147,13 +151,14 @@ def decoding_engine(model, batch: int, context: int, max_new: int, cuda_graphs: 
     return engine
 
 
-def time_engine(model, batch: int, context: int, plan: Plan, cuda_graphs: bool | None) -> dict:
+def time_engine(model, batch: int, context: int, plan: Plan, cuda_graphs: bool | None, compile: bool = False) -> dict:
     """The engine's decode iteration: `warmup` + timed decode-only iterations of a decoding_engine."""
     device = model.lm_head.weight.device
     steps = plan.warmup + plan.repeats * plan.iters
     # nobody finishes while timed: the first admitted request also decodes while the later ones prefill
     # (up to 4 x batch + 8 iterations, decoding_engine's bound)
-    engine = decoding_engine(model, batch, context, steps + 4 * batch + 16, cuda_graphs)
+    started = time.perf_counter()
+    engine = decoding_engine(model, batch, context, steps + 4 * batch + 16, cuda_graphs, compile=compile)
     for _ in range(plan.warmup):
         engine.step()
     first = len(engine.log)
@@ -168,6 +173,8 @@ def time_engine(model, batch: int, context: int, plan: Plan, cuda_graphs: bool |
         raise RuntimeError("a timed iteration was not a decode iteration of the whole batch")
     out = {"ms": seconds * 1e3, "cuda_graphs": bool(getattr(engine, "cuda_graphs", False)),
            "attention_path": engine.attention_path}
+    if compile:
+        out["setup_s"] = time.perf_counter() - started - seconds * plan.iters * plan.repeats   # compiling, mostly
     if "graph" in timed[0]:
         out["graph_replay_fraction"] = sum(bool(x["graph"]) for x in timed) / len(timed)
     if getattr(engine, "graph_buckets", None) is not None:
@@ -253,6 +260,9 @@ def measure(model, plan: Plan, tiny: bool) -> dict:
                 rungs["engine + CUDA graphs"] = {"not_available": "Engine has no cuda_graphs flag"}
             else:
                 rungs["engine + CUDA graphs"] = run_rung(lambda: time_engine(model, batch, context, plan, True))
+            rungs["engine compiled + CUDA graphs"] = (run_rung(lambda: time_engine(
+                model, batch, context, plan, True, compile=True)) if on_gpu and graph_flag else
+                {"not_available": "GPU only (Inductor's CPU code needs a C++ compiler, and no CUDA graphs)"})
             rungs["plain eager"] = run_rung(lambda: time_plain(model, batch, context, plan, False))
             rungs["plain + CUDA graph"] = (run_rung(lambda: time_plain(
                 model, batch, context, plan, True)) if on_gpu else {"not_available": no_graphs})

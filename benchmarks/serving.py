@@ -240,13 +240,13 @@ def hf_continuous(hf, prompts, limits, num_blocks, max_batch_tokens, timeout=120
     return {"seconds": seconds, "tokens": tokens, "attention": attention, **latency_stats(ttft, tpot)}
 
 
-def kit(model, prompts, limits, num_blocks, policy, max_batch, token_budget, cuda_graphs=None):
+def kit(model, prompts, limits, num_blocks, policy, max_batch, token_budget, cuda_graphs=None, compile=False):
     sync()
     # CUDA graphs are captured before the clock starts (a server's start-up; (e) compiles in an
     # untimed warm-up, (b) warms up before its clock too); the row says how long that took
     engine, done = serve(model, prompts, limits, num_blocks=num_blocks, block_size=BLOCK, policy=policy,
                          max_batch=max_batch, token_budget=token_budget, eos_token_id=None, capture_graphs=True,
-                         cuda_graphs=cuda_graphs)
+                         cuda_graphs=cuda_graphs, **({"compile": True} if compile else {}))
     sync()
     s = summarize(list(done.values()), engine.log[-1]["seconds"])
     util = sum(x["kv_used"] for x in engine.log) / sum(x["kv_reserved"] for x in engine.log)
@@ -278,6 +278,11 @@ def run_suite(name, hf, kit_model, prompts, limits, max_len, seqs_in_budget, com
         # (d) without CUDA graphs: what replaying whole iterations is worth, in the same run
         ("(f) kit engine, continuous, no CUDA graphs",
          lambda: kit(kit_model, prompts, limits, num_blocks, "continuous", 256, 4096, cuda_graphs=False)),
+        # (d) with every iteration compiled by torch.compile (Inductor around the paged kernel), GPU only;
+        # compilation happens in the graph capture before the clock starts (capture_seconds says how long)
+        *([("(g) kit engine, continuous, compiled",
+            lambda: kit(kit_model, prompts, limits, num_blocks, "continuous", 256, 4096, compile=True))]
+          if torch.cuda.is_available() else []),
         # last: its manager keeps GPU memory after it is destroyed, which the kit rows would lose
         ("(b) HF continuous batching", lambda: hf_continuous(hf, prompts, limits, num_blocks, 4096)),
     ]
