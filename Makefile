@@ -24,7 +24,7 @@ REQUIRE_BROWSER = LLMSYS_REQUIRE_BROWSER=$$([ -x "$(CHROMIUM)" ] && echo 1 || ec
 # scripts/lock.py); `make test-latest` is the canary against the newest versions pyproject.toml allows.
 LATEST_VENV ?= .venv-latest
 
-.PHONY: wheel help setup lab kernel test test-fast test-latest lock test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs wheelhouse doctor tiny-model assignments colab course-tables clean
+.PHONY: wheel help setup lab kernel test test-fast test-latest lock test-unit test-stress test-notebooks test-browser browser-deps test-gpu gpu-env refresh-outputs benchmarks-decode wheelhouse doctor tiny-model assignments colab course-tables clean
 
 help:
 	@echo "make lab              set up .venv and open JupyterLab on notebooks/"
@@ -39,6 +39,7 @@ help:
 	@echo "make wheelhouse       download the wheels an offline GPU node needs (WHEEL_PYTHON, WHEEL_PLATFORM)"
 	@echo "make test-gpu         run the suite on a GPU node (offline from $(WHEELHOUSE)/ when present)"
 	@echo "make refresh-outputs  re-execute every lesson in place (on a GPU) to refresh stored outputs"
+	@echo "make benchmarks-decode  (GPU) the decode benchmarks: batch-1 latency, the step ladder, serving throughput"
 	@echo "make tiny-model       retrain the bundled llmsys-tiny model on Shakespeare"
 	@echo "make assignments      regenerate the student notebooks in assignments/ from solutions/"
 	@echo "make colab            Open-in-Colab badges and install cells in every notebook (then make assignments)"
@@ -140,6 +141,12 @@ test-gpu: gpu-env
 
 refresh-outputs: gpu-env
 	LLMSYS_REQUIRE_GPU=1 $(GPU_PYTHON) scripts/refresh_outputs.py $(or $(NOTEBOOKS),notebooks/[0-9]*.ipynb)
+
+# The decode benchmarks lessons 07 and 10 read (GPU; each saves benchmarks/results/<name>.json with the hardware)
+benchmarks-decode: gpu-env
+	$(GPU_PYTHON) benchmarks/decode_latency.py
+	$(GPU_PYTHON) benchmarks/decode_step.py
+	$(GPU_PYTHON) benchmarks/serving.py
 
 wheelhouse:
 	$(PYTHON) scripts/lock.py --constraints > $(GPU_CONSTRAINTS)
