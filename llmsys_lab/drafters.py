@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .model import TINY_MODEL_PATH, LlamaLM
-from .speculative import ContiguousRunner, Sampling, _common_prefix, _draw, check_same_vocab
+from .speculative import RUNNER_CACHES, Sampling, _common_prefix, _draw, check_same_vocab, make_runner
 from .validate import check_int
 
 
@@ -34,18 +34,21 @@ DRAFT_MODEL_PATH = TINY_MODEL_PATH.parent / "llmsys-tiny-draft"
 
 
 class ModelDrafter:
-    """Draft with a small model: gamma autoregressive steps on its own contiguous KV cache.
+    """Draft with a small model: gamma autoregressive steps on its own KV cache (``cache``: 'contiguous', or
+    'static' for one-token steps compiled and replayed from a CUDA graph on a GPU).
 
     Between calls the cache keeps the K/V of the context it has seen; tokens that the target
     rejected are found by comparing the cached tokens with the new context and rolled back
     (KVCache.truncate), so each call only runs the tokens that are new since the last one.
     """
 
-    def __init__(self, model: LlamaLM):
+    def __init__(self, model: LlamaLM, cache: str = "contiguous"):
         if not isinstance(model, LlamaLM):
             raise TypeError(f"the draft model must be a LlamaLM, got {type(model).__name__}")
-        self.model = model
-        self.runner: ContiguousRunner | None = None
+        if cache not in RUNNER_CACHES:
+            raise ValueError(f"cache must be one of {', '.join(map(repr, RUNNER_CACHES))}, got {cache!r}")
+        self.model, self.cache = model, cache
+        self.runner = None
 
     def check_target(self, target) -> None:
         check_same_vocab(self.model.config, target.config)
@@ -58,7 +61,7 @@ class ModelDrafter:
         if max_len > self.model.config.max_position_embeddings:
             raise ValueError(f"sequences of {max_len} tokens exceed the draft model's context of "
                              f"{self.model.config.max_position_embeddings}")
-        self.runner = ContiguousRunner(self.model, max_len)
+        self.runner = make_runner(self.model, max_len, self.cache)
 
     @torch.no_grad()
     def propose(self, context: list[int], gamma: int, sampling: Sampling,

@@ -208,13 +208,22 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+RUNNER_CACHES = ("contiguous", "paged", "static")
+
+
 def make_runner(model, max_len: int, cache: str = "contiguous", block_size: int = 16):
+    """'contiguous' (KVCache), 'paged' (blocks freed on rollback) or 'static' (StaticKVCache: short forwards
+    compiled and replayed from CUDA graphs on a GPU, llmsys_lab.static_decode.StaticRunner)."""
     check_int(block_size, "block_size", minimum=1)
     if cache == "contiguous":
         return ContiguousRunner(model, max_len)
     if cache == "paged":
         return PagedRunner(model, max_len, block_size)
-    raise ValueError(f"cache must be 'contiguous' or 'paged', got {cache!r}")
+    if cache == "static":
+        from .static_decode import StaticRunner
+
+        return StaticRunner(model, max_len)
+    raise ValueError(f"cache must be one of {', '.join(map(repr, RUNNER_CACHES))}, got {cache!r}")
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -293,7 +302,7 @@ def speculative_generate(target, drafter, prompt: list[int], max_new_tokens: int
 
     drafter: a ``drafters.ModelDrafter`` or ``drafters.PromptLookupDrafter`` (anything with
     ``propose(context, gamma, sampling, generator) -> (tokens, q or None)``). cache: the target's
-    KV cache, 'contiguous' or 'paged'. Greedy (the default) returns target greedy decoding exactly;
+    KV cache, 'contiguous', 'paged' or 'static' (compiled and graph-replayed verify passes on a GPU). Greedy (the default) returns target greedy decoding exactly;
     with sampling, every token is distributed as the target's (temperature and top-k applied to
     draft and target alike). on_step(record, runner) is called after each verify step.
     check_finite: raise FloatingPointError if the target's logits hold NaN or inf (a free check

@@ -183,3 +183,104 @@ class StaticDecoder:
         torch.cuda.synchronize()
         self.compile_seconds = time.perf_counter() - start
         return self._graph_logits
+
+
+class StaticRunner:
+    """One sequence over a StaticKVCache, for speculative decoding: forward T new tokens, roll back for free.
+
+    The interface of speculative decoding's runners (``forward(new) -> logits``, ``truncate(n)``,
+    ``tokens``). Token i of the sequence lives in column i and has position i (one sequence, no padding),
+    so every column is valid and the causal part of the mask is all there is: a forward of T tokens at
+    columns start .. start + T - 1 writes their K/V before attending, and a query never sees a column
+    past its own. That makes **rollback free**: ``truncate(n)`` only moves the host's count back; the
+    rejected drafts' K/V stay in the slab until the next forward overwrites them, and no query can see
+    them before that.
+
+    Forwards of up to ``graph_tokens`` tokens (a draft step: 1; a verify pass: gamma + 1) run compiled
+    (``compile``) and replayed from a CUDA graph per T (``cuda_graph``), with the tokens and their columns
+    copied into static buffers first; longer ones (the prompt) run eagerly, once per sequence.
+    """
+
+    def __init__(self, model, max_len: int, compile: bool | str | None = None, cuda_graph: bool | None = None,
+                 graph_tokens: int = 8):
+        _positive_int("max_len", max_len)
+        _positive_int("graph_tokens", graph_tokens)
+        w = model.lm_head.weight
+        if max_len > model.config.max_position_embeddings:
+            raise ValueError(f"max_len = {max_len} exceeds the model's context of "
+                             f"{model.config.max_position_embeddings} tokens")
+        on_cuda = w.device.type == "cuda"
+        self.compile = on_cuda if compile is None else compile
+        self.cuda_graph = on_cuda if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and not on_cuda:
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {w.device}")
+        self.model, self.max_len, self.graph_tokens = model, max_len, graph_tokens
+        self.cache = StaticKVCache.for_model(model.config, 1, max_len, w.dtype, w.device)
+        self.cache.key_valid.fill_(True)
+        self.tokens: list[int] = []                      # the tokens whose K/V the cache holds
+        self._step = compiled_step(self._forward, self.compile)
+        self._static: dict[int, tuple] = {}              # T -> (ids (1, T), cols (T,), graph or None, logits)
+        self.compile_seconds = 0.0
+
+    def _forward(self, ids: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        self.cache.cols, self.cache.positions = cols, cols[None]
+        return self.model(ids, kv_cache=self.cache)[0]                   # (T, vocab)
+
+    @torch.no_grad()
+    def forward(self, new: list[int]) -> torch.Tensor:
+        """Append `new` tokens; return their logits (len(new), V) (a graph's output buffer for short
+        forwards: read it before the next call)."""
+        t, start = len(new), len(self.tokens)
+        if t == 0:
+            raise ValueError("forward() needs at least one new token")
+        if start + t > self.max_len:
+            raise CacheError(f"the static cache is full: {start} + {t} tokens > max_len = {self.max_len}")
+        dev = self.cache.k.device
+        ids = torch.tensor([new], dtype=torch.long, device=dev)
+        cols = torch.arange(start, start + t, device=dev)
+        if t > self.graph_tokens:                                          # the prompt: once, eagerly
+            logits = self._forward(ids, cols)
+        else:
+            logits = self._replay(t, ids, cols)
+        self.tokens.extend(new)
+        return logits
+
+    def _replay(self, t: int, ids: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        if t not in self._static:
+            began = time.perf_counter()
+            s_ids, s_cols = ids.clone(), cols.clone()
+            graph = out = None
+            if self.cuda_graph:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):              # compile, warm up: writes the same K/V again
+                    for _ in range(2):
+                        self._step(s_ids, s_cols)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = self._step(s_ids, s_cols)
+                torch.cuda.synchronize()
+            elif self.compile is not False:
+                self._step(s_ids, s_cols)                   # compile now, so it is timed apart
+            self.compile_seconds += time.perf_counter() - began
+            self._static[t] = (s_ids, s_cols, graph, out)
+        s_ids, s_cols, graph, out = self._static[t]
+        s_ids.copy_(ids)
+        s_cols.copy_(cols)
+        if graph is None:
+            return self._step(s_ids, s_cols)
+        graph.replay()
+        return out
+
+    def truncate(self, n: int) -> list[int]:
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(self.tokens):
+            raise CacheError(f"cannot truncate to {n!r} tokens: the cache holds {len(self.tokens)}")
+        del self.tokens[n:]
+        return []
+
+    def release(self) -> None:
+        pass
+
+    def blocks_in_use(self) -> int:
+        return 0

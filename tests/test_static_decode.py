@@ -180,3 +180,71 @@ def test_compiled_and_graphed_decode_gives_the_eager_tokens_on_the_gpu(model):
         p.fill_random(30, torch.Generator(device="cuda").manual_seed(0))
         p.tokens.fill_(7)
     torch.testing.assert_close(plain_compiled.step(), plain_eager.step(), atol=1e-4, rtol=1e-4)
+
+
+# ---- speculative decoding on the static runner -------------------------------------------------------------
+
+def test_speculative_decoding_on_the_static_runner_gives_the_contiguous_runners_tokens(model):
+    from llmsys_lab.drafters import ModelDrafter, load_draft
+    from llmsys_lab.speculative import Sampling, speculative_generate
+
+    draft = load_draft()
+    prompt = [41, 481, 259, 1743, 12]
+    for kw in (dict(), dict(sampling=Sampling(do_sample=True, temperature=0.8))):
+        outs = [speculative_generate(model, ModelDrafter(draft, cache=c), prompt, 30, gamma=3, cache=c,
+                                     eos_token_id=None, generator=torch.Generator().manual_seed(3), **kw)
+                for c in ("contiguous", "static")]
+        assert outs[0].new_tokens == outs[1].new_tokens
+        assert outs[0].stats.accepted == outs[1].stats.accepted and outs[1].stats.rejections > 0
+
+
+def test_the_static_runner_traces_one_graph_per_forward_length_and_rolls_back_for_free(model):
+    import torch._dynamo
+
+    from llmsys_lab.speculative import ContiguousRunner
+    from llmsys_lab.static_decode import StaticRunner
+
+    torch._dynamo.reset()
+    ref, run = ContiguousRunner(model, 24), StaticRunner(model, 24, compile="eager", graph_tokens=4)
+    before = _graphs_and_frames()[0]
+    steps = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14], [15], [16], [17, 18, 19, 20]]
+    for i, new in enumerate(steps):
+        torch.testing.assert_close(run.forward(new), ref.forward(new), atol=2e-5, rtol=1e-4)
+        if i == 1:                                   # reject two drafts: forget them, then write over them
+            ref.truncate(8)
+            run.truncate(8)
+    assert run.tokens == ref.tokens
+    assert _graphs_and_frames()[0] - before == 2     # T = 4 and T = 1; the 6-token prompt ran eagerly
+    assert run.compile_seconds > 0
+    with pytest.raises(LabError, match="cannot truncate to 99 tokens"):
+        run.truncate(99)
+    with pytest.raises(LabError, match="static cache is full"):
+        run.forward(list(range(1, 20)))
+    with pytest.raises(ValueError, match="at least one new token"):
+        run.forward([])
+
+
+def test_runner_caches_are_named_in_the_errors(model):
+    from llmsys_lab.drafters import ModelDrafter
+    from llmsys_lab.speculative import make_runner
+
+    with pytest.raises(ValueError, match="'contiguous', 'paged', 'static', got 'fast'"):
+        make_runner(model, 8, "fast")
+    with pytest.raises(ValueError, match="'contiguous', 'paged', 'static', got 'fast'"):
+        ModelDrafter(model, cache="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Inductor's Triton kernels, CUDA graphs)")
+def test_speculative_decoding_compiled_and_graphed_gives_the_eager_tokens_on_the_gpu(model):
+    import copy
+
+    from llmsys_lab.drafters import ModelDrafter, load_draft
+    from llmsys_lab.speculative import speculative_generate
+
+    gpu, draft = copy.deepcopy(model).cuda(), load_draft(device="cuda")
+    prompt = [41, 481, 259, 1743, 12]
+    want = speculative_generate(gpu, ModelDrafter(draft), prompt, 40, gamma=4, eos_token_id=None)
+    got = speculative_generate(gpu, ModelDrafter(draft, cache="static"), prompt, 40, gamma=4, cache="static",
+                               eos_token_id=None)
+    assert got.new_tokens == want.new_tokens
