@@ -20,8 +20,11 @@ measured there.)
 
     python benchmarks/speculative.py            # GPU: < 2 minutes on an H200
     python benchmarks/speculative.py --tiny     # CPU: a quick check at small sizes
+    python benchmarks/speculative.py --static   # part A on static caches: plain decoding with
+                                                # generate(compile=True), the target's verify passes and the
+                                                # draft's steps compiled and replayed from CUDA graphs (on a GPU)
 
-Saves benchmarks/results/speculative.json with a hardware fingerprint.
+Saves benchmarks/results/speculative.json (--static: speculative_static.json) with a hardware fingerprint.
 """
 from __future__ import annotations
 
@@ -37,8 +40,7 @@ from llmsys_lab.configs import ModelConfig
 from llmsys_lab.drafters import ModelDrafter, PromptLookupDrafter, load_draft, truncated_model
 from llmsys_lab.generate import generate
 from llmsys_lab.model import LlamaLM, load_tiny
-from llmsys_lab.speculative import (ContiguousRunner, expected_speedup, expected_tokens_per_step,
-                                    speculative_generate)
+from llmsys_lab.speculative import expected_speedup, expected_tokens_per_step, make_runner, speculative_generate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speculative.json"
 PROMPTS = ["ROMEO.\n", "KING.\nMy lords,", "HAMLET.\nWhat is", "JULIET.\nO Romeo, Romeo", "PORTIA.\nThe quality of mercy"]
@@ -69,19 +71,22 @@ def random_target(cfg: ModelConfig, device) -> LlamaLM:
         torch.set_default_dtype(old)
 
 
-def plain_seconds(model, prompts, n) -> float:
+def plain_seconds(model, prompts, n, static: bool = False) -> float:
+    kw = {"compile": torch.cuda.is_available(), "static_cache": True} if static else {}
+    generate(model, [prompts[0]], max_new_tokens=n, eos_token_id=None, **kw)      # warm-up (compiles)
     sync()
     t = time.perf_counter()
     for p in prompts:
-        generate(model, [p], max_new_tokens=n, eos_token_id=None)
+        generate(model, [p], max_new_tokens=n, eos_token_id=None, **kw)
     sync()
     return time.perf_counter() - t
 
 
-def decode_step_seconds(model, steps: int, context: int = 32, tokens: int = 1) -> float:
+def decode_step_seconds(model, steps: int, context: int = 32, tokens: int = 1, static: bool = False) -> float:
     """Time of one forward pass of `tokens` new tokens (1: a decode step; gamma + 1: a verify pass)
-    on the kit's contiguous cache, after `context` cached tokens (rolled back after every pass)."""
-    runner = ContiguousRunner(model, context + tokens)
+    on the kit's contiguous cache (static: the static runner's), after `context` cached tokens (rolled
+    back after every pass)."""
+    runner = make_runner(model, context + tokens, "static" if static else "contiguous")
     runner.forward(list(range(1, context + 1)))
     for _ in range(3):
         runner.forward([1] * tokens)
@@ -95,7 +100,7 @@ def decode_step_seconds(model, steps: int, context: int = 32, tokens: int = 1) -
     return (time.perf_counter() - t) / steps
 
 
-def sweep(target, drafter, name, prompts, n, gammas, t_plain, t_step, t_verify) -> list[dict]:
+def sweep(target, drafter, name, prompts, n, gammas, t_plain, t_step, t_verify, cache="contiguous") -> list[dict]:
     rows = []
     for g in gammas:
         sync()
@@ -103,7 +108,7 @@ def sweep(target, drafter, name, prompts, n, gammas, t_plain, t_step, t_verify) 
         acc = drafted = judged = steps = tokens = 0
         draft_s = 0.0
         for p in prompts:
-            out = speculative_generate(target, drafter, p, n, gamma=g, eos_token_id=None)
+            out = speculative_generate(target, drafter, p, n, gamma=g, eos_token_id=None, cache=cache)
             s = out.stats
             acc, drafted, judged = acc + s.accepted, drafted + s.drafted, judged + s.accepted + s.rejections
             steps, tokens, draft_s = steps + s.target_steps, tokens + s.generated, draft_s + s.draft_seconds
@@ -129,8 +134,11 @@ def sweep(target, drafter, name, prompts, n, gammas, t_plain, t_step, t_verify) 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="small CPU run: fewer tokens, gammas, no large targets")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--static", action="store_true", help="part A on static caches, compiled and graphed on a GPU")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    args.out = args.out or (RESULTS.with_name("speculative_static.json") if args.static else RESULTS)
+    cache = "static" if args.static else "contiguous"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.tiny:
         print("no GPU: running the --tiny configuration")
@@ -144,18 +152,19 @@ def main() -> int:
     except FileNotFoundError:
         draft, draft_name = truncated_model(target, 1), "llmsys-tiny first layer"
     print(f"target llmsys-tiny, draft {draft_name}, device {device}, {n} new tokens per prompt")
-    results = {"config": {"new_tokens": n, "gammas": gammas, "draft": draft_name, "dtype": "float32",
+    results = {"config": {"new_tokens": n, "gammas": gammas, "draft": draft_name, "dtype": "float32", "cache": cache,
                           "batch": 1, "prompts": prompts_in, "repetitive_prompt": REPETITIVE[0]}, "rows": []}
     for label, texts in (("in-domain", prompts_in), ("repetitive", REPETITIVE)):
         prompts = [tok(t).input_ids for t in texts]
         generate(target, [prompts[0]], max_new_tokens=4)                          # warm-up
-        t_plain = plain_seconds(target, prompts, n)
-        t_step = decode_step_seconds(target, 32 if args.tiny else 200)
-        t_verify = {g: decode_step_seconds(target, 16 if args.tiny else 100, tokens=g + 1) for g in gammas}
+        t_plain = plain_seconds(target, prompts, n, static=args.static)
+        t_step = decode_step_seconds(target, 32 if args.tiny else 200, static=args.static)
+        t_verify = {g: decode_step_seconds(target, 16 if args.tiny else 100, tokens=g + 1, static=args.static)
+                    for g in gammas}
         print(f"\n[{label}] plain decoding: {len(prompts) * n / t_plain:.0f} tok/s, "
               f"decode step {t_step * 1e3:.2f} ms")
-        for name, drafter in ((draft_name, ModelDrafter(draft)), ("prompt lookup", PromptLookupDrafter())):
-            for row in sweep(target, drafter, name, prompts, n, gammas, t_plain, t_step, t_verify):
+        for name, drafter in ((draft_name, ModelDrafter(draft, cache=cache)), ("prompt lookup", PromptLookupDrafter())):
+            for row in sweep(target, drafter, name, prompts, n, gammas, t_plain, t_step, t_verify, cache):
                 results["rows"].append({"text": label, "plain_tokens_per_s": len(prompts) * n / t_plain, **row})
     model_rows = [r for r in results["rows"] if r["text"] == "in-domain" and r["drafter"] == draft_name]
     best = max(model_rows, key=lambda r: r["measured_speedup"])
@@ -165,7 +174,7 @@ def main() -> int:
 
     # Part B: how c falls as the target grows (same draft), and what part A's alpha then predicts.
     results["large_targets"] = []
-    if not args.tiny:
+    if not args.tiny and not args.static:
         t_draft = decode_step_seconds(draft, 200)
         alpha = best["alpha"]
         print(f"\n[larger targets] draft step {t_draft * 1e3:.2f} ms; alpha = {alpha:.2f} from part A")
