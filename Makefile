@@ -147,6 +147,7 @@ benchmarks-decode: gpu-env
 	$(GPU_PYTHON) benchmarks/decode_latency.py
 	$(GPU_PYTHON) benchmarks/decode_step.py
 	$(GPU_PYTHON) benchmarks/serving.py
+	$(GPU_PYTHON) benchmarks/speculative.py --static
 
 wheelhouse:
 	$(PYTHON) scripts/lock.py --constraints > $(GPU_CONSTRAINTS)
