@@ -54,7 +54,7 @@ import torch
 
 from ._runtime import triton_available
 from .cuda_graphs import IterationGraphs, bucket_for, graph_buckets, paged_rows
-from .forward_batch import PackedPagedBatch
+from .forward_batch import PackedPagedBatch, PaddedPrefill
 from .generate import check_token_ids
 from .paged import BlockManager
 from .paged_cache import PagedKVCache
@@ -413,9 +413,9 @@ class Engine:
 
         Chunk p has n_p new tokens at positions s_p .. s_p + n_p - 1 (rows offsets[p] .. of the packed
         batch) and attends to its keys 0 .. s_p + n_p - 1, read from the cache through its slots.
-        Returns q_rows (P, Lq) packed-row indices, key_slots (P, Lk) cache slots, mask (P, 1, Lq, Lk)
-        (query i of chunk p sees key j iff j <= s_p + i), and valid (P, Lq): real query rows. Padding
-        points at row/slot 0 and is masked out (a padded query row sees no key; its output is dropped).
+        Returns a PaddedPrefill: q_rows (P, Lq) packed-row indices, key_slots (P, Lk) cache slots, mask
+        (P, 1, Lq, Lk) (query i of chunk p sees key j iff j <= s_p + i), and valid (P, Lq): real query rows.
+        Padding points at row/slot 0 and is masked out (a padded query row sees no key; its output is dropped).
         """
         lq = max(n for *_, n in chunks)
         lk = max(s + n for _, s, n in chunks)
@@ -429,7 +429,7 @@ class Engine:
         i, j = torch.arange(lq)[None, :, None], torch.arange(lk)[None, None, :]
         valid = torch.arange(lq)[None, :] < counts                              # (P, Lq)
         mask = (j <= starts + i) & valid[:, :, None]                            # (P, Lq, Lk)
-        return q_rows.to(device), key_slots.to(device), mask[:, None].to(device), valid.to(device)
+        return PaddedPrefill(q_rows.to(device), key_slots.to(device), mask[:, None].to(device), valid.to(device))
 
 
 def serve(model, prompts: list[list[int]], max_new_tokens, num_blocks: int, capture_graphs: bool = False,

@@ -29,6 +29,7 @@ model can infer from ``seq_len`` and the mask) and ``logit_rows``; ``packed = Tr
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -60,6 +61,20 @@ class KVLayout:
         raise NotImplementedError(f"{type(self).__name__} must implement attend() or update()")
 
 
+@dataclass(frozen=True)
+class PaddedPrefill:
+    """An iteration's P chunks side by side, padded to the longest, for one masked attention call (the
+    engine's path without the paged kernel; built by Engine._padded_batch).
+
+    Chunk p has n_p new tokens at positions s_p .. s_p + n_p - 1 and attends to its keys 0 .. s_p + n_p - 1,
+    read from the cache through their slots. Padding points at row / slot 0 and is masked out."""
+
+    q_rows: torch.Tensor      # (P, Lq) int64: the packed row of each query
+    key_slots: torch.Tensor   # (P, Lk) int64: the cache slot of each key
+    mask: torch.Tensor        # (P, 1, Lq, Lk) bool: query i of chunk p sees key j iff j <= s_p + i
+    valid: torch.Tensor       # (P, Lq) bool: real query rows (a padded one's output is dropped)
+
+
 class PackedPagedBatch(KVLayout):
     """One engine iteration's tokens, packed, with their K/V in a PagedKVCache.
 
@@ -73,8 +88,7 @@ class PackedPagedBatch(KVLayout):
     Attention, one of:
     block_tables  (N, W) int32, context_lens (N,) int32: every row's table and length (its position + 1),
     decode_attention  paged decode attention(q (N, H, D), k_pool, v_pool, tables, lens) -> (N, H, D)
-    prefill       (q_rows, key_slots, mask, valid): every row attended with padded masked attention
-                  (see Engine._padded_batch)
+    prefill       a PaddedPrefill: every row attended with padded masked attention
     """
 
     packed = True
@@ -83,6 +97,12 @@ class PackedPagedBatch(KVLayout):
                  logit_rows: torch.Tensor | None = None, block_tables: torch.Tensor | None = None,
                  context_lens: torch.Tensor | None = None, decode_attention: Callable | None = None,
                  prefill: tuple | None = None):
+        paged = decode_attention is not None and block_tables is not None and context_lens is not None
+        if paged == (prefill is not None):
+            raise ValueError("a packed batch attends one way: give decode_attention with block_tables and "
+                             "context_lens (the paged rows), or prefill (a PaddedPrefill), not both or neither")
+        if prefill is not None and not isinstance(prefill, PaddedPrefill):
+            raise TypeError(f"prefill must be a PaddedPrefill, got {type(prefill).__name__}")
         self.cache, self.positions, self.slot_mapping, self.logit_rows = cache, positions, slot_mapping, logit_rows
         self.block_tables, self.context_lens = block_tables, context_lens
         self.decode_attention, self.prefill = decode_attention, prefill
@@ -112,13 +132,20 @@ class PackedPagedBatch(KVLayout):
         kc.view(-1, *kc.shape[2:]).index_copy_(0, self.slot_mapping, k[0].transpose(0, 1))
         vc.view(-1, *vc.shape[2:]).index_copy_(0, self.slot_mapping, v[0].transpose(0, 1))
         qt = q[0].transpose(0, 1)                                      # (N, H, D)
-        if self.prefill is None:                                       # every row through the paged kernel
-            return self.decode_attention(qt, kc, vc, self.block_tables, self.context_lens).transpose(0, 1)[None]
-        q_rows, key_slots, pmask, valid = self.prefill
-        ks = kc.view(-1, *kc.shape[2:])[key_slots].permute(0, 2, 1, 3)           # (P, H_kv, keys, D)
-        vs = vc.view(-1, *vc.shape[2:])[key_slots].permute(0, 2, 1, 3)
-        qs = qt[q_rows].transpose(1, 2)                                            # (P, H, queries, D)
-        out = scaled_dot_product_attention(qs, ks, vs, mask=pmask).transpose(1, 2)   # (P, queries, H, D)
+        out = self._padded(qt, kc, vc) if self.prefill is not None else self._paged(qt, kc, vc)
+        return out.transpose(0, 1)[None]                               # (1, H, N, D)
+
+    def _paged(self, qt, kc, vc) -> torch.Tensor:
+        """Every row through the paged decode attention: row i sees its context_lens[i] keys."""
+        return self.decode_attention(qt, kc, vc, self.block_tables, self.context_lens)
+
+    def _padded(self, qt, kc, vc) -> torch.Tensor:
+        """The chunks side by side, padded, through one masked attention call (see PaddedPrefill)."""
+        pre = self.prefill
+        ks = kc.view(-1, *kc.shape[2:])[pre.key_slots].permute(0, 2, 1, 3)       # (P, H_kv, keys, D)
+        vs = vc.view(-1, *vc.shape[2:])[pre.key_slots].permute(0, 2, 1, 3)
+        qs = qt[pre.q_rows].transpose(1, 2)                                        # (P, H, queries, D)
+        out = scaled_dot_product_attention(qs, ks, vs, mask=pre.mask).transpose(1, 2)   # (P, queries, H, D)
         o = torch.empty_like(qt)                                       # (N, H, D)
-        o[q_rows[valid]] = out[valid]
-        return o.transpose(0, 1)[None]                                 # (1, H, N, D)
+        o[pre.q_rows[pre.valid]] = out[pre.valid]
+        return o

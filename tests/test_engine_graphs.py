@@ -81,7 +81,13 @@ def test_the_engine_runs_the_models_forward_pass_through_its_blocks(ktiny, promp
 def test_the_models_packed_entry_refuses_a_batch_shaped_input(tiny):
     model, _ = tiny
     engine = Engine(model, num_blocks=8, block_size=4)
-    batch = PackedPagedBatch(engine.cache, torch.arange(3), torch.arange(3))
+    rows = torch.zeros(3, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="attends one way"):
+        PackedPagedBatch(engine.cache, torch.arange(3), torch.arange(3))           # no attention given
+    with pytest.raises(TypeError, match="prefill must be a PaddedPrefill, got tuple"):
+        PackedPagedBatch(engine.cache, torch.arange(3), torch.arange(3), prefill=(1, 2, 3, 4))
+    batch = PackedPagedBatch(engine.cache, torch.arange(3), torch.arange(3), block_tables=rows,
+                             context_lens=torch.arange(1, 4, dtype=torch.int32), decode_attention=lambda *a: a[0])
     with pytest.raises(ShapeError, match=r"packed \(N,\) token ids"):
         model(torch.tensor([[1, 2, 3]]), kv_cache=batch)
     with pytest.raises(ShapeError, match="2 token ids for a packed batch of 3 tokens"):
