@@ -380,7 +380,8 @@ def test_assignment_08_attacks_on_the_ranks_score_what_they_deserve(tmp_path):
 
 def test_ddp_judge_wants_the_one_process_gradients_and_one_all_reduce_per_bucket():
     """The DDP judge on hand-made rank outputs: the reference gradients with the right collective count pass;
-    one all-reduce per parameter (no buckets), an undivided sum and a gradient on the frozen weight each fail."""
+    one all-reduce per parameter (no buckets), an undivided sum, gradients that never reached p.grad, a wrong
+    second pass and a gradient on the frozen weight each fail, with a hint that names the mistake."""
     from llmsys_lab.grading import harness
     from llmsys_lab.grading.probe import DDPNet
 
@@ -388,20 +389,22 @@ def test_ddp_judge_wants_the_one_process_gradients_and_one_all_reduce_per_bucket
     calls, t = harness._calls_08(g)
     assert {c.id for c in calls if c.id.startswith("ddp/")} == {f"ddp/{k}" for k in harness._DDP_CASES}
 
-    def outputs(scale=1.0, frozen=0.0, extra_collectives=0):
+    def outputs(scale=1.0, frozen=0.0, extra_collectives=0, second_scale=1.0):
         out = {}
         for case, (world, bucket_bytes) in harness._DDP_CASES.items():
-            ref = DDPNet(*(t[f"ddp.{n}"] for n in harness._DDP_SHAPES))
-            ref.loss(t[f"ddp{case}.ids"]).backward()
-            row = torch.cat([ref.emb.grad.reshape(-1), ref.down.grad.reshape(-1), ref.gain.grad.reshape(-1)]) * scale
-            tail = torch.tensor([frozen, harness._ddp_buckets(bucket_bytes) + extra_collectives], dtype=torch.float64)
-            out[f"ddp/{case}"] = torch.cat([row, tail] * world)
+            passes = harness._ddp_reference(t, case)
+            rows = [torch.cat([w.reshape(-1) for _, w in ws]) * f for ws, f in zip(passes, (scale, second_scale))]
+            n = harness._ddp_buckets(bucket_bytes)
+            tail = torch.tensor([frozen, n + extra_collectives, n], dtype=torch.float64)
+            out[f"ddp/{case}"] = torch.cat([*rows, tail] * world)
         return out
 
     assert [harness._ddp_buckets(b) for _, b in harness._DDP_CASES.values()] == [3, 1, 2]
     assert harness._judge_ddp(t, outputs(), {}) is None
     assert "exactly 3 all-reduce" in harness._judge_ddp(t, outputs(extra_collectives=1), {})
-    assert "not the one-process gradient" in harness._judge_ddp(t, outputs(scale=2.0), {})
+    assert "not divided by the world size" in harness._judge_ddp(t, outputs(scale=2.0), {})
+    assert "copy it back" in harness._judge_ddp(t, outputs(scale=0.5), {})
+    assert "second backward pass" in harness._judge_ddp(t, outputs(second_scale=0.0), {})
     assert "frozen weight" in harness._judge_ddp(t, outputs(frozen=1.0), {})
     assert "raised RuntimeError" in harness._judge_ddp(t, outputs(), {"ddp/2/each": ["RuntimeError", "x"]})
 

@@ -358,9 +358,11 @@ def _calls_08(g: torch.Generator):
         t[f"ddp.{name}"] = torch.randn(*shape, generator=g, dtype=torch.float64) * (0.5 if name != "gain" else 0.1) + (
             1.0 if name == "gain" else 0.0)
     for case, (world, bucket_bytes) in _DDP_CASES.items():
-        t[f"ddp{case}.ids"] = torch.randint(0, _DDP_SHAPES["emb"][0], (2 * world, 7), generator=g)
+        for b in ("ids", "ids2"):                       # two training steps' batches
+            t[f"ddp{case}.{b}"] = torch.randint(0, _DDP_SHAPES["emb"][0], (2 * world, 7), generator=g)
         calls.append(Call(f"ddp/{case}", "register_ddp_hooks",
-                          [world, bucket_bytes, f"ddp{case}.ids"] + [f"ddp.{n}" for n in _DDP_SHAPES], via="ddp_ranks"))
+                          [world, bucket_bytes, f"ddp{case}.ids", f"ddp{case}.ids2"] + [f"ddp.{n}" for n in _DDP_SHAPES],
+                          via="ddp_ranks"))
     for key, (fn, shape, worlds) in _SHARD_CASES.items():
         t[f"s.{key}"] = torch.randn(*shape, generator=g)
         for world in worlds:
@@ -461,36 +463,54 @@ def _judge_tp(t, outputs, errors):
     return None
 
 
-def _judge_ddp(t, outputs, errors):
+def _ddp_reference(t, case):
+    """Per pass, the one-process gradients of the whole batch: [(name, gradient), ...] for emb, down, gain."""
     from .probe import DDPNet
 
+    wants = []
+    for b in ("ids", "ids2"):
+        ref = DDPNet(*(t[f"ddp.{n}"] for n in _DDP_SHAPES))
+        ref.loss(t[f"ddp{case}.{b}"]).backward()
+        wants.append([("emb (tied to the LM head)", ref.emb.grad), ("down", ref.down.grad), ("gain", ref.gain.grad)])
+    return wants
+
+
+def _judge_ddp(t, outputs, errors):
     for case, (world, bucket_bytes) in _DDP_CASES.items():
         cid = f"ddp/{case}"
         if _err(errors, cid):
             return _err(errors, cid)
-        ref = DDPNet(*(t[f"ddp.{n}"] for n in _DDP_SHAPES))
-        ref.loss(t[f"ddp{case}.ids"]).backward()                   # one process, the whole batch
-        wants = [("emb (tied to the LM head)", ref.emb.grad), ("down", ref.down.grad), ("gain", ref.gain.grad)]
-        per_rank = sum(w.numel() for _, w in wants) + 2
+        wants = _ddp_reference(t, case)
+        size = sum(w.numel() for _, w in wants[0])
+        per_rank = 2 * size + 3
         flat = outputs.get(cid)
         if not isinstance(flat, torch.Tensor) or flat.numel() != world * per_rank:
             return f"{cid}: the ranks returned no result or one of the wrong size"
         buckets = _ddp_buckets(bucket_bytes)
         where = f"{world} ranks, bucket_bytes={bucket_bytes}"
         for rank in range(world):
-            part, pos = flat[rank * per_rank:(rank + 1) * per_rank].double(), 0
-            for what, want in wants:
-                why = _close(part[pos:pos + want.numel()].reshape(want.shape), want.double(), 1e-9, 1e-7)
-                pos += want.numel()
-                if why:
-                    return f"{where}, rank {rank}: the gradient of {what} is not the one-process gradient of the " \
-                           f"whole batch: {why}"
-            frozen, collectives = part[pos:].tolist()
+            part = flat[rank * per_rank:(rank + 1) * per_rank].double()
+            frozen, *collectives = part[2 * size:].tolist()
             if frozen:
                 return f"{where}: the frozen weight (requires_grad=False) got a gradient"
-            if collectives != buckets:
-                return (f"{where}, rank {rank}: {int(collectives)} collective call(s) during the backward pass; "
-                        f"{buckets} bucket(s) of trainable parameters need exactly {buckets} all-reduce(s)")
+            for i, step in enumerate(("first", "second")):
+                pos = i * size
+                for name, want in wants[i]:
+                    got = part[pos:pos + want.numel()].reshape(want.shape)
+                    pos += want.numel()
+                    why = _close(got, want.double(), 1e-9, 1e-7)
+                    if why:
+                        if _close(got, world * want.double(), 1e-9, 1e-7) is None:
+                            hint = "the sum over ranks arrived, not divided by the world size"
+                        elif i == 1:
+                            hint = "after a right first pass: is each bucket's ready count reset for the next pass?"
+                        else:
+                            hint = "all-reduce each bucket once its gradients are ready and copy it back into p.grad"
+                        return (f"{where}, rank {rank}, {step} backward pass: the gradient of {name} is not the "
+                                f"one-process gradient of the whole batch ({why}): {hint}")
+                if collectives[i] != buckets:
+                    return (f"{where}, rank {rank}, {step} backward pass: {int(collectives[i])} collective call(s); "
+                            f"{buckets} bucket(s) of trainable parameters need exactly {buckets} all-reduce(s)")
     return None
 
 

@@ -296,31 +296,36 @@ def rank_tp(x, r, w1, w2):
     return torch.cat([y.detach().reshape(-1), x.grad.reshape(-1), s1.grad.reshape(-1), s2.grad.reshape(-1)])
 
 
-def rank_ddp(bucket_bytes, ids, emb, up, down, gain):
-    """On every rank: the student's register_ddp_hooks on DDPNet's parameters (the tied one listed twice), then one
-    forward and backward pass on this rank's slice of the batch, all traced (the kit's DDP and torch's are
-    refused). Returns, flat: the gradients of emb, down and gain, 1.0 if the frozen weight got a gradient, and
-    the number of collectives called while the hooks ran."""
+def rank_ddp(bucket_bytes, ids, ids2, emb, up, down, gain):
+    """On every rank: the student's register_ddp_hooks on DDPNet's parameters (the tied one listed twice), then two
+    backward passes on this rank's slices of two batches (gradients set to None in between), all traced (the kit's
+    DDP and torch's are refused). Returns, flat: per pass the gradients of emb, down and gain; then 1.0 if the
+    frozen weight got a gradient, and per pass the number of collectives called while the hooks ran."""
     import torch
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = DDPNet(emb, up, down, gain)
     counter = count_messages()
-    mine = ids.chunk(world)[rank]
+    parts, collectives, frozen = [], [], False
 
-    def step():
+    def steps():
         register_ddp_hooks([*model.parameters(), model.emb], bucket_bytes)  # noqa: F821  (shipped with this function)
-        counter.update(sent=0, collectives=0)
-        model.loss(mine).backward()
+        nonlocal frozen
+        for batch in (ids, ids2):
+            for p in model.parameters():
+                p.grad = None                                               # optimizer.zero_grad()
+            counter.update(sent=0, collectives=0)
+            model.loss(batch.chunk(world)[rank]).backward()
+            collectives.append(float(counter["collectives"]))
+            frozen = frozen or model.up.grad is not None
+            grads = [p.grad for p in (model.emb, model.down, model.gain)]
+            if any(g is None for g in grads):
+                raise RuntimeError("after a backward pass a trainable parameter has no gradient")
+            parts.extend(g.reshape(-1).double().clone() for g in grads)
 
-    Tracer(DDP_FORBIDDEN).wrap(step)()
-    grads = [p.grad for p in (model.emb, model.down, model.gain)]
-    if any(g is None for g in grads):
-        raise RuntimeError("after the backward pass a trainable parameter has no gradient")
-    return torch.cat([g.reshape(-1).double() for g in grads]
-                     + [torch.tensor([float(model.up.grad is not None), float(counter["collectives"])],
-                                     dtype=torch.float64)])
+    Tracer(DDP_FORBIDDEN).wrap(steps)()
+    return torch.cat(parts + [torch.tensor([float(frozen), *collectives], dtype=torch.float64)])
 
 
 def _on_ranks(rank_fn, helper_names):
