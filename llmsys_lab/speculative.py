@@ -133,7 +133,21 @@ def verify(draft_tokens: list[int], q: torch.Tensor | None, p: torch.Tensor,
 
 
 # ---- the target's (and a model drafter's) cache ---------------------------------------------------
-class ContiguousRunner:
+class Runner:
+    """What speculative decoding needs from the target's cache for one sequence: ``forward(new) -> logits``
+    (len(new), V), ``truncate(n) -> freed blocks``, ``tokens`` (whose K/V it holds), ``release()`` and
+    ``blocks_in_use()`` (0 where nothing is allocated per token)."""
+
+    tokens: list[int]
+
+    def release(self) -> None:
+        pass
+
+    def blocks_in_use(self) -> int:
+        return 0
+
+
+class ContiguousRunner(Runner):
     """A model and its contiguous KV cache for one sequence: forward new tokens, roll back."""
 
     def __init__(self, model, max_len: int):
@@ -154,14 +168,8 @@ class ContiguousRunner:
         del self.tokens[n:]
         return []
 
-    def release(self) -> None:
-        pass
 
-    def blocks_in_use(self) -> int:
-        return 0
-
-
-class PagedRunner:
+class PagedRunner(Runner):
     """The same on a paged KV cache: blocks are allocated as drafted tokens arrive, freed on rollback."""
 
     SEQ = 0

@@ -33,6 +33,7 @@ import time
 import torch
 
 from .kv_cache import CacheError, StaticKVCache
+from .speculative import Runner
 from .validate import ShapeError
 
 
@@ -53,30 +54,37 @@ def compiled_step(fn, compile: bool | str, dynamic: bool | None = False):
     return torch.compile(fn, fullgraph=True, dynamic=dynamic, backend="inductor" if compile is True else compile)
 
 
+def _static_setup(owner, model, max_len: int, compile, cuda_graph):
+    """Checks and settings StaticDecoder and StaticRunner share: max_len within the model's context, compile
+    and CUDA graphs on by default for a CUDA model (off on the CPU). Returns the model's LM-head weight."""
+    _positive_int("max_len", max_len)
+    w = model.lm_head.weight
+    if max_len > model.config.max_position_embeddings:
+        raise ValueError(f"max_len = {max_len} exceeds the model's context of "
+                         f"{model.config.max_position_embeddings} tokens")
+    on_cuda = w.device.type == "cuda"
+    owner.compile = on_cuda if compile is None else compile
+    owner.cuda_graph = on_cuda if cuda_graph is None else bool(cuda_graph)
+    if owner.cuda_graph and not on_cuda:
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {w.device}")
+    owner.model, owner.max_len, owner.compile_seconds = model, max_len, 0.0
+    return w
+
+
 class StaticDecoder:
     """Prefill and decode a fixed batch of ``batch`` sequences of at most ``max_len`` tokens each."""
 
     def __init__(self, model, batch: int, max_len: int, compile: bool | str | None = None,
                  cuda_graph: bool | None = None):
         _positive_int("batch", batch)
-        _positive_int("max_len", max_len)
-        cfg, w = model.config, model.lm_head.weight
-        if max_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_len = {max_len} exceeds the model's context of "
-                             f"{cfg.max_position_embeddings} tokens")
-        on_cuda = w.device.type == "cuda"
-        self.compile = on_cuda if compile is None else compile
-        self.cuda_graph = on_cuda if cuda_graph is None else bool(cuda_graph)
-        if self.cuda_graph and not on_cuda:
-            raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {w.device}")
-        self.model, self.batch, self.max_len = model, batch, max_len
-        self.cache = StaticKVCache.for_model(cfg, batch, max_len, w.dtype, w.device)
+        w = _static_setup(self, model, max_len, compile, cuda_graph)
+        self.batch = batch
+        self.cache = StaticKVCache.for_model(model.config, batch, max_len, w.dtype, w.device)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=w.device)     # the step's static input
         self._decode_cols = self.cache.cols                                          # (1,) the next column
         self._decode_positions = self.cache.positions                                # (B, 1) the next position
         self._step = compiled_step(self._eager_step, self.compile)
         self._graph = self._graph_logits = None
-        self.compile_seconds = 0.0
         self.next_col = 0            # host copy of the next column: the only state the host needs
 
     # ---- the step ---------------------------------------------------------------------------------
@@ -185,7 +193,7 @@ class StaticDecoder:
         return self._graph_logits
 
 
-class StaticRunner:
+class StaticRunner(Runner):
     """One sequence over a StaticKVCache, for speculative decoding: forward T new tokens, roll back for free.
 
     The interface of speculative decoding's runners (``forward(new) -> logits``, ``truncate(n)``,
@@ -203,24 +211,14 @@ class StaticRunner:
 
     def __init__(self, model, max_len: int, compile: bool | str | None = None, cuda_graph: bool | None = None,
                  graph_tokens: int = 8):
-        _positive_int("max_len", max_len)
         _positive_int("graph_tokens", graph_tokens)
-        w = model.lm_head.weight
-        if max_len > model.config.max_position_embeddings:
-            raise ValueError(f"max_len = {max_len} exceeds the model's context of "
-                             f"{model.config.max_position_embeddings} tokens")
-        on_cuda = w.device.type == "cuda"
-        self.compile = on_cuda if compile is None else compile
-        self.cuda_graph = on_cuda if cuda_graph is None else bool(cuda_graph)
-        if self.cuda_graph and not on_cuda:
-            raise ValueError(f"cuda_graph=True needs the model on a CUDA device; it is on {w.device}")
-        self.model, self.max_len, self.graph_tokens = model, max_len, graph_tokens
+        w = _static_setup(self, model, max_len, compile, cuda_graph)
+        self.graph_tokens = graph_tokens
         self.cache = StaticKVCache.for_model(model.config, 1, max_len, w.dtype, w.device)
         self.cache.key_valid.fill_(True)
         self.tokens: list[int] = []                      # the tokens whose K/V the cache holds
         self._step = compiled_step(self._forward, self.compile)
         self._static: dict[int, tuple] = {}              # T -> (ids (1, T), cols (T,), graph or None, logits)
-        self.compile_seconds = 0.0
 
     def _forward(self, ids: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         self.cache.cols, self.cache.positions = cols, cols[None]
@@ -274,13 +272,8 @@ class StaticRunner:
         return out
 
     def truncate(self, n: int) -> list[int]:
+        """Forget every token from n on (host bookkeeping only: see the class)."""
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= len(self.tokens):
             raise CacheError(f"cannot truncate to {n!r} tokens: the cache holds {len(self.tokens)}")
-        del self.tokens[n:]
+        self.tokens = self.tokens[:n]
         return []
-
-    def release(self) -> None:
-        pass
-
-    def blocks_in_use(self) -> int:
-        return 0
