@@ -107,6 +107,27 @@ def padded_stage(tokens: list[int], lens: list[int], rows: list[int], size: int,
                         dtype=torch.int64)
 
 
+def capture(step: Callable[[], torch.Tensor], warmup: int = 2, after_warmup: Callable[[], None] | None = None,
+            stream: torch.cuda.Stream | None = None, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """PyTorch's recipe: run `step` `warmup` times on a side stream (compiling Triton / Inductor code and
+    initialising cuBLAS outside the capture; `after_warmup` after each run, e.g. to undo state the step
+    advances), then record one call. Returns (graph, the step's output: the buffer each replay rewrites);
+    the recorded call does not run until ``graph.replay()``."""
+    side = stream if stream is not None else torch.cuda.Stream()
+    main = torch.cuda.current_stream(side.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+            if after_warmup is not None:
+                after_warmup()
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
+
+
 class IterationGraphs:
     """One CUDA graph per bucket of an engine step `step(stage) -> next tokens`, `stage` (3, bucket) int64.
 
@@ -162,13 +183,4 @@ class IterationGraphs:
         return out[:n]
 
     def _capture(self, stage: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        side = self.side
-        side.wait_stream(torch.cuda.current_stream(stage.device))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):                    # compile / initialise outside the capture
-                self.step(stage)
-        torch.cuda.current_stream(stage.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):       # records; runs nothing until replay()
-            out = self.step(stage)
-        return graph, out
+        return capture(lambda: self.step(stage), self.warmup, stream=self.side, pool=self.pool)

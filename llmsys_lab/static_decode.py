@@ -32,15 +32,10 @@ import time
 
 import torch
 
+from .cuda_graphs import capture
 from .kv_cache import CacheError, StaticKVCache
 from .speculative import Runner
-from .validate import ShapeError
-
-
-def _positive_int(name: str, v) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
+from .validate import ShapeError, check_int
 
 
 def compiled_step(fn, compile: bool | str, dynamic: bool | None = False):
@@ -57,7 +52,7 @@ def compiled_step(fn, compile: bool | str, dynamic: bool | None = False):
 def _static_setup(owner, model, max_len: int, compile, cuda_graph):
     """Checks and settings StaticDecoder and StaticRunner share: max_len within the model's context, compile
     and CUDA graphs on by default for a CUDA model (off on the CPU). Returns the model's LM-head weight."""
-    _positive_int("max_len", max_len)
+    check_int(max_len, "max_len", minimum=1)
     w = model.lm_head.weight
     if max_len > model.config.max_position_embeddings:
         raise ValueError(f"max_len = {max_len} exceeds the model's context of "
@@ -76,7 +71,7 @@ class StaticDecoder:
 
     def __init__(self, model, batch: int, max_len: int, compile: bool | str | None = None,
                  cuda_graph: bool | None = None):
-        _positive_int("batch", batch)
+        check_int(batch, "batch", minimum=1)
         w = _static_setup(self, model, max_len, compile, cuda_graph)
         self.batch = batch
         self.cache = StaticKVCache.for_model(model.config, batch, max_len, w.dtype, w.device)
@@ -176,16 +171,7 @@ class StaticDecoder:
             cache.positions.copy_(positions)
             cache.key_valid.copy_(valid)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step()
-                rewind()
-        torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._graph_logits = self._step()
+        self._graph, self._graph_logits = capture(self._step, after_warmup=rewind)
         rewind()                                   # capture records the step; it does not run it
         self._graph.replay()
         torch.cuda.synchronize()
@@ -211,7 +197,7 @@ class StaticRunner(Runner):
 
     def __init__(self, model, max_len: int, compile: bool | str | None = None, cuda_graph: bool | None = None,
                  graph_tokens: int = 8):
-        _positive_int("graph_tokens", graph_tokens)
+        check_int(graph_tokens, "graph_tokens", minimum=1)
         w = _static_setup(self, model, max_len, compile, cuda_graph)
         self.graph_tokens = graph_tokens
         self.cache = StaticKVCache.for_model(model.config, 1, max_len, w.dtype, w.device)
@@ -248,16 +234,8 @@ class StaticRunner(Runner):
             began = time.perf_counter()
             s_ids, s_cols = ids.clone(), cols.clone()
             graph = out = None
-            if self.cuda_graph:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):              # compile, warm up: writes the same K/V again
-                    for _ in range(2):
-                        self._step(s_ids, s_cols)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = self._step(s_ids, s_cols)
+            if self.cuda_graph:                              # warm-up (compiles) writes the same K/V again
+                graph, out = capture(lambda: self._step(s_ids, s_cols))
                 torch.cuda.synchronize()
             elif self.compile is not False:
                 self._step(s_ids, s_cols)                   # compile now, so it is timed apart

@@ -148,8 +148,10 @@ def test_misuse_gets_clear_errors(model):
         StaticDecoder(model, 1, 4, cuda_graph=True)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         StaticDecoder(model, 1, model.config.max_position_embeddings + 1)
-    for bad in (0, True, 2.0):
-        with pytest.raises(ValueError, match="batch must be a positive int"):
+    with pytest.raises(LabError, match="batch must be an int >= 1, got 0"):
+        StaticDecoder(model, 0, 4)
+    for bad in (True, 2.0):
+        with pytest.raises(TypeError, match="batch must be an int"):
             StaticDecoder(model, bad, 4)
     with pytest.raises(TypeError, match="compile must be a bool or a TorchDynamo backend name"):
         StaticDecoder(model, 1, 4, compile=1)
